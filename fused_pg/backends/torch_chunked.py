@@ -1,0 +1,164 @@
+"""Chunked PyTorch vocabulary sweeps: the default backend on CPU.
+
+Memory: besides inputs and gradients, the sweeps hold one ``[token_chunk, vocab_chunk]``
+tile of logits (and a few temporaries of that size) at a time, plus O(N) statistics and an
+fp32 ``dW`` accumulator of ``V x D``. Nothing of size ``N x V`` is ever allocated.
+
+Arithmetic is fp32 (fp64 when hidden or weight is fp64): operands are upcast tile by tile,
+which for bf16/fp16 inputs gives exact products, i.e. ``precision="native"`` and ``"ieee"``
+coincide here.
+
+Online softmax state per token, over the vocabulary tiles seen so far::
+
+    m = max_v z_v,   s = sum_v e^(z_v - m),   t = sum_v e^(z_v - m) (z_v - m)
+    lse = m + log s,      H = log s - t / s,      logp_y = z_y - lse
+
+(``t`` is kept relative to the running max, so ``H`` has no cancellation against ``m``.)
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..config import HeadConfig
+
+DEFAULT_TOKEN_CHUNK = 1024
+DEFAULT_VOCAB_CHUNK = 8192
+
+
+def _compute_dtype(hidden: Tensor, weight: Tensor) -> torch.dtype:
+    return torch.float64 if torch.float64 in (hidden.dtype, weight.dtype) else torch.float32
+
+
+def _logits(h: Tensor, w: Tensor, b: Tensor | None, cfg: HeadConfig) -> Tensor:
+    """z = softcap((h @ w.T + b) / temperature) for one tile; h, w already in compute dtype."""
+    z = h @ w.T
+    if b is not None:
+        z = z + b
+    if cfg.temperature != 1.0:
+        z = z / cfg.temperature
+    if cfg.softcap is not None:
+        z = cfg.softcap * torch.tanh(z / cfg.softcap)
+    return z
+
+
+def _tile_stats(z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(m, s, t) of one [n, v] tile of logits; rows of all -inf give (-inf, 0, 0)."""
+    m = z.max(dim=1).values
+    m_safe = torch.where(torch.isfinite(m), m, 0.0)
+    e = torch.exp(z - m_safe[:, None])  # 0 where z = -inf
+    s = e.sum(1)
+    t = (e * torch.where(e > 0, z - m_safe[:, None], 0.0)).sum(1)
+    return m, s, t
+
+
+def _merge(a: tuple[Tensor, Tensor, Tensor], b: tuple[Tensor, Tensor, Tensor]):
+    """Combine two online-softmax states; an empty state (s = 0) contributes nothing.
+
+    s = sum_i s_i e^(m_i - m)  and  t = sum_i e^(m_i - m) (t_i + s_i (m_i - m)).
+    """
+    (m1, s1, t1), (m2, s2, t2) = a, b
+    m = torch.maximum(m1, m2)
+    out_s, out_t = torch.zeros_like(s1), torch.zeros_like(t1)
+    for mi, si, ti in ((m1, s1, t1), (m2, s2, t2)):
+        live = si > 0
+        shift = torch.where(live, mi - m, 0.0)
+        scale = torch.exp(shift)
+        out_s = out_s + torch.where(live, scale * si, 0.0)
+        out_t = out_t + torch.where(live, scale * (ti + si * shift), 0.0)
+    return m, out_s, out_t
+
+
+def _chunks(cfg: HeadConfig) -> tuple[int, int]:
+    return cfg.token_chunk or DEFAULT_TOKEN_CHUNK, cfg.vocab_chunk or DEFAULT_VOCAB_CHUNK
+
+
+def forward_sweep(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor,
+                  cfg: HeadConfig) -> tuple[Tensor, Tensor, Tensor]:
+    """Log-prob of ``targets``, entropy and log-sum-exp per token.
+
+    hidden [N, D], weight [V, D], bias [V] or None, targets [N] int64 (-1: ignored).
+    Returns (logprobs, entropy, lse), each [N] in the compute dtype; logprobs and entropy
+    are 0 for ignored tokens.
+    """
+    N, V = hidden.shape[0], weight.shape[0]
+    cdt = _compute_dtype(hidden, weight)
+    n_chunk, v_chunk = _chunks(cfg)
+    b = bias.to(cdt) if bias is not None else None
+    lse = torch.empty(N, dtype=cdt, device=hidden.device)
+    entropy = torch.empty_like(lse)
+    target_logit = torch.zeros_like(lse)
+    for n0 in range(0, N, n_chunk):
+        h = hidden[n0:n0 + n_chunk].to(cdt)
+        y = targets[n0:n0 + n_chunk]
+        state = None
+        for v0 in range(0, V, v_chunk):
+            w = weight[v0:v0 + v_chunk].to(cdt)
+            z = _logits(h, w, b[v0:v0 + v_chunk] if b is not None else None, cfg)
+            stats = _tile_stats(z)
+            state = stats if state is None else _merge(state, stats)
+            # pick the target logit when it falls in this vocabulary tile
+            here = (y >= v0) & (y < v0 + w.shape[0])
+            col = torch.where(here, y - v0, 0)
+            picked = z.gather(1, col[:, None]).squeeze(1)
+            target_logit[n0:n0 + n_chunk] += torch.where(here, picked, 0.0)
+        m, s, t = state
+        log_s = torch.log(s)
+        lse[n0:n0 + n_chunk] = m + log_s
+        entropy[n0:n0 + n_chunk] = log_s - t / s
+    valid = targets >= 0
+    logprobs = torch.where(valid, target_logit - lse, 0.0)
+    entropy = torch.where(valid, entropy, 0.0)
+    return logprobs, entropy, lse
+
+
+def backward_sweep(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor,
+                   lse: Tensor, entropy: Tensor, grad_logprobs: Tensor, grad_entropy: Tensor,
+                   cfg: HeadConfig, needs: tuple[bool, bool, bool]):
+    """Gradients of hidden, weight, bias given g = dL/dlogp and e = dL/dH per token.
+
+    Logits are recomputed tile by tile. Per logit (fp32 throughout)::
+
+        dL/dz_v = g (1[v = y] - p_v) - e p_v (log p_v + H)
+        softcap: dz/du = 1 - (z / c)^2;   temperature: du/dlogit = 1 / tau
+
+    then ``dh = dlogit @ W``, ``dW = dlogit^T @ h``, ``db = sum_t dlogit`` (fp32 accumulators).
+    ``g`` and ``e`` must already be 0 for ignored tokens.
+    """
+    N, D = hidden.shape
+    V = weight.shape[0]
+    cdt = _compute_dtype(hidden, weight)
+    n_chunk, v_chunk = _chunks(cfg)
+    need_dh, need_dw, need_db = needs
+    b = bias.to(cdt) if bias is not None else None
+    g_all, e_all = grad_logprobs.to(cdt), grad_entropy.to(cdt)
+    d_hidden = torch.zeros(N, D, dtype=cdt, device=hidden.device) if need_dh else None
+    d_weight = torch.zeros(V, D, dtype=cdt, device=hidden.device) if need_dw else None
+    d_bias = torch.zeros(V, dtype=cdt, device=hidden.device) if need_db else None
+    for n0 in range(0, N, n_chunk):
+        h = hidden[n0:n0 + n_chunk].to(cdt)
+        y = targets[n0:n0 + n_chunk]
+        g, e = g_all[n0:n0 + n_chunk, None], e_all[n0:n0 + n_chunk, None]
+        lse_c, H = lse[n0:n0 + n_chunk, None], entropy[n0:n0 + n_chunk, None]
+        for v0 in range(0, V, v_chunk):
+            w = weight[v0:v0 + v_chunk].to(cdt)
+            z = _logits(h, w, b[v0:v0 + v_chunk] if b is not None else None, cfg)
+            log_p = z - lse_c
+            p = torch.exp(log_p)
+            # dz = g * onehot - p * (g + e * (log p + H)); p log p -> 0 where p = 0
+            dz = -p * (g + e * (torch.where(p > 0, log_p, 0.0) + H))
+            here = (y >= v0) & (y < v0 + w.shape[0])
+            col = torch.where(here, y - v0, 0)[:, None]
+            dz.scatter_add_(1, col, torch.where(here[:, None], g, 0.0))
+            if cfg.softcap is not None:
+                dz = dz * (1.0 - (z / cfg.softcap) ** 2)
+            if cfg.temperature != 1.0:
+                dz = dz / cfg.temperature
+            if need_dh:
+                d_hidden[n0:n0 + n_chunk] += dz @ w
+            if need_dw:
+                d_weight[v0:v0 + v_chunk] += dz.T @ h
+            if need_db:
+                d_bias[v0:v0 + v_chunk] += dz.sum(0)
+    return d_hidden, d_weight, d_bias

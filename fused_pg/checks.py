@@ -1,0 +1,79 @@
+"""Argument checks with errors that name the argument.
+
+Shape, dtype and device checks are free (host metadata) and always run. Checks that read
+tensor values (NaN/Inf, id ranges, cu_seqlens) synchronise with the device, so they run
+only when ``validate`` is true: by default on CPU tensors, on request on GPU.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def resolve_validate(validate: bool | None, device: torch.device) -> bool:
+    if validate is None:
+        return device.type == "cpu"
+    if not isinstance(validate, bool):
+        raise TypeError(f"validate must be a bool or None, got {type(validate).__name__}")
+    return validate
+
+
+def tensor(name: str, x, *, dims: tuple[int, ...] | None = None, floating: bool = False,
+           integer: bool = False, device: torch.device | None = None) -> Tensor:
+    """Check type, rank, dtype family and device of one argument."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if dims is not None and x.dim() not in dims:
+        raise ValueError(f"{name} must have {' or '.join(map(str, dims))} dimensions, got shape {tuple(x.shape)}")
+    if floating and x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {x.dtype}")
+    if integer and (x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool):
+        raise TypeError(f"{name} must be an integer tensor, got {x.dtype}")
+    if device is not None and x.device != device:
+        raise ValueError(f"{name} is on {x.device} but hidden is on {device}")
+    return x
+
+
+def shape(name: str, x: Tensor, expected: tuple[int, ...], what: str) -> None:
+    if tuple(x.shape) != tuple(expected):
+        raise ValueError(f"{name} must have shape {tuple(expected)} ({what}), got {tuple(x.shape)}")
+
+
+def finite(name: str, x: Tensor) -> None:
+    if not bool(torch.isfinite(x).all()):
+        bad = "NaN" if bool(torch.isnan(x).any()) else "Inf"
+        raise ValueError(f"{name} contains {bad} values")
+
+
+def bias_values(bias: Tensor) -> None:
+    """-inf entries exclude vocabulary items (padded vocabularies); NaN and +inf are errors."""
+    if bool(torch.isnan(bias).any()) or bool((bias == float("inf")).any()):
+        raise ValueError("bias contains NaN or +Inf values (only -inf is allowed, to exclude tokens)")
+    if not bool(torch.isfinite(bias).any()):
+        raise ValueError("bias excludes every vocabulary entry (all -inf)")
+
+
+def target_ids(targets: Tensor, vocab_size: int, ignore_index: int) -> None:
+    valid = targets != ignore_index
+    if bool(((targets < 0) | (targets >= vocab_size))[valid].any()):
+        bad = targets[valid & ((targets < 0) | (targets >= vocab_size))][0].item()
+        raise ValueError(
+            f"targets contains id {bad} outside [0, {vocab_size}) that is not ignore_index={ignore_index}")
+
+
+def binary_mask(mask: Tensor) -> None:
+    if mask.dtype != torch.bool and not bool(((mask == 0) | (mask == 1)).all()):
+        raise ValueError("mask must hold only 0 and 1 (or be a bool tensor)")
+
+
+def cu_seqlens_values(cu_seqlens: Tensor, num_tokens: int) -> None:
+    if cu_seqlens.numel() < 2:
+        raise ValueError("cu_seqlens must hold at least two offsets [0, ..., N]")
+    if int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != num_tokens:
+        raise ValueError(f"cu_seqlens must start at 0 and end at the number of tokens {num_tokens}, "
+                         f"got {int(cu_seqlens[0])} ... {int(cu_seqlens[-1])}")
+    if bool((cu_seqlens[1:] < cu_seqlens[:-1]).any()):
+        raise ValueError("cu_seqlens must be non-decreasing")

@@ -1,0 +1,195 @@
+"""The O(N) policy-gradient epilogue, shared by every backend.
+
+Input: per-token ``logprobs`` and ``entropy`` (differentiable outputs of a vocabulary sweep)
+and a :class:`~fused_pg.batch.TokenBatch`. Output: the aggregated scalar loss and metrics.
+
+It is plain PyTorch on ``[N]`` vectors, so autograd produces the two per-token gradient
+scalars the backward sweep needs, ``g_t = dL/dlogp_t`` and ``e_t = dL/dH_t``: one forward
+sweep, this epilogue, one backward sweep. No ``.item()``, no data-dependent Python branch:
+the loss works under CUDA graphs and ``torch.compile``, and metrics stay tensors.
+
+Per valid token t (masked tokens are excluded from every statistic)::
+
+    A'_t  = A_t - zeta * (logp_t - mu)                      REPO, logp detached
+    r_t   = exp(clamp(logp_t - old_t, -20, 20))             importance_level="token"
+          | exp(clamp(sg(mean_seq(logp - old)) + logp_t - sg(logp_t), -20, 20))   "sequence"
+    pg_t  = max(-A'_t * min(r_t, delta), -A'_t * clip(r_t, 1 - eps_low, 1 + eps_high))
+    pg_t  = min(pg_t, -dual_clip * A'_t)   where A'_t < 0   (dual clip)
+    pg_t *= min(exp(old_t - rollout_t), tis_cap)            truncated importance sampling
+    l_t   = pg_t + kl_coef * KL_k(logp_t, ref_t) - entropy_coef * H_t
+    L     = aggregate(l, mask)
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .batch import TokenBatch
+from .config import LossConfig
+
+LOG_RATIO_CLAMP = 20.0  # as verl: exp of a clamped log-ratio never overflows
+REPO_VAR_EPS = 1e-8  # a batch whose log-probs have no spread needs no decorrelation
+
+
+def repo_advantages(advantages: Tensor, logprobs: Tensor, valid: Tensor, cfg: LossConfig):
+    """REPO advantage correction ``A' = A - zeta * (logp - mu)`` with ``logp`` detached.
+
+    * ``none``:        ``A' = A``.
+    * ``fixed``:       ``zeta = repo_coef``.
+    * ``decorrelate``: ``zeta = repo_coef * Cov(A, logp) / Var(logp)`` over the valid tokens,
+      so that ``repo_coef = 1`` removes the batch covariance exactly (0 if Var < 1e-8).
+
+    ``mu`` is the batch mean of ``logp`` (``repo_center=True``) or 0.
+    Returns ``(A', zeta, cov_before, cov_after)``.
+    """
+    m = valid.to(logprobs.dtype)
+    inv_n = 1.0 / m.sum().clamp_min(1.0)
+    mean = lambda x: (x * m).sum() * inv_n  # noqa: E731
+    lp = logprobs.detach()
+    mean_lp = mean(lp)
+    d_lp = lp - mean_lp
+    cov = mean((advantages - mean(advantages)) * d_lp)
+    if cfg.repo == "none":
+        zeta = torch.zeros_like(cov)
+    elif cfg.repo == "fixed":
+        zeta = torch.full_like(cov, cfg.repo_coef)
+    else:
+        var = mean(d_lp * d_lp)
+        has_spread = var > REPO_VAR_EPS
+        zeta = torch.where(has_spread, cfg.repo_coef * cov / torch.where(has_spread, var, 1.0), 0.0)
+    mu = mean_lp if cfg.repo_center else 0.0
+    corrected = advantages - zeta * (lp - mu) if cfg.repo != "none" else advantages
+    cov_after = mean((corrected - mean(corrected)) * d_lp)
+    return corrected, zeta, cov, cov_after
+
+
+def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, estimator: str) -> Tensor:
+    """Per-token KL(pi || pi_ref) estimate from ``x = clamp(logp - ref, -20, 20)``.
+
+    k1 = x;  k2 = x^2 / 2;  k3 = exp(-x) - 1 + x (Schulman's low-variance estimator);
+    k3+ = value of k3 with the gradient of k2 (verl's straight-through variant).
+    """
+    x = torch.clamp(logprobs - ref_logprobs, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    if estimator == "k1":
+        return x
+    k2 = 0.5 * x * x
+    if estimator == "k2":
+        return k2
+    k3 = torch.exp(-x) - 1.0 + x
+    if estimator == "k3":
+        return k3
+    return k2 - k2.detach() + k3.detach()
+
+
+def policy_loss(logprobs: Tensor, entropy: Tensor, batch: TokenBatch, cfg: LossConfig):
+    """Loss and metrics from per-token ``logprobs`` / ``entropy`` ([N], 0 where not valid).
+
+    Returns ``(loss, metrics)``: a scalar with grad to ``logprobs`` and ``entropy``, and a
+    dict of detached 0-dim tensors (and the float hyper-parameters used).
+    """
+    valid = batch.valid
+    layout = batch.layout
+    m = valid.to(logprobs.dtype)
+    n_tokens = m.sum()
+    inv_n = 1.0 / n_tokens.clamp_min(1.0)
+    mean = lambda x: (torch.where(valid, x, 0.0)).sum() * inv_n  # noqa: E731
+    lp = logprobs.detach()
+    old = batch.old_logprobs
+
+    # 1. REPO-corrected advantages ----------------------------------------------------------
+    adv, zeta, cov_before, cov_after = repo_advantages(batch.advantages, logprobs, valid, cfg)
+
+    # 2. importance ratio -----------------------------------------------------------------------
+    if cfg.importance_level == "token":
+        log_ratio = logprobs - old
+    else:
+        # GSPO: the value is the sequence's geometric-mean ratio; each token keeps the
+        # gradient ratio * dlogp_t (verl's GSPO-token form; equals GSPO for per-sequence A).
+        seq_log_ratio = layout.seq_sum((lp - old) * m) / layout.seq_sum(m).clamp_min(1.0)
+        log_ratio = layout.broadcast(seq_log_ratio) + logprobs - lp
+    ratio = torch.exp(torch.clamp(log_ratio, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
+
+    # 3. asymmetric clipped surrogate -----------------------------------------------------------
+    metrics: dict[str, Tensor | float] = {}
+    ratio_unclipped = torch.clamp(ratio, max=cfg.delta) if cfg.delta is not None else ratio
+    pg = torch.maximum(-adv * ratio_unclipped,
+                       -adv * torch.clamp(ratio, 1.0 - cfg.eps_low, 1.0 + cfg.eps_high))
+    if cfg.dual_clip is not None:
+        pg_dual = -adv * cfg.dual_clip
+        metrics["clip_frac_dual"] = mean(((adv < 0) & (pg_dual < pg)).to(m.dtype))
+        pg = torch.where(adv < 0, torch.minimum(pg, pg_dual), pg)
+    r = ratio.detach()
+    metrics["clip_frac_low"] = mean(((r < 1.0 - cfg.eps_low) & (adv < 0)).to(m.dtype))
+    metrics["clip_frac_high"] = mean(((r > 1.0 + cfg.eps_high) & (adv > 0)).to(m.dtype))
+
+    # 4. truncated importance sampling (trainer vs rollout-engine log-probs) ---------------
+    if cfg.tis_cap is not None:
+        log_w = old - batch.rollout_logprobs
+        if cfg.tis_level == "sequence":
+            log_w = layout.broadcast(layout.seq_sum(log_w * m))
+        tis_weight = torch.clamp(torch.exp(log_w), max=cfg.tis_cap)
+        pg = pg * tis_weight
+        metrics["tis_weight_mean"] = mean(tis_weight)
+
+    # 5. KL to the reference policy and entropy bonus ---------------------------------------
+    loss_tok = pg
+    if batch.ref_logprobs is not None:
+        kl = kl_penalty(logprobs, batch.ref_logprobs, cfg.kl_estimator)
+        if cfg.kl_coef > 0:
+            loss_tok = loss_tok + cfg.kl_coef * kl
+        metrics["kl_mean"] = mean(kl.detach())
+    if cfg.entropy_coef != 0:
+        loss_tok = loss_tok - cfg.entropy_coef * entropy
+
+    # 6. aggregation -------------------------------------------------------------------------------
+    loss = aggregate(loss_tok, batch, cfg)
+
+    metrics.update(
+        n_tokens=n_tokens,
+        empty_batch=(n_tokens == 0).to(m.dtype),
+        entropy_mean=mean(entropy.detach()),
+        logprob_mean=mean(lp),
+        ratio_mean=mean(r),
+        ratio_max=torch.where(valid, r, 0.0).max() if r.numel() else n_tokens,
+        approx_kl=mean(old - lp),
+        pg_loss=aggregate(pg.detach(), batch, cfg),
+        repo_zeta=zeta,
+        adv_logp_cov_before=cov_before,
+        adv_logp_cov_after=cov_after,
+        eps_low=cfg.eps_low,
+        eps_high=cfg.eps_high,
+    )
+    if layout is not None:
+        metrics["n_seqs"] = (layout.seq_sum(m) > 0).to(m.dtype).sum()
+    return loss, metrics
+
+
+def aggregate(loss_tok: Tensor, batch: TokenBatch, cfg: LossConfig) -> Tensor:
+    """Reduce per-token losses to a scalar (verl's ``agg_loss`` modes).
+
+    token-mean:              sum_t l_t / n_valid_tokens
+    seq-mean-token-mean:     mean over non-empty sequences of (sum_t l_t / n_valid_in_seq)
+    seq-mean-token-sum:      mean over non-empty sequences of sum_t l_t
+    seq-mean-token-sum-norm: sum_t l_t / (num_sequences * max_length)   (Dr.GRPO, constant)
+
+    ``num_items_in_batch`` replaces the local count in the denominator (valid tokens for
+    token-mean, sequences otherwise) so that gradient accumulation and data parallelism
+    give the loss of the whole global batch. An all-masked batch gives exactly 0.
+    """
+    valid = batch.valid
+    x = torch.where(valid, loss_tok, 0.0)
+    num_items = batch.num_items_in_batch
+    if cfg.aggregation == "token-mean":
+        denom = num_items if num_items is not None else valid.sum().clamp_min(1)
+        return x.sum() / denom
+    layout = batch.layout
+    if cfg.aggregation == "seq-mean-token-sum-norm":
+        num_seqs = num_items if num_items is not None else layout.num_seqs
+        return x.sum() / (num_seqs * batch.max_length)
+    seq_loss = layout.seq_sum(x)
+    seq_count = layout.seq_sum(valid.to(x.dtype))
+    if cfg.aggregation == "seq-mean-token-mean":
+        seq_loss = seq_loss / seq_count.clamp_min(1.0)
+    denom = num_items if num_items is not None else (seq_count > 0).sum().clamp_min(1)
+    return seq_loss.sum() / denom

@@ -1,0 +1,1 @@
+"""Triton kernels of fused-pg (installed as ``fused_pg.kernels``): vocabulary sweeps only."""

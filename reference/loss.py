@@ -1,0 +1,235 @@
+"""Literal oracle of the REPO / ADAPO policy-gradient loss (SPEC section 2).
+
+Written for clarity, not speed: per-token Python-level formulas and explicit loops over
+sequences. Masked tokens are excluded from every statistic and contribute nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from .head import logprobs_entropy_ref
+
+LOG_RATIO_CLAMP = 20.0  # log-ratios are clamped to +-20 before exp (as verl does)
+REPO_VAR_EPS = 1e-8  # below this variance of log-probs, "decorrelate" applies no correction
+
+
+@dataclass
+class ReferenceOutput:
+    loss: Tensor
+    logprobs: Tensor
+    entropy: Tensor
+    metrics: dict[str, Tensor | float] = field(default_factory=dict)
+
+
+def _sequences(hidden: Tensor, cu_seqlens: Tensor | None) -> list[list[int]] | None:
+    """Flat token indices of each sequence, or None when the layout carries no sequences."""
+    if hidden.dim() == 3:
+        B, T = hidden.shape[:2]
+        return [list(range(b * T, (b + 1) * T)) for b in range(B)]
+    if cu_seqlens is None:
+        return None
+    cu = [int(c) for c in cu_seqlens]
+    return [list(range(cu[i], cu[i + 1])) for i in range(len(cu) - 1)]
+
+
+def _masked_mean(x: Tensor, valid: Tensor) -> Tensor:
+    n = int(valid.sum())
+    return x[valid].sum() / n if n > 0 else x.new_zeros(())
+
+
+def repo_loss_ref(
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    advantages: Tensor,
+    old_logprobs: Tensor,
+    mask: Tensor | None = None,
+    *,
+    bias: Tensor | None = None,
+    ref_logprobs: Tensor | None = None,
+    rollout_logprobs: Tensor | None = None,
+    cu_seqlens: Tensor | None = None,
+    eps_low: float = 0.2,
+    eps_high: float = 0.28,
+    dual_clip: float | None = None,
+    delta: float | None = None,
+    repo: str = "decorrelate",
+    repo_coef: float = 1.0,
+    repo_center: bool = True,
+    kl_coef: float = 0.0,
+    kl_estimator: str = "k3",
+    entropy_coef: float = 0.0,
+    temperature: float = 1.0,
+    softcap: float | None = None,
+    aggregation: str = "token-mean",
+    num_items_in_batch: float | None = None,
+    max_length: int | None = None,
+    importance_level: str = "token",
+    tis_cap: float | None = None,
+    tis_level: str = "token",
+    ignore_index: int = -100,
+    dtype: torch.dtype | None = None,
+) -> ReferenceOutput:
+    """Materialised reference of :func:`fused_pg.repo_loss` (same arguments and meaning).
+
+    All arithmetic happens in ``dtype`` (default: the promoted dtype of hidden and weight).
+    """
+    lead = targets.shape
+    D = hidden.shape[-1]
+    seqs = _sequences(hidden, cu_seqlens)
+    h = hidden.reshape(-1, D)
+    y = targets.reshape(-1)
+    N = y.numel()
+    cdt = dtype or torch.promote_types(hidden.dtype, weight.dtype)
+
+    valid = y != ignore_index
+    if mask is not None:
+        valid = valid & mask.reshape(-1).bool()
+    y = torch.where(valid, y, ignore_index)
+
+    # --- log-probs and entropy from materialised logits --------------------------------
+    logp, ent = logprobs_entropy_ref(
+        h, weight, y, bias, temperature=temperature, softcap=softcap,
+        ignore_index=ignore_index, dtype=cdt,
+    )
+    old = old_logprobs.reshape(-1).to(cdt)
+    lpd = logp.detach()
+
+    # --- advantages: per token, or one per sequence broadcast over its tokens ---------
+    if advantages.shape == lead:
+        A = advantages.reshape(-1).to(cdt)
+    else:
+        A = torch.zeros(N, dtype=cdt)
+        for i, idx in enumerate(seqs):
+            for t in idx:
+                A[t] = advantages[i].to(cdt)
+
+    n_tok = int(valid.sum())
+    metrics: dict[str, Tensor | float] = {}
+
+    # --- REPO: A' = A - zeta * (logp - mu), logp detached -------------------------------
+    mean_lp = _masked_mean(lpd, valid)
+    mean_A = _masked_mean(A, valid)
+    cov = _masked_mean((A - mean_A) * (lpd - mean_lp), valid)
+    var = _masked_mean((lpd - mean_lp) ** 2, valid)
+    if repo == "none":
+        zeta = torch.zeros((), dtype=cdt)
+    elif repo == "fixed":
+        zeta = torch.tensor(repo_coef, dtype=cdt)
+    elif repo == "decorrelate":
+        # gamma * Cov(A, logp) / Var(logp): with gamma = 1 the corrected advantage has
+        # exactly zero covariance with the log-probability over the batch.
+        zeta = repo_coef * cov / var if var > REPO_VAR_EPS else torch.zeros((), dtype=cdt)
+    else:
+        raise ValueError(repo)
+    mu = mean_lp if repo_center else torch.zeros((), dtype=cdt)
+    A_corr = A - zeta * (lpd - mu) if repo != "none" else A
+    mean_Ac = _masked_mean(A_corr, valid)
+    cov_after = _masked_mean((A_corr - mean_Ac) * (lpd - mean_lp), valid)
+    metrics.update(repo_zeta=zeta, adv_logp_cov_before=cov, adv_logp_cov_after=cov_after)
+
+    # --- importance ratio --------------------------------------------------------------
+    if importance_level == "token":
+        ratio = torch.exp(torch.clamp(logp - old, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
+    else:  # "sequence" (GSPO-token): value exp(mean_seq(logp - old)), gradient ratio * dlogp_t
+        ratio_list: list[Tensor] = [None] * N  # type: ignore[list-item]
+        for idx in seqs:
+            v = [t for t in idx if valid[t]]
+            seq_lr = sum((lpd[t] - old[t] for t in v), torch.zeros((), dtype=cdt)) / max(len(v), 1)
+            for t in idx:
+                ratio_list[t] = torch.exp(torch.clamp(
+                    seq_lr + logp[t] - lpd[t], -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
+        ratio = torch.stack(ratio_list)
+
+    # --- clipped surrogate ---------------------------------------------------------------
+    ratio_unclipped = torch.clamp(ratio, max=delta) if delta is not None else ratio
+    pg1 = -A_corr * ratio_unclipped
+    pg2 = -A_corr * torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high)
+    pg = torch.maximum(pg1, pg2)
+    if dual_clip is not None:
+        pg3 = -A_corr * dual_clip
+        metrics["clip_frac_dual"] = _masked_mean(((A_corr < 0) & (pg3 < pg)).to(cdt), valid)
+        pg = torch.where(A_corr < 0, torch.minimum(pg, pg3), pg)
+    metrics["clip_frac_low"] = _masked_mean(((ratio < 1 - eps_low) & (A_corr < 0)).to(cdt), valid)
+    metrics["clip_frac_high"] = _masked_mean(((ratio > 1 + eps_high) & (A_corr > 0)).to(cdt), valid)
+
+    # --- truncated importance sampling against the rollout engine's log-probs ---------
+    if tis_cap is not None:
+        rollout = rollout_logprobs.reshape(-1).to(cdt)
+        log_w = old - rollout
+        if tis_level == "token":
+            w = torch.clamp(torch.exp(log_w), max=tis_cap)
+        else:
+            w = torch.zeros(N, dtype=cdt)
+            for idx in seqs:
+                s = sum((log_w[t] for t in idx if valid[t]), torch.zeros((), dtype=cdt))
+                for t in idx:
+                    w[t] = torch.clamp(torch.exp(s), max=tis_cap)
+        pg = pg * w
+        metrics["tis_weight_mean"] = _masked_mean(w, valid)
+
+    loss_tok = pg
+
+    # --- KL to the reference policy --------------------------------------------------------
+    if ref_logprobs is not None:
+        ref = ref_logprobs.reshape(-1).to(cdt)
+        x = torch.clamp(logp - ref, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)  # log(pi / pi_ref)
+        k1 = x
+        k2 = 0.5 * x**2
+        k3 = torch.exp(-x) - 1 + x
+        kl = {"k1": k1, "k2": k2, "k3": k3, "k3+": k2 - k2.detach() + k3.detach()}[kl_estimator]
+        loss_tok = loss_tok + kl_coef * kl
+        metrics["kl_mean"] = _masked_mean(kl.detach(), valid)
+
+    loss_tok = loss_tok - entropy_coef * ent
+
+    # --- aggregation ----------------------------------------------------------------------
+    def aggregate(x: Tensor) -> Tensor:
+        x = torch.where(valid, x, 0.0)
+        if aggregation == "token-mean":
+            denom = num_items_in_batch if num_items_in_batch is not None else max(n_tok, 1)
+            return x.sum() / denom
+        if aggregation == "seq-mean-token-sum-norm":
+            S = len(seqs)
+            denom = (num_items_in_batch if num_items_in_batch is not None else S)
+            L = max_length if max_length is not None else hidden.shape[1]
+            return x.sum() / (denom * L)
+        per_seq = []
+        for idx in seqs:
+            n_i = int(valid[idx].sum())
+            if n_i == 0:
+                continue
+            s = x[idx].sum()
+            per_seq.append(s / n_i if aggregation == "seq-mean-token-mean" else s)
+        denom = num_items_in_batch if num_items_in_batch is not None else max(len(per_seq), 1)
+        return sum(per_seq, x.new_zeros(())) / denom
+
+    loss = aggregate(loss_tok)
+
+    # --- metrics --------------------------------------------------------------------------
+    metrics.update(
+        n_tokens=torch.tensor(float(n_tok), dtype=cdt),
+        empty_batch=torch.tensor(float(n_tok == 0), dtype=cdt),
+        entropy_mean=_masked_mean(ent.detach(), valid),
+        logprob_mean=mean_lp,
+        ratio_mean=_masked_mean(ratio.detach(), valid),
+        ratio_max=ratio.detach()[valid].max() if n_tok else torch.zeros((), dtype=cdt),
+        approx_kl=_masked_mean(old - lpd, valid),
+        pg_loss=aggregate(pg.detach()),
+        eps_low=eps_low,
+        eps_high=eps_high,
+    )
+    if seqs is not None:
+        metrics["n_seqs"] = torch.tensor(
+            float(sum(int(valid[idx].sum()) > 0 for idx in seqs)), dtype=cdt)
+
+    return ReferenceOutput(
+        loss=loss,
+        logprobs=logp.detach().reshape(lead),
+        entropy=ent.detach().reshape(lead),
+        metrics=metrics,
+    )
