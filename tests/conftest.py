@@ -1,0 +1,32 @@
+"""Test configuration: Triton interpreter on CPU-only machines, hypothesis profiles, markers."""
+
+import os
+
+import torch
+
+# Without a GPU, Triton kernels run under the interpreter. It must be set before triton is
+# imported anywhere; on a CUDA machine the real compiler is used.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+# "ci": reproducible (derandomized) and sized for 2 cores; "dev": a larger random hunt to run
+# before resolving an issue:  HYPOTHESIS_PROFILE=dev pytest
+settings.register_profile(
+    "ci", derandomize=True, deadline=None, print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.register_profile(
+    "dev", max_examples=400, deadline=None, print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (none visible: torch.cuda.is_available() is False)")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
