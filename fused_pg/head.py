@@ -110,7 +110,7 @@ def run_head(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tenso
         if torch.float64 in (hidden.dtype, weight.dtype) or (bias is not None and bias.dtype == torch.float64):
             raise TypeError("backend='triton' supports float16, bfloat16 and float32 inputs; "
                             "use backend='torch' or 'reference' for float64")
-        from .backends import triton as sweeps
+        from .backends import triton_fused as sweeps
     return FusedHead.apply(hidden, weight, bias, targets, sweeps, cfg)
 
 
