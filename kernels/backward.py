@@ -104,11 +104,17 @@ _dlogits_kernel_tuned = triton.autotune(configs=get_dlogits_configs(), key=["V",
 
 
 def default_chunks(N: int, V: int, token_chunk: int | None, vocab_chunk: int | None) -> tuple[int, int]:
-    """Slab shape: all tokens (when possible) x the widest vocabulary chunk in the budget."""
-    n = token_chunk or min(N, DLOGITS_BUDGET // 1024)
+    """Slab shape: all tokens (when possible) x the widest vocabulary chunk in the budget.
+
+    Both are capped so that token_chunk x vocab_chunk <= DLOGITS_BUDGET; vocabulary chunks
+    of 256 columns or more are rounded down to a multiple of 256 (whole tiles).
+    """
+    n = min(token_chunk or max(1, DLOGITS_BUDGET // 1024), N)
     if vocab_chunk is None:
-        vocab_chunk = max(1024, (DLOGITS_BUDGET // n) // 256 * 256)
-    return min(n, N), min(vocab_chunk, V)
+        vocab_chunk = max(1, DLOGITS_BUDGET // n)
+        if vocab_chunk >= 256:
+            vocab_chunk -= vocab_chunk % 256
+    return n, min(vocab_chunk, V)
 
 
 def logprobs_entropy_bwd(
