@@ -85,6 +85,7 @@ def repo_loss_ref(
     y = targets.reshape(-1)
     N = y.numel()
     cdt = dtype or torch.promote_types(hidden.dtype, weight.dtype)
+    dev = hidden.device
 
     valid = y != ignore_index
     if mask is not None:
@@ -103,7 +104,7 @@ def repo_loss_ref(
     if advantages.shape == lead:
         A = advantages.reshape(-1).to(cdt)
     else:
-        A = torch.zeros(N, dtype=cdt)
+        A = torch.zeros(N, dtype=cdt, device=dev)
         for i, idx in enumerate(seqs):
             for t in idx:
                 A[t] = advantages[i].to(cdt)
@@ -117,16 +118,16 @@ def repo_loss_ref(
     cov = _masked_mean((A - mean_A) * (lpd - mean_lp), valid)
     var = _masked_mean((lpd - mean_lp) ** 2, valid)
     if repo == "none":
-        zeta = torch.zeros((), dtype=cdt)
+        zeta = torch.zeros((), dtype=cdt, device=dev)
     elif repo == "fixed":
-        zeta = torch.tensor(repo_coef, dtype=cdt)
+        zeta = torch.tensor(repo_coef, dtype=cdt, device=dev)
     elif repo == "decorrelate":
         # gamma * Cov(A, logp) / Var(logp): with gamma = 1 the corrected advantage has
         # exactly zero covariance with the log-probability over the batch.
-        zeta = repo_coef * cov / var if var > REPO_VAR_EPS else torch.zeros((), dtype=cdt)
+        zeta = repo_coef * cov / var if var > REPO_VAR_EPS else torch.zeros((), dtype=cdt, device=dev)
     else:
         raise ValueError(repo)
-    mu = mean_lp if repo_center else torch.zeros((), dtype=cdt)
+    mu = mean_lp if repo_center else torch.zeros((), dtype=cdt, device=dev)
     A_corr = A - zeta * (lpd - mu) if repo != "none" else A
     mean_Ac = _masked_mean(A_corr, valid)
     cov_after = _masked_mean((A_corr - mean_Ac) * (lpd - mean_lp), valid)
@@ -139,7 +140,7 @@ def repo_loss_ref(
         ratio_list: list[Tensor] = [None] * N  # type: ignore[list-item]
         for idx in seqs:
             v = [t for t in idx if valid[t]]
-            seq_lr = sum((lpd[t] - old[t] for t in v), torch.zeros((), dtype=cdt)) / max(len(v), 1)
+            seq_lr = sum((lpd[t] - old[t] for t in v), torch.zeros((), dtype=cdt, device=dev)) / max(len(v), 1)
             for t in idx:
                 ratio_list[t] = torch.exp(torch.clamp(
                     seq_lr + logp[t] - lpd[t], -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
@@ -164,9 +165,9 @@ def repo_loss_ref(
         if tis_level == "token":
             w = torch.clamp(torch.exp(log_w), max=tis_cap)
         else:
-            w = torch.zeros(N, dtype=cdt)
+            w = torch.zeros(N, dtype=cdt, device=dev)
             for idx in seqs:
-                s = sum((log_w[t] for t in idx if valid[t]), torch.zeros((), dtype=cdt))
+                s = sum((log_w[t] for t in idx if valid[t]), torch.zeros((), dtype=cdt, device=dev))
                 for t in idx:
                     w[t] = torch.clamp(torch.exp(s), max=tis_cap)
         pg = pg * w
@@ -212,12 +213,12 @@ def repo_loss_ref(
 
     # --- metrics --------------------------------------------------------------------------
     metrics.update(
-        n_tokens=torch.tensor(float(n_tok), dtype=cdt),
-        empty_batch=torch.tensor(float(n_tok == 0), dtype=cdt),
+        n_tokens=torch.tensor(float(n_tok), dtype=cdt, device=dev),
+        empty_batch=torch.tensor(float(n_tok == 0), dtype=cdt, device=dev),
         entropy_mean=_masked_mean(ent.detach(), valid),
         logprob_mean=mean_lp,
         ratio_mean=_masked_mean(ratio.detach(), valid),
-        ratio_max=ratio.detach()[valid].max() if n_tok else torch.zeros((), dtype=cdt),
+        ratio_max=ratio.detach()[valid].max() if n_tok else torch.zeros((), dtype=cdt, device=dev),
         approx_kl=_masked_mean(old - lpd, valid),
         pg_loss=aggregate(pg.detach()),
         eps_low=eps_low,
@@ -225,7 +226,7 @@ def repo_loss_ref(
     )
     if seqs is not None:
         metrics["n_seqs"] = torch.tensor(
-            float(sum(int(valid[idx].sum()) > 0 for idx in seqs)), dtype=cdt)
+            float(sum(int(valid[idx].sum()) > 0 for idx in seqs)), dtype=cdt, device=dev)
 
     return ReferenceOutput(
         loss=loss,
