@@ -1,0 +1,200 @@
+"""The implementations compared side by side, behind one small interface.
+
+Each :class:`Impl` turns a :class:`~bench.problem.Problem` into a ``step()`` closure that
+runs the *forward* pass and returns the scalar loss (plus per-token log-probs / entropies
+where the implementation exposes them); the runner times ``step()`` as the forward and
+``torch.autograd.grad(loss, [hidden, weight])`` as the backward.
+
+Keys (``--impl``):
+
+* ``fused-triton``  fused-pg, Triton kernels (CUDA only; the interpreter is far too slow).
+* ``fused-torch``   fused-pg, chunked PyTorch backend (the CPU default).
+* ``naive``         materialised logits as trainers write it: ``(h @ W.T).float()``,
+                    ``log_softmax``, gather, entropy, fused-pg's epilogue; autograd backward.
+* ``reference``     fused-pg's ``backend="reference"``: materialised, inputs upcast to fp32
+                    before the GEMM (identical to ``naive`` for fp32 inputs).
+* ``compiled``      ``torch.compile``d chunked logits with activation checkpointing
+                    (:mod:`bench.compiled`): the strongest plain-PyTorch contender.
+* ``liger-chunked``, ``liger-triton``, ``cce``: peers (:mod:`bench.peers`), when installed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+import fused_pg
+
+from . import compiled, peers
+from .config import LossSpec
+from .epilogue import loss_from_logprobs
+from .problem import Problem
+
+FEATURES = ("entropy", "repo", "kl")
+
+
+@dataclass
+class StepOutput:
+    """What one forward pass returns: the loss, and per-token outputs where exposed."""
+
+    loss: Tensor
+    logprobs: Tensor | None = None   # hidden's leading shape (or [N]), any value where masked
+    entropy: Tensor | None = None
+
+
+Step = Callable[[], StepOutput]
+MakeStep = Callable[[Problem, LossSpec], Step]
+Check = Callable[[torch.device, torch.dtype], "str | None"]
+
+
+@dataclass(frozen=True)
+class Impl:
+    """One implementation (at one dot-product precision for fused-pg's backends).
+
+    features: which parts of the benchmark loss it can compute ("entropy", "repo", "kl");
+              a missing feature is dropped from its loss (and said so in the output).
+    grads_in_forward: computes the gradients during the forward pass (Liger's chunked
+              losses); its backward only hands them over.
+    logits_bytes_per_nv: bytes it holds per logit (N x V) at its peak; None for streaming
+              implementations. Used to skip runs that cannot fit in memory on CPU.
+    """
+
+    key: str
+    label: str
+    family: str                               # "fused-pg" | "baseline" | "peer"
+    make: MakeStep
+    check: Check
+    features: frozenset[str] = frozenset(FEATURES)
+    precision: str | None = None
+    grads_in_forward: bool = False
+    logits_bytes_per_nv: float | None = None
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def name(self) -> str:
+        """Key plus precision, unique within a run (e.g. ``fused-triton@tf32``)."""
+        return self.key if self.precision in (None, "native") else f"{self.key}@{self.precision}"
+
+    @property
+    def display(self) -> str:
+        return self.label if self.precision in (None, "native") else f"{self.label} [{self.precision}]"
+
+    def effective_loss(self, spec: LossSpec) -> tuple[LossSpec, tuple[str, ...]]:
+        """The loss this implementation actually computes for ``spec``, and what it leaves out."""
+        notes = []
+        if "entropy" not in self.features:
+            notes.append("no entropy")
+            spec = replace(spec, entropy_coef=0.0)
+        if "repo" not in self.features and spec.repo != "none":
+            notes.append("no REPO")
+            spec = replace(spec, repo="none")
+        if "kl" not in self.features and spec.kl_coef > 0:
+            notes.append("no KL")
+            spec = replace(spec, kl_coef=0.0)
+        return spec, tuple(notes) + self.notes
+
+
+# --- fused-pg --------------------------------------------------------------------------------
+
+def _fused_make(backend: str, precision: str) -> MakeStep:
+    def make(problem: Problem, spec: LossSpec) -> Step:
+        def step() -> StepOutput:
+            out = fused_pg.repo_loss(
+                problem.hidden, problem.weight, problem.targets, problem.advantages,
+                problem.old_logprobs, problem.mask, ref_logprobs=problem.ref_logprobs,
+                eps_low=spec.eps_low, eps_high=spec.eps_high, repo=spec.repo,
+                repo_coef=spec.repo_coef, kl_coef=spec.kl_coef, kl_estimator="k3",
+                entropy_coef=spec.entropy_coef, aggregation="token-mean",
+                backend=backend, precision=precision, validate=False)
+            return StepOutput(out.loss, out.logprobs, out.entropy)
+        return step
+    return make
+
+
+def _check_triton(device: torch.device, dtype: torch.dtype) -> str | None:
+    if device.type != "cuda":
+        return "needs a CUDA GPU (under the CPU interpreter Triton is far too slow to benchmark)"
+    return None
+
+
+def _check_torch_precision(precision: str) -> Check:
+    def check(device: torch.device, dtype: torch.dtype) -> str | None:
+        if precision == "tf32":
+            return "precision='tf32' exists only in the Triton backend"
+        return None
+    return check
+
+
+def _always(device: torch.device, dtype: torch.dtype) -> str | None:
+    return None
+
+
+# --- naive materialised PyTorch --------------------------------------------------------------
+
+def naive_logprobs_entropy(hidden: Tensor, weight: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+    """Materialised head as RL trainers write it: GEMM in the input dtype, fp32 softmax.
+
+    hidden [N, D], weight [V, D], targets [N] -> (logprobs, entropy), [N] fp32 each.
+    Autograd keeps the ``[N, V]`` fp32 logits, log-softmax and probabilities for backward.
+    """
+    logits = (hidden @ weight.T).float()
+    logp_all = torch.log_softmax(logits, dim=-1)
+    probs = logp_all.exp()
+    entropy = -(probs * logp_all).sum(-1)
+    logprobs = logp_all.gather(-1, targets[:, None]).squeeze(-1)
+    return logprobs, entropy
+
+
+def _naive_make(problem: Problem, spec: LossSpec) -> Step:
+    D = problem.shape.d
+    def step() -> StepOutput:
+        logp, ent = naive_logprobs_entropy(problem.hidden.reshape(-1, D), problem.weight,
+                                           problem.targets.reshape(-1))
+        return StepOutput(loss_from_logprobs(problem, spec, logp, ent), logp, ent)
+    return step
+
+
+# --- registry ---------------------------------------------------------------------------------
+
+IMPL_HELP = {
+    "fused-triton": "fused-pg, Triton kernels (CUDA only)",
+    "fused-torch": "fused-pg, chunked PyTorch backend",
+    "naive": "materialised fp32 logits, GEMM in the input dtype, autograd (what trainers write)",
+    "reference": "fused-pg backend='reference' (materialised, inputs upcast to fp32)",
+    "compiled": "torch.compile'd chunked logits + activation checkpointing",
+    "liger-chunked": "Liger-Kernel LigerFusedLinearGRPOLoss (peer; no entropy, no REPO)",
+    "liger-triton": "Liger-Kernel Triton GRPO loss on materialised logits (peer, CUDA; no entropy, no REPO)",
+    "cce": "Cut Cross-Entropy linear_cross_entropy + fused-pg epilogue (peer; no entropy)",
+}
+IMPL_KEYS = tuple(IMPL_HELP)
+
+
+def build_impls(key: str, precisions: tuple[str, ...]) -> list[Impl]:
+    """The :class:`Impl` objects behind one ``--impl`` key (one per precision for fused-pg)."""
+    if key == "fused-triton":
+        return [Impl(key, "fused-pg triton", "fused-pg", _fused_make("triton", p), _check_triton,
+                     precision=p) for p in precisions]
+    if key == "fused-torch":
+        return [Impl(key, "fused-pg torch", "fused-pg", _fused_make("torch", p), _check_torch_precision(p),
+                     precision=p) for p in precisions]
+    if key == "naive":
+        return [Impl(key, "naive PyTorch", "baseline", _naive_make, _always, logits_bytes_per_nv=24.0)]
+    if key == "reference":
+        return [Impl(key, "fused-pg reference", "baseline", _fused_make("reference", "native"), _always,
+                     logits_bytes_per_nv=24.0)]
+    if key == "compiled":
+        return [Impl(key, "torch.compile chunked", "baseline", compiled.make_step, compiled.check)]
+    if key == "liger-chunked":
+        return [Impl(key, "Liger chunked GRPO", "peer", peers.liger_chunked_make, peers.liger_chunked_check,
+                     features=frozenset({"kl"}), grads_in_forward=True)]
+    if key == "liger-triton":
+        return [Impl(key, "Liger Triton GRPO", "peer", peers.liger_triton_make, peers.liger_triton_check,
+                     features=frozenset({"kl"}), logits_bytes_per_nv=2.0,
+                     notes=("materialised logits",))]
+    if key == "cce":
+        return [Impl(key, "CCE + epilogue", "peer", peers.cce_make, peers.cce_check,
+                     features=frozenset({"repo", "kl"}))]
+    raise ValueError(f"unknown implementation {key!r}; choose from {', '.join(IMPL_KEYS)}")

@@ -1,0 +1,141 @@
+"""Adapters for peer libraries, imported lazily: a missing peer is skipped with its reason.
+
+* ``liger-chunked``: Liger-Kernel's ``LigerFusedLinearGRPOLoss`` (``liger_kernel.chunked_loss``):
+  chunks of sequences, logits per chunk, gradients computed *during the forward* and
+  handed over in backward. Computes the DAPO-normalised clipped loss (+ k3 KL), no entropy,
+  no REPO. ``torch.compile`` of its loss math on CUDA only (compiling on CPU takes ~25 s).
+* ``liger-triton``: Liger-Kernel's Triton GRPO loss (``liger_kernel.transformers.grpo_loss.
+  triton_grpo_loss``) on *materialised* logits in the input dtype (``h @ W.T``); it expects
+  ``B x (T+1)`` logit rows (the last position of each sequence is dropped), so one dummy
+  hidden row per sequence is appended. CUDA only (Triton).
+* ``cce``: Cut Cross-Entropy's ``linear_cross_entropy(..., reduction="none")`` gives
+  ``-logp`` per token without materialising logits; fused-pg's epilogue adds the policy loss
+  (REPO and KL included, no entropy). ``impl="cce"`` (Triton) on CUDA, ``"torch_compile"`` on CPU.
+
+Install them with ``pip install liger-kernel cut-cross-entropy`` (both are pure Python).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+
+import torch
+from torch import Tensor
+
+from .config import LossSpec
+from .epilogue import loss_from_logprobs
+from .problem import Problem
+
+LIGER = "liger_kernel"
+CCE = "cut_cross_entropy"
+PIP_NAMES = {LIGER: "liger-kernel", CCE: "cut-cross-entropy"}
+
+
+def missing(module: str) -> str | None:
+    """Reason a peer cannot be imported, or None."""
+    if importlib.util.find_spec(module) is None:
+        return f"{PIP_NAMES[module]} is not installed (pip install {PIP_NAMES[module]})"
+    return None
+
+
+def version(module: str) -> str | None:
+    """Installed version of a peer, or None."""
+    try:
+        from importlib.metadata import PackageNotFoundError
+        from importlib.metadata import version as dist_version
+        return dist_version(PIP_NAMES[module])
+    except (PackageNotFoundError, KeyError):
+        return None
+
+
+def _import_error(module: str, attr_path: str) -> str | None:
+    """None when ``module.attr_path`` imports, else the reason it does not."""
+    reason = missing(module)
+    if reason:
+        return reason
+    mod_name, _, attr = attr_path.rpartition(".")
+    try:
+        getattr(importlib.import_module(mod_name), attr)
+    except Exception as exc:  # noqa: BLE001 -- any import failure is a reason to skip
+        return f"{PIP_NAMES[module]} is installed but {attr_path} does not import: {exc!r}"
+    return None
+
+
+# --- Liger-Kernel: chunked fused-linear GRPO loss ---------------------------------------------
+
+def liger_chunked_check(device: torch.device, dtype: torch.dtype) -> str | None:
+    return _import_error(LIGER, "liger_kernel.chunked_loss.LigerFusedLinearGRPOLoss")
+
+
+def liger_chunked_make(problem: Problem, spec: LossSpec):
+    from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
+
+    from .impls import StepOutput
+
+    use_ref = spec.kl_coef > 0
+    loss_fn = LigerFusedLinearGRPOLoss(
+        beta=spec.kl_coef, compiled=problem.hidden.is_cuda, use_ref_model=use_ref,
+        epsilon_low=spec.eps_low, epsilon_high=spec.eps_high, loss_type="dapo", temperature=1.0)
+    mask = problem.mask.long()
+
+    def step() -> StepOutput:
+        out = loss_fn(problem.hidden, problem.weight, problem.targets, mask, problem.advantages,
+                      ref_per_token_logps=problem.ref_logprobs if use_ref else None,
+                      old_per_token_logps=problem.old_logprobs)
+        loss = out[0] if isinstance(out, (tuple, list)) else out
+        return StepOutput(loss)
+    return step
+
+
+# --- Liger-Kernel: Triton GRPO loss on materialised logits ------------------------------------
+
+def liger_triton_check(device: torch.device, dtype: torch.dtype) -> str | None:
+    if device.type != "cuda":
+        return "Liger's Triton GRPO loss needs a CUDA GPU"
+    return _import_error(LIGER, "liger_kernel.transformers.grpo_loss.triton_grpo_loss")
+
+
+def liger_triton_make(problem: Problem, spec: LossSpec):
+    from liger_kernel.transformers.grpo_loss import triton_grpo_loss
+
+    from .impls import StepOutput
+
+    mask = problem.mask
+    maskf = mask.to(torch.float32)
+    pad = problem.hidden.new_zeros(problem.num_seqs, 1, problem.shape.d)
+
+    def step() -> StepOutput:
+        # logits for positions 0..T (T+1 rows per sequence); the kernel drops the last one
+        hidden = torch.cat([problem.hidden, pad], dim=1)
+        logits = hidden @ problem.weight.T
+        per_token_loss, _kl, _clipped = triton_grpo_loss(
+            logits, problem.old_logprobs, problem.ref_logprobs if spec.kl_coef > 0 else None,
+            problem.targets, problem.advantages, mask, temperature=1.0, beta=spec.kl_coef,
+            eps_low=spec.eps_low, eps_high=spec.eps_high)
+        # DAPO / token-mean normalisation over the valid tokens of the batch
+        loss = (per_token_loss * maskf).sum() / maskf.sum().clamp_min(1.0)
+        return StepOutput(loss)
+    return step
+
+
+# --- Cut Cross-Entropy: log-probs without logits, fused-pg epilogue ---------------------------
+
+def cce_check(device: torch.device, dtype: torch.dtype) -> str | None:
+    return _import_error(CCE, "cut_cross_entropy.linear_cross_entropy")
+
+
+def cce_make(problem: Problem, spec: LossSpec):
+    from cut_cross_entropy import linear_cross_entropy
+
+    from .impls import StepOutput
+
+    impl = "cce" if problem.hidden.is_cuda else "torch_compile"
+    targets = torch.where(problem.mask, problem.targets, -100)
+
+    def step() -> StepOutput:
+        nll: Tensor = linear_cross_entropy(problem.hidden, problem.weight, targets,
+                                           ignore_index=-100, reduction="none", impl=impl)
+        logp = -nll.float()
+        return StepOutput(loss_from_logprobs(problem, spec, logp, None), logp)
+    return step
