@@ -50,7 +50,7 @@ def reference_outputs(problem: Problem, spec: LossSpec) -> RefOutputs:
         repo=spec.repo, repo_coef=spec.repo_coef, kl_coef=spec.kl_coef, kl_estimator="k3",
         entropy_coef=spec.entropy_coef, aggregation="token-mean", dtype=torch.float64)
     gh, gw = torch.autograd.grad(out.loss, [h, w])
-    return RefOutputs(float(out.loss), out.logprobs.detach(), out.entropy.detach(), gh, gw)
+    return RefOutputs(float(out.loss.detach()), out.logprobs.detach(), out.entropy.detach(), gh, gw)
 
 
 def _max_rel(got: Tensor, ref: Tensor) -> float:
@@ -70,7 +70,7 @@ def impl_errors(impl: Impl, problem: Problem, spec: LossSpec, ref: RefOutputs) -
     gh, gw = torch.autograd.grad(out.loss, problem.grad_inputs())
     valid = problem.mask.cpu()
     return {
-        "loss_abs": abs(float(out.loss) - ref.loss),
+        "loss_abs": abs(float(out.loss.detach()) - ref.loss),
         "logprobs_max_abs": _max_abs_valid(out.logprobs, ref.logprobs, valid),
         "entropy_max_abs": _max_abs_valid(out.entropy, ref.entropy, valid),
         "grad_hidden_max_rel": _max_rel(gh, ref.grad_hidden),

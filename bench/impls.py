@@ -124,6 +124,8 @@ def _check_torch_precision(precision: str) -> Check:
     def check(device: torch.device, dtype: torch.dtype) -> str | None:
         if precision == "tf32":
             return "precision='tf32' exists only in the Triton backend"
+        if precision == "ieee":
+            return "same arithmetic as 'native' in the torch backend (operands are upcast to fp32)"
         return None
     return check
 

@@ -173,7 +173,7 @@ def run_case(impl: Impl, problem: Problem, spec: LossSpec, cfg: BenchConfig, dev
         grads = torch.autograd.grad(out.loss, inputs)
         synchronize(device)
         res.first_call_s = time.perf_counter() - t0
-        res.loss = float(out.loss)
+        res.loss = float(out.loss.detach())
         del out, grads
         if impl.key == "fused-torch" and impl.precision == "native":
             anchors.seed(problem.shape, eff, res.loss)
