@@ -30,3 +30,24 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """Report the hypothesis examples the property tests ran (tests/helpers.py counts them) and,
+    with -v, the worst error seen per quantity as a fraction of its allowed error."""
+    import sys
+
+    helpers = sys.modules.get("helpers")
+    if helpers is None:
+        return
+    tr = terminalreporter
+    tr.write_sep("-", f"hypothesis examples run by the property tests: {helpers.EXAMPLES_RUN[0]} "
+                      f"({helpers.EXAMPLES_TRIED[0] - helpers.EXAMPLES_RUN[0]} more rejected by assume)")
+    if config.getoption("verbose") > 0 and helpers.WORST:
+        tr.write_line("worst error / allowed error per compared quantity:")
+        for key, ratio in sorted(helpers.WORST.items()):
+            tr.write_line(f"  {key:<48s} {ratio:9.3g}")
+    if config.getoption("verbose") > 0 and helpers.COVERAGE:
+        tr.write_line("loss examples per option value:")
+        for key, n in sorted(helpers.COVERAGE.items()):
+            tr.write_line(f"  {key:<48s} {n:6d}")

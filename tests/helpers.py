@@ -1,0 +1,763 @@
+"""Shared test machinery: the backend list, hypothesis strategies, input builders, the fp64
+oracle runs and the pass rules of SPEC section 5.
+
+Adding a backend to the property tests is one line in ``BACKENDS`` (plus, for a slow one, a
+``LIMITS`` entry that caps shapes, dtypes and the number of examples), e.g.::
+
+    BACKENDS = ["torch", "reference", "triton"]
+    LIMITS["triton"] = BackendLimits(dtypes=("fp32", "bf16", "fp16", "bf16+fp32"),
+                                     max_tokens=24, max_vocab=80, max_dim=24, example_scale=0.25)
+
+Pass rules (``Tol`` below; every comparison is against ``fused_pg.reference`` run in fp64 on
+the *same rounded inputs*, i.e. the low-precision tensors upcast exactly to fp64):
+
+* fp64 inputs: everything (values, metrics, gradients) within ~1e-10 relative.
+* fp32 inputs: logp / entropy ``|d| <= 1e-5 * (1 + |ref|)`` elementwise (SPEC 5).
+* bf16 / fp16 inputs (also bf16 hidden with an fp32 weight): logp / entropy
+  ``|d| <= 2e-3`` elementwise (SPEC 5, absolute) AND the *fair low-precision rule*:
+  ``max|d| <= max|d_plain| + 1e-4 * (1 + max|ref|)``, where ``d_plain`` is the error of
+  plain PyTorch on the same inputs, ``F.linear(h, W, b)`` in the input dtype followed by
+  fp32 temperature / soft-cap / ``log_softmax`` (what a trainer does without a fused head).
+* loss and every metric (all dtypes but fp64): ``|d| <= 2e-5 * (1 + |ref|)``; the sweeps and
+  the epilogue compute in fp32 from the rounded inputs, so these are fp32-level errors.
+* gradients: cosine similarity >= 0.9999 (fp64: >= 1 - 1e-12) and
+  ``max|d| / max|ref| <=`` 1e-9 (fp64 grads), 1e-4 (fp32), 2e-3 (fp16), 1e-2 (bf16) --
+  keyed on the dtype of the gradient tensor, which is the input's dtype (a bf16 gradient
+  carries its own rounding of 2^-9 relative; fp16 subnormal spacing 2^-24 is allowed on top).
+  Fair fallback (non-fp64 only): a gradient failing that rule still passes when
+  ``max|d| <= 2 * max|d_plain32| + 1e-12``, with ``d_plain32`` the error of plain fp32
+  PyTorch (the oracle computed in fp32, stored in the gradient's dtype). It fires for
+  near-certain predictions whose whole gradient is O(1 - p), where ``1 - p`` cancels in fp32
+  in every implementation.
+
+Ill-conditioned examples are skipped with ``assume`` rather than by loosening the rules (see
+``oracle_guards``): REPO "decorrelate" with Var(logp) < 1e-3, and clip / TIS boundaries.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+
+import hypothesis.strategies as st
+import torch
+import torch.nn.functional as F
+from hypothesis import assume, given, note, settings
+from torch import Tensor
+
+from fused_pg.reference import logprobs_entropy_ref, repo_loss_ref
+
+# ---------------------------------------------------------------------------------------------
+# backends and their per-backend limits
+# ---------------------------------------------------------------------------------------------
+
+BACKENDS = ["torch", "reference"]
+
+DTYPES = {  # name -> (hidden dtype, weight/bias dtype)
+    "fp64": (torch.float64, torch.float64),
+    "fp32": (torch.float32, torch.float32),
+    "bf16": (torch.bfloat16, torch.bfloat16),
+    "fp16": (torch.float16, torch.float16),
+    "bf16+fp32": (torch.bfloat16, torch.float32),  # bf16 activations, fp32 master weight
+}
+LOW_PRECISION = ("bf16", "fp16", "bf16+fp32")
+
+
+@dataclass(frozen=True)
+class BackendLimits:
+    """What a backend's property tests may draw: dtypes, largest shapes, example budget."""
+
+    dtypes: tuple[str, ...] = tuple(DTYPES)
+    max_tokens: int = 40
+    max_vocab: int = 97
+    max_dim: int = 40
+    example_scale: float = 1.0
+
+
+LIMITS: dict[str, BackendLimits] = {}
+
+
+def limits(backend: str) -> BackendLimits:
+    return LIMITS.get(backend, BackendLimits())
+
+
+# ---------------------------------------------------------------------------------------------
+# hypothesis budget: per-test example counts scaled by profile and backend
+# ---------------------------------------------------------------------------------------------
+
+# Per-test ``settings(max_examples=...)`` overrides a profile's value, so the scaling is
+# explicit: the profile's own max_examples relative to hypothesis' default of 100
+# ("ci": x1, "dev": x4 as registered in conftest.py).
+EXAMPLES_RUN = [0]  # examples that passed every assume() and ran to completion (summary in conftest)
+EXAMPLES_TRIED = [0]  # examples started (the difference was rejected by assume())
+COVERAGE: Counter = Counter()  # "option=value" -> completed loss examples that had it (conftest, -v)
+
+
+def count_example() -> None:
+    """For a plain ``@given`` test: count one completed example in the session summary."""
+    EXAMPLES_TRIED[0] += 1
+    EXAMPLES_RUN[0] += 1
+
+
+def n_examples(base: int, backend: str | None = None) -> int:
+    scale = settings.default.max_examples / 100
+    if backend is not None:
+        scale *= limits(backend).example_scale
+    return max(1, round(base * scale))
+
+
+def run_property(strategy, check, *, examples: int, backend: str | None = None) -> None:
+    """Run ``check(case)`` over hypothesis examples drawn from ``strategy``.
+
+    Runs inside the calling test so that one ``pytest.mark.parametrize("backend", BACKENDS)``
+    can give each backend its own example budget. The inner test has no example database
+    (the "ci" profile is derandomized; a failure prints the falsifying case).
+    """
+
+    @settings(max_examples=n_examples(examples, backend), database=None)
+    @given(case=strategy)
+    def run(case):
+        EXAMPLES_TRIED[0] += 1
+        check(case)
+        EXAMPLES_RUN[0] += 1
+        if isinstance(case, LossCase):
+            COVERAGE.update(case.features())
+
+    run()
+
+
+# ---------------------------------------------------------------------------------------------
+# named comparisons
+# ---------------------------------------------------------------------------------------------
+
+WORST: dict[str, float] = {}  # "name[dtype]" -> worst (error / allowed) seen; printed by conftest
+
+
+def _record(key: str, ratio: float) -> None:
+    WORST[key] = max(WORST.get(key, 0.0), ratio)
+
+
+def assert_close(name: str, ref, got, *, atol: float = 0.0, rtol: float = 0.0, key: str = "",
+                 where: Tensor | None = None) -> float:
+    """Elementwise ``|got - ref| <= atol + rtol * |ref|`` (ref is the fp64 oracle).
+
+    Prints (in the assertion message) the worst element, the max abs error and the allowed
+    error; returns the max abs error. ``where`` restricts the comparison to a bool mask.
+    """
+    ref_t = torch.as_tensor(ref, dtype=torch.float64).detach().cpu()
+    got_t = torch.as_tensor(got).detach().cpu().to(torch.float64)
+    assert ref_t.shape == got_t.shape, f"{name}: shape {tuple(got_t.shape)} != reference {tuple(ref_t.shape)}"
+    if where is not None:
+        ref_t, got_t = ref_t[where], got_t[where]
+    if ref_t.numel() == 0:
+        return 0.0
+    assert not torch.isnan(got_t).any(), f"{name}: NaN in result\n got={got_t}"
+    same_inf = (ref_t == got_t) & torch.isinf(ref_t)
+    err = torch.where(same_inf, 0.0, (got_t - ref_t).abs())
+    allowed = atol + rtol * torch.where(torch.isinf(ref_t), 0.0, ref_t.abs())
+    ratio = err / allowed.clamp_min(1e-300)
+    worst = int(torch.argmax(torch.where(torch.isnan(ratio), math.inf, ratio)))
+    max_err = float(err.max())
+    _record(f"{name}[{key}]" if key else name, float(ratio.max()))
+    if not bool((err <= allowed).all()):
+        raise AssertionError(
+            f"{name}: max abs error {max_err:.3e}; worst element #{worst}: got {float(got_t.flatten()[worst]):.10g} "
+            f"ref {float(ref_t.flatten()[worst]):.10g} (|d| {float(err.flatten()[worst]):.3e} > "
+            f"allowed {float(allowed.flatten()[worst]):.3e} = {atol:g} + {rtol:g}*|ref|)")
+    return max_err
+
+
+def assert_grad_close(name: str, ref: Tensor | None, got: Tensor | None, *, cos_min: float,
+                      rel_max: float, key: str = "", plain=None) -> None:
+    """Gradient rule: cosine similarity >= cos_min and max|d| / max|ref| <= rel_max
+    (``max|d|`` less the subnormal spacing of the gradient's dtype, 2^-24 for fp16).
+
+    ``plain`` (a callable returning the same gradient from plain fp32 PyTorch, i.e. the oracle
+    run in fp32 on the same inputs, then stored in the gradient's dtype) enables the fair
+    fallback: where the rule above fails, the gradient still passes if
+    ``max|d| <= 2 * max|d_plain| + 1e-12`` (1e-12: fp32 noise of the O(1)-scaled test losses,
+    e.g. a softcapped "-inf" word with p ~ e^-30 leaves gradients of 1e-15). This is needed for near-certain
+    predictions, where the whole gradient is O(1 - p) and ``1 - p`` itself cancels in fp32 in
+    any implementation (tiny gradients with large relative error).
+    A zero reference gradient (e.g. an all-masked batch) must be matched by an exactly zero one.
+    """
+    assert got is not None, f"{name}: no gradient"
+    if ref is None:
+        ref = torch.zeros_like(got, dtype=torch.float64)
+    r = ref.detach().double().flatten()
+    g = got.detach().double().flatten()
+    assert r.shape == g.shape, f"{name}: shape {tuple(got.shape)} != {tuple(ref.shape)}"
+    assert torch.isfinite(g).all(), f"{name}: non-finite gradient entries: {g[~torch.isfinite(g)][:5]}"
+    scale = float(r.abs().max()) if r.numel() else 0.0
+    d = float((g - r).abs().max()) if r.numel() else 0.0
+    if scale == 0.0:
+        assert d == 0.0, f"{name}: reference gradient is exactly 0, got max |grad| {d:.3e}"
+        return
+    cos = float(torch.dot(r, g) / (r.norm() * g.norm()).clamp_min(1e-300))
+    # the gradient's own storage: fp16 gradients below 6e-5 are subnormal, spaced 2^-24 apart
+    fi = torch.finfo(got.dtype)
+    rel = max(d - fi.smallest_normal * fi.eps, 0.0) / scale
+    msg = (f"{name}: cosine similarity {cos:.10f} (min {cos_min}), max|d|/max|ref| = {d:.3e}/{scale:.3e} "
+           f"= {rel:.3e} (max {rel_max:g})")
+    if cos >= cos_min and rel <= rel_max:
+        _record(f"{name}-rel[{key}]", rel / rel_max)
+        _record(f"{name}-(1-cos)[{key}]", (1 - cos) / max(1 - cos_min, 1e-300))
+        return
+    assert plain is not None, msg
+    d_plain = float((plain().detach().to(got.dtype).double().flatten() - r).abs().max())
+    allowed = 2 * d_plain + GRAD_NOISE_FLOOR
+    _record(f"{name}-fair-fallback[{key}]", d / allowed)
+    assert d <= allowed, f"{msg}; plain fp32 PyTorch's max|d| is {d_plain:.3e}, allowed twice that + {GRAD_NOISE_FLOOR:g}"
+
+
+@dataclass(frozen=True)
+class Tol:
+    """Pass rule of one input-dtype configuration (see the module docstring)."""
+
+    head: float               # logp / entropy: |d| <= head * (1 + |ref|) (absolute when head_rel is False)
+    head_rel: bool
+    fair: bool                # also apply the fair low-precision rule
+    value: float              # loss and metrics: |d| <= value * (1 + |ref|)
+    cos_min: float
+    grad_rel: dict = field(default_factory=dict)  # grad dtype -> max|d| / max|ref|
+
+
+GRAD_REL = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+TOLS = {
+    "fp64": Tol(head=1e-10, head_rel=True, fair=False, value=1e-10, cos_min=1 - 1e-12, grad_rel=GRAD_REL),
+    "fp32": Tol(head=1e-5, head_rel=True, fair=False, value=2e-5, cos_min=0.9999, grad_rel=GRAD_REL),
+    **{k: Tol(head=2e-3, head_rel=False, fair=True, value=2e-5, cos_min=0.9999, grad_rel=GRAD_REL)
+       for k in LOW_PRECISION},
+}
+FAIR_MARGIN = 1e-4
+GRAD_NOISE_FLOOR = 1e-12
+
+
+def plain_logprobs_entropy(h: Tensor, W: Tensor, b: Tensor | None, targets: Tensor, *,
+                           temperature: float, softcap: float | None) -> tuple[Tensor, Tensor]:
+    """Plain PyTorch head in the inputs' dtype: ``F.linear`` in low precision, then fp32.
+
+    This is the baseline of the fair low-precision rule (flat inputs; targets all valid).
+    """
+    dt = torch.promote_types(h.dtype, W.dtype)
+    z = F.linear(h.to(dt), W.to(dt), b.to(dt) if b is not None else None).float()
+    z = z / temperature
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    logp_all = torch.log_softmax(z, dim=-1)
+    p = logp_all.exp()
+    ent = -(p * torch.where(p > 0, logp_all, 0.0)).sum(-1)
+    return logp_all.gather(-1, targets[:, None]).squeeze(-1), ent
+
+
+def check_head_values(name: str, dtype_name: str, ref: Tensor, got: Tensor, valid: Tensor,
+                      plain: Tensor | None = None) -> None:
+    """logp / entropy rule; ``plain`` (values at the valid positions) enables the fair rule."""
+    tol = TOLS[dtype_name]
+    assert got.dtype == (torch.float64 if dtype_name == "fp64" else torch.float32), f"{name}: dtype {got.dtype}"
+    # masked / ignored positions must be exactly 0
+    zero = torch.zeros_like(ref, dtype=torch.float64)
+    assert_close(f"{name} (masked positions)", zero[~valid], got[~valid], key=dtype_name)
+    if tol.head_rel:
+        assert_close(name, ref, got, atol=tol.head, rtol=tol.head, key=dtype_name, where=valid)
+    else:
+        assert_close(name, ref, got, atol=tol.head, key=dtype_name, where=valid)
+    if tol.fair and plain is not None and bool(valid.any()):
+        r = ref[valid].double()
+        err = float((got[valid].double() - r).abs().max())
+        fin = torch.isfinite(r)
+        err_plain = float((plain.double() - r)[fin].abs().max())
+        allowed = err_plain + FAIR_MARGIN * (1 + float(r[fin].abs().max()))
+        _record(f"{name}-fair[{dtype_name}]", err / allowed)
+        assert err <= allowed, (f"{name}: error vs fp64 {err:.3e} is worse than plain {dtype_name} "
+                                f"PyTorch's {err_plain:.3e} + margin (allowed {allowed:.3e})")
+
+
+def check_metrics(ref_metrics: dict, got_metrics: dict, dtype_name: str) -> None:
+    assert set(got_metrics) == set(ref_metrics), (
+        f"metric keys differ: only in fused_pg {sorted(set(got_metrics) - set(ref_metrics))}, "
+        f"only in reference {sorted(set(ref_metrics) - set(got_metrics))}")
+    tol = TOLS[dtype_name].value
+    for k, rv in ref_metrics.items():
+        gv = got_metrics[k]
+        if isinstance(rv, float):
+            assert isinstance(gv, float) and gv == rv, f"metric {k}: {gv!r} != {rv!r}"
+            continue
+        assert isinstance(gv, Tensor) and gv.dim() == 0, f"metric {k} must be a 0-dim tensor, got {gv!r}"
+        assert not gv.requires_grad, f"metric {k} must be detached"
+        assert_close(f"metric {k}", rv, gv, atol=tol, rtol=tol, key=dtype_name)
+
+
+def check_grads(pairs: dict, dtype_name: str, plain=None) -> None:
+    """``pairs``: name -> (reference fp64 grad, fused grad); the fused grad's dtype picks the rule.
+
+    ``plain``: a callable returning name -> gradient from plain fp32 PyTorch on the same
+    inputs (the fair fallback of :func:`assert_grad_close`; not used for fp64 inputs).
+    """
+    tol = TOLS[dtype_name]
+    cache: dict = {}
+
+    def plain_grad(name):
+        if "grads" not in cache:
+            cache["grads"] = plain()
+        return cache["grads"][name]
+
+    for name, (ref_g, got_g) in pairs.items():
+        assert got_g is not None, f"{name}: no gradient"
+        assert_grad_close(f"grad {name}", ref_g, got_g, cos_min=tol.cos_min,
+                          rel_max=tol.grad_rel[got_g.dtype], key=str(got_g.dtype).replace("torch.", ""),
+                          plain=None if plain is None or dtype_name == "fp64" else (lambda n=name: plain_grad(n)))
+
+
+# ---------------------------------------------------------------------------------------------
+# strategies: the head
+# ---------------------------------------------------------------------------------------------
+
+TEMPERATURES = [1.0, 0.7, 1.3]
+SOFTCAPS = [None, None, 4.0, 30.0]
+LOGIT_SCALES = [0.5, 2.0, 6.0]  # std of the logits: flat, typical, peaky distributions
+
+
+@dataclass
+class HeadCase:
+    dtype: str
+    lead: tuple[int, ...]          # (B, T) or (N,)
+    D: int
+    V: int
+    token_chunk: int | None
+    vocab_chunk: int | None
+    bias: str                      # "none" | "finite" | "neg_inf" (some entries -inf)
+    temperature: float
+    softcap: float | None
+    ignore_index: int
+    ignore_frac: float
+    logit_scale: float
+    precision: str
+    seed: int
+
+    @property
+    def N(self) -> int:
+        return math.prod(self.lead)
+
+    def head_kwargs(self, backend: str) -> dict:
+        return dict(temperature=self.temperature, softcap=self.softcap, ignore_index=self.ignore_index,
+                    backend=backend, precision=self.precision, token_chunk=self.token_chunk,
+                    vocab_chunk=self.vocab_chunk)
+
+
+def _odd_biased(lo: int, hi: int):
+    """Integers in [lo, hi], half of them odd by construction."""
+    return st.one_of(st.integers(lo, hi), st.integers(lo // 2, (hi - 1) // 2).map(lambda k: 2 * k + 1)) \
+        .filter(lambda x: lo <= x <= hi)
+
+
+def option_rng(draw, *structure) -> random.Random:
+    """A ``random.Random`` for the option choices of one example.
+
+    Hypothesis biases ``sampled_from`` toward the first element (its "simplest" value): with
+    ~100 examples that left options like ``repo="decorrelate"`` or ``kl_estimator="k3+"`` with
+    a handful of examples. Options are therefore picked uniformly from a drawn seed, while
+    shapes stay hypothesis-drawn (it finds the 1-token / V=2 / D=1 edges). The seed mixes the
+    drawn integer with the drawn shapes (``structure``): hypothesis often repeats an integer
+    across examples, and a repeated seed alone would repeat the whole option set. Every
+    example's full case is printed on failure, so nothing is lost for reproduction.
+    """
+    return random.Random(f"{draw(st.integers(0, 2**32 - 1))}|{structure}")
+
+
+@st.composite
+def head_fields(draw, backend: str, lead: tuple[int, ...] | None = None, dtypes=None) -> dict:
+    lim = limits(backend)
+    if lead is None:
+        if draw(st.booleans()):
+            B = draw(st.integers(1, 4))
+            lead = (B, draw(st.integers(1, max(1, lim.max_tokens // B))))
+        else:
+            lead = (draw(_odd_biased(1, lim.max_tokens)),)
+    N = math.prod(lead)
+    V = draw(_odd_biased(2, lim.max_vocab))
+    D = draw(_odd_biased(1, lim.max_dim))
+    rng = option_rng(draw, lead, V, D)
+    dtype = rng.choice([d for d in (dtypes or DTYPES) if d in lim.dtypes])
+    return dict(
+        dtype=dtype, lead=lead, D=D, V=V,
+        token_chunk=rng.randint(1, N) if rng.random() < 0.6 else None,
+        # mostly several vocabulary chunks, V mostly not a multiple of the chunk
+        vocab_chunk=rng.randint(1, max(1, V - 1)) if rng.random() < 0.75 else None,
+        bias=rng.choice(["none", "finite", "neg_inf"]),
+        temperature=rng.choice(TEMPERATURES),
+        softcap=rng.choice(SOFTCAPS),
+        ignore_index=rng.choice([-100, -1]),
+        ignore_frac=rng.choice([0.0, 0.25]),
+        logit_scale=rng.choice(LOGIT_SCALES),
+        precision=rng.choice(["native", "ieee"]),
+        seed=rng.getrandbits(31),
+    )
+
+
+def head_cases(backend: str, **kw):
+    return head_fields(backend, **kw).map(lambda f: HeadCase(**f))
+
+
+@dataclass
+class HeadInputs:
+    hidden: Tensor      # rounded to the case's dtype
+    weight: Tensor
+    bias: Tensor | None
+    targets: Tensor     # lead shape, int64, ignore_index at ignored positions
+    allowed: Tensor     # [V] bool: vocabulary entries with a finite bias
+
+    def fp64_leaves(self):
+        """Exact fp64 copies of the rounded inputs, as fresh leaves requiring grad."""
+        up = lambda x: None if x is None else x.detach().double().requires_grad_()  # noqa: E731
+        return up(self.hidden), up(self.weight), up(self.bias)
+
+    def leaves(self):
+        """Fresh leaves in the case's dtypes (for the backend under test)."""
+        cp = lambda x: None if x is None else x.detach().clone().requires_grad_()  # noqa: E731
+        return cp(self.hidden), cp(self.weight), cp(self.bias)
+
+
+def make_head_inputs(case: HeadCase, gen: torch.Generator) -> HeadInputs:
+    hdt, wdt = DTYPES[case.dtype]
+    f64 = torch.float64
+    hidden = torch.randn(*case.lead, case.D, generator=gen, dtype=f64).to(hdt)
+    weight = (torch.randn(case.V, case.D, generator=gen, dtype=f64) * (case.logit_scale / math.sqrt(case.D))).to(wdt)
+    allowed = torch.ones(case.V, dtype=torch.bool)
+    bias = None
+    if case.bias != "none":
+        b = 0.5 * torch.randn(case.V, generator=gen, dtype=f64)
+        if case.bias == "neg_inf":
+            # exclude ~30% of the vocabulary (a padded vocabulary), never all of it
+            allowed = torch.rand(case.V, generator=gen) > 0.3
+            allowed[int(torch.randint(0, case.V, (1,), generator=gen))] = True
+            b = torch.where(allowed, b, -math.inf)
+        bias = b.to(wdt)
+    # targets only among allowed entries: a -inf-bias target has logp = -inf
+    ids = allowed.nonzero().squeeze(1)
+    targets = ids[torch.randint(0, ids.numel(), case.lead, generator=gen)]
+    if case.ignore_frac > 0:
+        targets = torch.where(torch.rand(case.lead, generator=gen) < case.ignore_frac, case.ignore_index, targets)
+    return HeadInputs(hidden, weight, bias, targets, allowed)
+
+
+# ---------------------------------------------------------------------------------------------
+# strategies: the loss
+# ---------------------------------------------------------------------------------------------
+
+AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+MASKS = ("none", "random", "random", "empty_rows", "empty_rows", "all_masked")  # repeats weight the pick
+
+
+@dataclass
+class LossCase:
+    head: HeadCase
+    layout: str                    # "dense" [B, T] | "packed" [N] + cu_seqlens | "packed-nocu"
+    lengths: tuple[int, ...]       # sequence lengths (dense: B x T; packed-nocu: one run)
+    mask: str
+    mask_dtype: torch.dtype
+    adv_per_seq: bool
+    with_ref: bool
+    with_rollout: bool
+    opts: dict                     # keyword arguments shared by fused_pg.repo_loss and the oracle
+    deterministic: bool
+
+    @property
+    def dtype(self) -> str:
+        return self.head.dtype
+
+    def features(self) -> list[str]:
+        """Option values of this example, for the coverage summary."""
+        o, h = self.opts, self.head
+        f = [f"dtype={h.dtype}", f"layout={self.layout}", f"mask={self.mask}", f"repo={o['repo']}",
+             f"aggregation={o['aggregation']}", f"importance={o['importance_level']}", f"bias={h.bias}",
+             f"softcap={h.softcap is not None}", f"temperature!=1={h.temperature != 1}",
+             f"dual_clip={o['dual_clip'] is not None}", f"delta={o['delta'] is not None}",
+             f"num_items={'num_items_in_batch' in o}", f"max_length={'max_length' in o}",
+             f"adv_per_seq={self.adv_per_seq}", f"entropy_coef!=0={o['entropy_coef'] != 0}",
+             f"ignore_frac>0={h.ignore_frac > 0}", f"multi_vocab_chunks={(h.vocab_chunk or h.V) < h.V}",
+             f"multi_token_chunks={(h.token_chunk or h.N) < h.N}"]
+        if self.with_ref:
+            f.append(f"kl={o['kl_estimator']},coef>0={o['kl_coef'] > 0}")
+        if self.with_rollout:
+            f.append(f"tis_level={o['tis_level']}")
+        if self.layout == "packed":
+            f.append(f"empty_sequence={0 in self.lengths}")
+        return f
+
+    def fused_kwargs(self, backend: str) -> dict:
+        h = self.head
+        return dict(self.opts, backend=backend, precision=h.precision, deterministic=self.deterministic,
+                    token_chunk=h.token_chunk, vocab_chunk=h.vocab_chunk)
+
+
+@st.composite
+def loss_cases(draw, backend: str, layouts=("dense", "packed", "packed-nocu"), masks=MASKS,
+               dtypes=None) -> LossCase:
+    lim = limits(backend)
+    layout = draw(st.sampled_from(layouts))
+    if layout == "dense":
+        B = draw(st.integers(1, 4))
+        T = draw(_odd_biased(1, max(1, lim.max_tokens // B)))
+        lengths, lead = (T,) * B, (B, T)
+    elif layout == "packed":
+        # sequences of any length, empty ones included, at least one token overall
+        lengths = tuple(draw(st.lists(st.integers(0, 9), min_size=1, max_size=6)
+                             .filter(lambda ls: 0 < sum(ls) <= lim.max_tokens)))
+        lead = (sum(lengths),)
+    else:
+        N = draw(_odd_biased(1, lim.max_tokens))
+        lengths, lead = (N,), (N,)
+    head = HeadCase(**draw(head_fields(backend, lead=lead, dtypes=dtypes)))
+
+    seqs = layout != "packed-nocu"
+    rng = option_rng(draw, head)
+    pick = rng.choice
+    opts: dict = dict(temperature=head.temperature, softcap=head.softcap, ignore_index=head.ignore_index)
+    opts["repo"] = repo = pick(["none", "fixed", "decorrelate"])
+    if repo == "fixed":
+        opts["repo_coef"] = pick([0.0, 0.1, 0.5, 2.0])
+    elif repo == "decorrelate":
+        opts["repo_coef"] = pick([0.3, 1.0, 1.0])
+    opts["repo_center"] = pick([True, False])
+    opts["eps_low"] = pick([0.0, 0.1, 0.2, 0.35])
+    opts["eps_high"] = pick([0.0, 0.2, 0.28, 0.5])
+    opts["dual_clip"] = pick([None, 1.5, 3.0])
+    opts["delta"] = pick([None, 1.2, 1.6])
+    with_ref = pick([True, False])
+    opts["kl_coef"] = pick([0.0, 0.05, 0.5]) if with_ref else 0.0
+    opts["kl_estimator"] = pick(["k1", "k2", "k3", "k3+"])
+    opts["entropy_coef"] = pick([0.0, 0.01, -0.1])
+    opts["aggregation"] = agg = pick(AGGREGATIONS if seqs else ("token-mean",))
+    opts["importance_level"] = pick(["token", "sequence"] if seqs else ["token"])
+    with_rollout = pick([True, False])
+    if with_rollout:
+        opts["tis_cap"] = pick([0.5, 1.5, 4.0])
+        opts["tis_level"] = pick(["token", "sequence"] if seqs else ["token"])
+    if pick([True, False]):
+        opts["num_items_in_batch"] = float(rng.randint(1, 3 * head.N))
+    if agg == "seq-mean-token-sum-norm" and (layout == "packed" or pick([True, False])):
+        opts["max_length"] = max(lengths) + rng.randint(0, 5)
+    return LossCase(
+        head=head, layout=layout, lengths=lengths, mask=pick(masks),
+        mask_dtype=pick([torch.bool, torch.int64, torch.float32]),
+        adv_per_seq=seqs and pick([True, False]), with_ref=with_ref, with_rollout=with_rollout,
+        opts=opts, deterministic=pick([True, False]))
+
+
+# clip decisions flip between fp32 and fp64 when a ratio sits within rounding of a boundary:
+# generated log-ratios keep at least this distance (in log space) from every boundary.
+BOUNDARY_GAP = 2e-3
+MAX_LOG_RATIO = 0.7  # |log r| <= 0.7: ratios 0.5 .. 2, so clipping happens on both sides
+
+
+def _push_away(x: Tensor, points: list[float], gap: float = BOUNDARY_GAP) -> Tensor:
+    for _ in range(4):
+        for p in points:
+            d = x - p
+            x = torch.where(d.abs() < gap, p + torch.where(d >= 0, gap, -gap), x)
+    return x
+
+
+def _far(x: Tensor, points: list[float], gap: float = BOUNDARY_GAP / 2) -> bool:
+    return all(bool(((x - p).abs() >= gap).all()) for p in points)
+
+
+def seq_index(case: LossCase) -> list[list[int]] | None:
+    if case.layout == "packed-nocu":
+        return None
+    out, start = [], 0
+    for L in case.lengths:
+        out.append(list(range(start, start + L)))
+        start += L
+    return out
+
+
+@dataclass
+class LossInputs:
+    head: HeadInputs
+    advantages: Tensor
+    old_logprobs: Tensor
+    mask: Tensor | None
+    ref_logprobs: Tensor | None
+    rollout_logprobs: Tensor | None
+    cu_seqlens: Tensor | None
+    valid: Tensor       # flat [N] bool
+    lp64: Tensor        # flat [N] fp64 oracle log-probs (0 where not valid)
+
+    def tensors(self) -> dict:
+        """Per-token keyword tensors shared by fused_pg.repo_loss and the oracle."""
+        kw = dict(ref_logprobs=self.ref_logprobs, rollout_logprobs=self.rollout_logprobs)
+        if self.cu_seqlens is not None:
+            kw["cu_seqlens"] = self.cu_seqlens
+        return kw
+
+
+def _make_mask(case: LossCase, gen: torch.Generator, lead) -> Tensor | None:
+    N = math.prod(lead)
+    if case.mask == "none":
+        return None
+    if case.mask == "all_masked":
+        m = torch.zeros(N, dtype=torch.bool)
+    else:
+        m = torch.rand(N, generator=gen) < 0.75
+        if case.mask == "empty_rows":
+            seqs = seq_index(case) or [list(range(N))]
+            for idx in seqs:  # every other sequence fully masked (an empty row)
+                if idx and bool(torch.rand((), generator=gen) < 0.5):
+                    m[idx] = False
+    return m.view(lead).to(case.mask_dtype)
+
+
+def make_loss_inputs(case: LossCase) -> LossInputs:
+    """Inputs of one loss example, with ratios and TIS weights kept off their clip boundaries."""
+    gen = torch.Generator().manual_seed(case.head.seed)
+    hi = make_head_inputs(case.head, gen)
+    lead = tuple(hi.targets.shape)
+    N = case.head.N
+    pdt = torch.float64 if case.dtype == "fp64" else torch.float32
+    f64 = torch.float64
+    mask = _make_mask(case, gen, lead)
+    y = hi.targets.reshape(-1)
+    valid = y != case.head.ignore_index
+    if mask is not None:
+        valid = valid & mask.reshape(-1).bool()
+    seqs = seq_index(case)
+    o = case.opts
+
+    # oracle log-probs of the rounded inputs, to place old_logprobs relative to them
+    h64, w64, b64 = hi.fp64_leaves()
+    with torch.no_grad():
+        lp64, _ = logprobs_entropy_ref(
+            h64.reshape(N, -1), w64, torch.where(valid, y, case.head.ignore_index), b64,
+            temperature=o["temperature"], softcap=o["softcap"], ignore_index=case.head.ignore_index)
+
+    bounds = [math.log(1 - o["eps_low"]) if o["eps_low"] < 1 else -math.inf, math.log(1 + o["eps_high"])]
+    bounds += [math.log(c) for c in (o.get("dual_clip"), o.get("delta")) if c is not None]
+    lr = (2 * torch.rand(N, generator=gen, dtype=f64) - 1) * MAX_LOG_RATIO
+    if o["importance_level"] == "token":
+        lr = _push_away(lr, bounds)
+    else:  # the clip acts on each sequence's mean log-ratio over its valid tokens
+        for idx in seqs:
+            v = [t for t in idx if valid[t]]
+            if v:
+                mean = lr[v].mean()
+                lr[idx] += _push_away(mean.reshape(1), bounds)[0] - mean
+    garbage = lambda: -3.0 * torch.rand(N, generator=gen, dtype=f64) - 40 * torch.rand(N, generator=gen, dtype=f64)  # noqa: E731
+    old = torch.where(valid, lp64 - lr, garbage())
+
+    ref = None
+    if case.with_ref:
+        ref = torch.where(valid, lp64 + (2 * torch.rand(N, generator=gen, dtype=f64) - 1), garbage()).to(pdt).view(lead)
+    rollout = None
+    if case.with_rollout:
+        log_w = 2 * torch.rand(N, generator=gen, dtype=f64) - 1  # old - rollout
+        cap = [math.log(o["tis_cap"])]
+        if o["tis_level"] == "token":
+            log_w = _push_away(log_w, cap)
+        else:
+            for idx in seqs:
+                v = [t for t in idx if valid[t]]
+                if v:
+                    s = log_w[v].sum()
+                    log_w[v] += (_push_away(s.reshape(1), cap)[0] - s) / len(v)
+        rollout = torch.where(valid, old - log_w, garbage()).to(pdt).view(lead)
+
+    old = old.to(pdt).view(lead)
+    if case.adv_per_seq:
+        advantages = torch.randn(len(case.lengths), generator=gen, dtype=f64).to(pdt)
+    else:
+        advantages = torch.randn(N, generator=gen, dtype=f64).to(pdt).view(lead)
+    cu = None
+    if case.layout == "packed":
+        cu = torch.tensor([0, *torch.tensor(case.lengths).cumsum(0).tolist()], dtype=torch.int32)
+    return LossInputs(hi, advantages, old, mask, ref, rollout, cu, valid, torch.where(valid, lp64, 0.0))
+
+
+def run_oracle_loss(case: LossCase, inp: LossInputs, dtype=torch.float64):
+    """The oracle on exact copies of the rounded inputs, computing in ``dtype`` (fp64: the
+    ground truth; fp32: "plain fp32 PyTorch" for the fair gradient fallback).
+    Returns (output, grads dict)."""
+    up = lambda x: None if x is None else x.detach().to(dtype).requires_grad_()  # noqa: E731
+    h64, w64, b64 = up(inp.head.hidden), up(inp.head.weight), up(inp.head.bias)
+    ref = repo_loss_ref(h64, w64, inp.head.targets, inp.advantages, inp.old_logprobs, inp.mask,
+                        bias=b64, dtype=dtype, **inp.tensors(), **case.opts)
+    if ref.loss.requires_grad:
+        ref.loss.backward()
+    else:  # the oracle's all-masked seq-mean loss is a constant 0 (no graph): zero gradients
+        assert not bool(inp.valid.any()) and float(ref.loss) == 0.0
+    return ref, {"hidden": h64.grad, "weight": w64.grad, "bias": None if b64 is None else b64.grad}
+
+
+def oracle_guards(case: LossCase, inp: LossInputs, ref) -> None:
+    """``assume`` away examples whose comparison is ill-conditioned (not a tolerance change).
+
+    * REPO "decorrelate" divides by Var(logp) over the valid tokens. Below Var = 1e-3 (1e-6 in
+      fp64) fp32 rounding of logp (~1e-6) moves zeta = gamma Cov/Var by more than the fp32
+      tolerance, so such examples are skipped; Var == 0 exactly (<= 1 valid token) is kept.
+    * The clip indicators (clip_frac_*, dual clip) and the TIS cap switch at exact boundaries.
+      Generated log-ratios already avoid them (``make_loss_inputs``), and the signs of the
+      REPO-corrected advantages must not be within 1e-4 of zero.
+    * The sequence-level recheck: the generated gap must survive the oracle's own arithmetic.
+    """
+    valid = inp.valid
+    n = int(valid.sum())
+    o = case.opts
+    if n == 0:
+        return
+    lp = inp.lp64[valid]
+    var = float(((lp - lp.mean()) ** 2).mean())
+    if o["repo"] == "decorrelate" and o["repo_coef"] > 0 and n > 1:
+        assume(var >= (1e-6 if case.dtype == "fp64" else 1e-3))
+    A = inp.advantages.double()
+    if case.adv_per_seq:
+        A = torch.cat([A[i].expand(L) for i, L in enumerate(case.lengths)])
+    A = A.reshape(-1)
+    zeta = float(ref.metrics["repo_zeta"])
+    mu = float(lp.mean()) if o["repo_center"] else 0.0
+    A_corr = A - zeta * (inp.lp64 - mu) if o["repo"] != "none" else A
+    assume(bool((A_corr[valid].abs() > 1e-4).all()))
+    note(f"valid tokens {n}, Var(logp) {var:.3e}, zeta {zeta:.4g}")
+
+
+def check_loss_case(case: LossCase, backend: str) -> None:
+    """The full equality check of one example: loss, logp, entropy, metrics, gradients."""
+    import fused_pg
+
+    note(f"case: {case}")
+    inp = make_loss_inputs(case)
+    ref, ref_grads = run_oracle_loss(case, inp)
+    oracle_guards(case, inp, ref)
+
+    h, w, b = inp.head.leaves()
+    out = fused_pg.repo_loss(h, w, inp.head.targets, inp.advantages, inp.old_logprobs, inp.mask,
+                             bias=b, **inp.tensors(), **case.fused_kwargs(backend))
+    out.loss.backward()
+    tol = TOLS[case.dtype]
+    assert out.loss.dim() == 0 and torch.isfinite(out.loss)
+    assert_close("loss", ref.loss, out.loss, atol=tol.value, rtol=tol.value, key=case.dtype)
+    assert out.logprobs.shape == inp.head.targets.shape and out.entropy.shape == inp.head.targets.shape
+    assert not out.logprobs.requires_grad and not out.entropy.requires_grad
+    valid = inp.valid.view(inp.head.targets.shape)
+    plain_lp = plain_ent = None
+    if tol.fair and bool(valid.any()):
+        hh, ww = inp.head.hidden.reshape(case.head.N, -1)[inp.valid], inp.head.weight
+        plain_lp, plain_ent = plain_logprobs_entropy(
+            hh, ww, inp.head.bias, inp.head.targets.reshape(-1)[inp.valid],
+            temperature=case.head.temperature, softcap=case.head.softcap)
+    check_head_values("logprobs", case.dtype, ref.logprobs, out.logprobs, valid, plain_lp)
+    check_head_values("entropy", case.dtype, ref.entropy, out.entropy, valid, plain_ent)
+    check_metrics(ref.metrics, out.metrics, case.dtype)
+    grads = {"hidden": (ref_grads["hidden"], h.grad), "weight": (ref_grads["weight"], w.grad)}
+    if b is not None:
+        grads["bias"] = (ref_grads["bias"], b.grad)
+    check_grads(grads, case.dtype, plain=lambda: run_oracle_loss(case, inp, torch.float32)[1])
+    if int(inp.valid.sum()) == 0:
+        assert out.loss.item() == 0.0 and out.metrics["empty_batch"].item() == 1.0
+
+
+def env_flag(name: str) -> bool:
+    return os.environ.get(name, "0") not in ("", "0")
