@@ -44,17 +44,9 @@ class Problem:
     def num_seqs(self) -> int:
         return self.hidden.shape[0]
 
-    @property
-    def seq_len(self) -> int:
-        return self.hidden.shape[1]
-
     def grad_inputs(self) -> list[Tensor]:
+        """The tensors whose gradients every implementation computes."""
         return [self.hidden, self.weight]
-
-    def input_bytes(self) -> int:
-        tensors = [self.hidden, self.weight, self.targets, self.mask, self.advantages,
-                   self.old_logprobs, self.ref_logprobs]
-        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
 def split_tokens(n: int, seq_len: int) -> tuple[int, int]:

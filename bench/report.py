@@ -100,7 +100,7 @@ def result_rows(report: dict) -> list[list[str]]:
     return rows
 
 
-ACCURACY_HEADERS = ["implementation", "loss |err|", "logp max|err|", "entropy max|err|",
+ACCURACY_HEADERS = ["implementation", "loss abs err", "logp max abs err", "entropy max abs err",
                     "dh max rel err", "dW max rel err", "notes"]
 
 

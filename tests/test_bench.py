@@ -16,9 +16,14 @@ import sys
 import pytest
 import torch
 
-from bench import cli, peers, report
-from bench.config import MODEL_PRESETS, PRECISIONS, Shape
-from bench.impls import IMPL_KEYS, build_impls
+# bench/ is not installed: it runs from the repository root (`python -m bench`)
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO_ROOT not in sys.path:
+    sys.path.insert(0, REPO_ROOT)
+
+from bench import cli, peers, report  # noqa: E402
+from bench.config import MODEL_PRESETS, PRECISIONS, Shape  # noqa: E402
+from bench.impls import IMPL_KEYS, build_impls  # noqa: E402
 
 needs_no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU defaults and CPU skip reasons")
 
