@@ -19,8 +19,6 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-import fused_pg
-
 from .config import LossSpec, Shape
 
 LOGIT_STD = 3.0
@@ -57,9 +55,21 @@ def split_tokens(n: int, seq_len: int) -> tuple[int, int]:
     return n // t, t
 
 
+@torch.no_grad()
+def current_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, chunk: int = 4096) -> Tensor:
+    """log pi(target) under the current weights, fp32, in token chunks of materialised logits."""
+    h = hidden.reshape(-1, hidden.shape[-1])
+    y = targets.reshape(-1)
+    out = torch.empty(y.shape, dtype=torch.float32, device=h.device)
+    for i in range(0, h.shape[0], chunk):
+        logits = (h[i:i + chunk] @ weight.T).float()
+        out[i:i + chunk] = logits.gather(1, y[i:i + chunk, None]).squeeze(1) - logits.logsumexp(1)
+    return out.view(targets.shape)
+
+
 def make_problem(shape: Shape, dtype: torch.dtype, device: torch.device | str, loss: LossSpec,
                  *, seq_len: int, seed: int = 0) -> Problem:
-    """Build a reproducible batch on ``device`` (one no-grad forward sweep included)."""
+    """Build a reproducible batch on ``device`` (one no-grad forward pass included)."""
     device = torch.device(device)
     B, T = split_tokens(shape.n, seq_len)
     # drawn on the device itself (fast for GPU-sized weights); same seed, same values per device
@@ -74,8 +84,7 @@ def make_problem(shape: Shape, dtype: torch.dtype, device: torch.device | str, l
     lengths = torch.randint(max(T // 2, 1), T + 1, (B,), generator=gen, device=device)
     mask = torch.arange(T, device=device)[None, :] < lengths[:, None]
     advantages = randn(B)
-    with torch.no_grad():
-        logp, _ = fused_pg.fused_logprobs_entropy(hidden, weight, targets, backend="torch", validate=False)
+    logp = current_logprobs(hidden, weight, targets)
     old = (logp + LOGPROB_NOISE * randn(B, T)).clamp(max=0.0)
     ref = (logp + LOGPROB_NOISE * randn(B, T)).clamp(max=0.0) if loss.kl_coef > 0 else None
     return Problem(
