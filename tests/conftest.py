@@ -12,6 +12,13 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
 
+# The tests run thousands of tiny ops. On a busy 2-core machine, ops that go through ATen's
+# OpenMP pool (log_softmax, max(dim)) stall ~10 ms per call on tensors of a few elements while
+# the pool's second thread waits for a core; one intra-op thread keeps the suite fast and its
+# timing stable. Tests that measure large runs (test_memory.py) use subprocesses with the
+# default thread count. Override with FUSED_PG_TEST_THREADS.
+torch.set_num_threads(int(os.environ.get("FUSED_PG_TEST_THREADS", "1")))
+
 # "ci": reproducible (derandomized) and sized for 2 cores; "dev": a larger random hunt to run
 # before resolving an issue:  HYPOTHESIS_PROFILE=dev pytest
 settings.register_profile(
