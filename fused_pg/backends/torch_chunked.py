@@ -1,7 +1,8 @@
 """Chunked PyTorch vocabulary sweeps: the default backend on CPU.
 
 Memory: besides inputs and gradients, the sweeps hold one ``[token_chunk, vocab_chunk]``
-tile of logits (and a few temporaries of that size) at a time, plus O(N) statistics and an
+tile of logits (two tile-sized buffers: the sweeps work in place) at a time, plus O(N)
+statistics and an
 fp32 ``dW`` accumulator of ``V x D``. Nothing of size ``N x V`` is ever allocated.
 
 Arithmetic is fp32 (fp64 when hidden or weight is fp64): operands are upcast tile by tile,
@@ -24,7 +25,10 @@ from torch import Tensor
 from ..config import HeadConfig
 
 DEFAULT_TOKEN_CHUNK = 1024
-DEFAULT_VOCAB_CHUNK = 8192
+DEFAULT_VOCAB_CHUNK = 4096  # 16 MiB fp32 tiles: below glibc's 32 MiB mmap threshold
+# log p below this is exp-underflow territory in fp32 and fp64 alike (p = 0 exactly there):
+# clamping -inf to it keeps 0 * log p = 0 without a masked select over the tile
+_LOG_FLOOR = -1e4
 
 
 def _compute_dtype(hidden: Tensor, weight: Tensor) -> torch.dtype:
@@ -44,12 +48,16 @@ def _logits(h: Tensor, w: Tensor, b: Tensor | None, cfg: HeadConfig) -> Tensor:
 
 
 def _tile_stats(z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """(m, s, t) of one [n, v] tile of logits; rows of all -inf give (-inf, 0, 0)."""
-    m = z.max(dim=1).values
+    """(m, s, t) of one [n, v] tile of logits; rows of all -inf give (-inf, 0, 0).
+
+    Consumes ``z`` (it is overwritten with ``z - m``): two tile-sized buffers in all.
+    """
+    m = z.amax(dim=1)  # amax: no argmax indices to compute
     m_safe = torch.where(torch.isfinite(m), m, 0.0)
-    e = torch.exp(z - m_safe[:, None])  # 0 where z = -inf
+    z_rel = z.sub_(m_safe[:, None]).clamp_(min=_LOG_FLOOR)
+    e = torch.exp(z_rel)  # 0 where z = -inf
     s = e.sum(1)
-    t = (e * torch.where(e > 0, z - m_safe[:, None], 0.0)).sum(1)
+    t = e.mul_(z_rel).sum(1)
     return m, s, t
 
 
@@ -96,13 +104,13 @@ def forward_sweep(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: 
         for v0 in range(0, V, v_chunk):
             w = weight[v0:v0 + v_chunk].to(cdt)
             z = _logits(h, w, b[v0:v0 + v_chunk] if b is not None else None, cfg)
-            stats = _tile_stats(z)
-            state = stats if state is None else _merge(state, stats)
             # pick the target logit when it falls in this vocabulary tile
             here = (y >= v0) & (y < v0 + w.shape[0])
             col = torch.where(here, y - v0, 0)
             picked = z.gather(1, col[:, None]).squeeze(1)
             target_logit[n0:n0 + n_chunk] += torch.where(here, picked, 0.0)
+            stats = _tile_stats(z)
+            state = stats if state is None else _merge(state, stats)
         m, s, t = state
         log_s = torch.log(s)
         lse[n0:n0 + n_chunk] = m + log_s
@@ -144,21 +152,23 @@ def backward_sweep(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets:
         for v0 in range(0, V, v_chunk):
             w = weight[v0:v0 + v_chunk].to(cdt)
             z = _logits(h, w, b[v0:v0 + v_chunk] if b is not None else None, cfg)
-            log_p = z - lse_c
+            # softcap: dz/du = 1 - (z / c)^2, taken before z is overwritten
+            softcap_grad = 1.0 - (z / cfg.softcap) ** 2 if cfg.softcap is not None else None
+            log_p = z.sub_(lse_c).clamp_(min=_LOG_FLOOR)
             p = torch.exp(log_p)
-            # dz = g * onehot - p * (g + e * (log p + H)); p log p -> 0 where p = 0
-            dz = -p * (g + e * (torch.where(p > 0, log_p, 0.0) + H))
+            # dz = g * onehot - p * (g + e * (log p + H)), in place in p
+            dz = p.mul_(log_p.add_(H).mul_(e).add_(g)).neg_()
             here = (y >= v0) & (y < v0 + w.shape[0])
             col = torch.where(here, y - v0, 0)[:, None]
             dz.scatter_add_(1, col, torch.where(here[:, None], g, 0.0))
-            if cfg.softcap is not None:
-                dz = dz * (1.0 - (z / cfg.softcap) ** 2)
+            if softcap_grad is not None:
+                dz.mul_(softcap_grad)
             if cfg.temperature != 1.0:
-                dz = dz / cfg.temperature
+                dz.div_(cfg.temperature)
             if need_dh:
-                d_hidden[n0:n0 + n_chunk] += dz @ w
+                d_hidden[n0:n0 + n_chunk].addmm_(dz, w)
             if need_dw:
-                d_weight[v0:v0 + v_chunk] += dz.T @ h
+                d_weight[v0:v0 + v_chunk].addmm_(dz.T, h)
             if need_db:
                 d_bias[v0:v0 + v_chunk] += dz.sum(0)
     return d_hidden, d_weight, d_bias
