@@ -2,8 +2,7 @@
 
 Memory: besides inputs and gradients, the sweeps hold one ``[token_chunk, vocab_chunk]``
 tile of logits (two tile-sized buffers: the sweeps work in place) at a time, plus O(N)
-statistics and an
-fp32 ``dW`` accumulator of ``V x D``. Nothing of size ``N x V`` is ever allocated.
+statistics and an fp32 ``dW`` accumulator of ``V x D``. Nothing of size ``N x V`` is ever allocated.
 
 Arithmetic is fp32 (fp64 when hidden or weight is fp64): operands are upcast tile by tile,
 which for bf16/fp16 inputs gives exact products, i.e. ``precision="native"`` and ``"ieee"``
