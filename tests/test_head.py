@@ -60,7 +60,7 @@ def check_head_case(case: HeadCase, backend: str) -> None:
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_head_matches_reference(backend):
-    run_property(head_cases(backend), lambda case: check_head_case(case, backend), examples=50, backend=backend)
+    run_property(head_cases(backend), lambda case: check_head_case(case, backend), examples=80, backend=backend)
 
 
 def check_head_invariants(case: HeadCase, backend: str) -> None:
@@ -90,7 +90,7 @@ def check_head_invariants(case: HeadCase, backend: str) -> None:
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_head_invariants(backend):
-    run_property(head_cases(backend), lambda case: check_head_invariants(case, backend), examples=25,
+    run_property(head_cases(backend), lambda case: check_head_invariants(case, backend), examples=30,
                  backend=backend)
 
 

@@ -30,14 +30,14 @@ from helpers import (AGGREGATIONS, BACKENDS, LossCase, assert_close, assert_grad
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_loss_matches_reference(backend):
     run_property(loss_cases(backend), lambda case: check_loss_case(case, backend),
-                 examples=70, backend=backend)
+                 examples=150, backend=backend)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_loss_matches_reference_packed_sequences(backend):
     """Packed layouts only, sequence-level options likelier (empty sequences, per-seq stats)."""
     run_property(loss_cases(backend, layouts=("packed",)), lambda case: check_loss_case(case, backend),
-                 examples=25, backend=backend)
+                 examples=50, backend=backend)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -73,7 +73,7 @@ def _check_invariants(case: LossCase, backend: str) -> None:
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_loss_invariants(backend):
     run_property(loss_cases(backend), lambda case: _check_invariants(case, backend),
-                 examples=20, backend=backend)
+                 examples=30, backend=backend)
 
 
 # ---------------------------------------------------------------------------------------------
