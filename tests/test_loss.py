@@ -15,12 +15,11 @@ import math
 
 import pytest
 import torch
-from hypothesis import assume
 
 import fused_pg
 from fused_pg.reference import repo_loss_ref
 from helpers import (AGGREGATIONS, BACKENDS, LossCase, assert_close, assert_grad_close, check_loss_case,
-                     loss_cases, make_loss_inputs, run_oracle_loss, run_property, seq_index)
+                     loss_cases, make_loss_inputs, run_property)
 
 
 # ---------------------------------------------------------------------------------------------
