@@ -84,6 +84,10 @@ def limits(backend: str) -> BackendLimits:
     return LIMITS.get(backend, BackendLimits())
 
 
+FP64_BACKENDS = [b for b in BACKENDS if "fp64" in limits(b).dtypes]  # gradcheck, fp64 edge cases
+TF32_BACKENDS = ["triton"]  # precision="tf32" is an error on every other backend
+
+
 # ---------------------------------------------------------------------------------------------
 # hypothesis budget: per-test example counts scaled by profile and backend
 # ---------------------------------------------------------------------------------------------
