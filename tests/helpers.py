@@ -6,7 +6,8 @@ Adding a backend to the property tests is one line in ``BACKENDS`` (plus, for a 
 
     BACKENDS = ["torch", "reference", "triton"]
     LIMITS["triton"] = BackendLimits(dtypes=("fp32", "bf16", "fp16", "bf16+fp32"),
-                                     max_tokens=24, max_vocab=80, max_dim=24, example_scale=0.25)
+                                     max_tokens=24, max_vocab=80, max_dim=24, example_scale=0.25,
+                                     accumulation_size=256)
 
 Pass rules (``Tol`` below; every comparison is against ``fused_pg.reference`` run in fp64 on
 the *same rounded inputs*, i.e. the low-precision tensors upcast exactly to fp64):
@@ -75,6 +76,7 @@ class BackendLimits:
     max_vocab: int = 97
     max_dim: int = 40
     example_scale: float = 1.0
+    accumulation_size: int = 1024  # N (resp. V) of the fp32-accumulation tests in test_head.py
 
 
 LIMITS: dict[str, BackendLimits] = {}

@@ -14,8 +14,8 @@ import fused_pg
 from fused_pg.reference import logprobs_entropy_ref
 from fused_pg.reference.head import logits_ref
 from helpers import (BACKENDS, DTYPES, TOLS, HeadCase, assert_close, assert_grad_close, check_grads,
-                     check_head_values, grad_floors, head_cases, make_head_inputs, plain_logprobs_entropy,
-                     run_property)
+                     check_head_values, grad_floors, head_cases, limits, make_head_inputs,
+                     plain_logprobs_entropy, run_property)
 
 
 def _upstream(case: HeadCase, gen: torch.Generator):
@@ -116,7 +116,8 @@ def _inputs(N=13, D=7, V=45, dtype=torch.float32, seed=0, scale=2.0):
 
 
 def _compare_with_oracle(h, W, b, y, backend, *, upstream=(True, True), rtol=1e-5, **kw):
-    """fp32 run vs the fp64 oracle on the same inputs (values and grads of what requires grad)."""
+    """fp32 run vs the fp64 oracle on the same inputs (values, and gradients by the fp32 rule of
+    helpers.check_grads with its noise floor; random upstream gradients)."""
     hh, ww = h.clone().requires_grad_(), W.clone().requires_grad_()
     bb = None if b is None else b.clone().requires_grad_()
     lp, ent = fused_pg.fused_logprobs_entropy(hh, ww, y, bias=bb, backend=backend, **kw)
@@ -127,14 +128,16 @@ def _compare_with_oracle(h, W, b, y, backend, *, upstream=(True, True), rtol=1e-
     assert_close("logprobs", lp2, lp, atol=rtol, rtol=rtol)
     assert_close("entropy", ent2, ent, atol=rtol, rtol=rtol)
     g = torch.Generator().manual_seed(7)
-    u, w = torch.randn(y.shape, generator=g), torch.randn(y.shape, generator=g)
-    loss = (lp * u).sum() * upstream[0] + (ent * w).sum() * upstream[1]
-    loss2 = (lp2 * u.double()).sum() * upstream[0] + (ent2 * w.double()).sum() * upstream[1]
-    loss.backward()
-    loss2.backward()
-    for name, a, c in (("hidden", h2, hh), ("weight", w2, ww), ("bias", b2, bb)):
-        if a is not None:
-            assert_grad_close(f"grad {name}", a.grad, c.grad, cos_min=0.9999, rel_max=1e-4)
+    u, w = torch.randn(y.shape, generator=g) * upstream[0], torch.randn(y.shape, generator=g) * upstream[1]
+    ((lp * u).sum() + (ent * w).sum()).backward()
+    ((lp2 * u.double()).sum() + (ent2 * w.double()).sum()).backward()
+    valid = y != kw.get("ignore_index", -100)
+    with torch.no_grad():
+        z = logits_ref(h2, w2, b2, temperature=kw.get("temperature", 1.0), softcap=kw.get("softcap"))
+    floors = grad_floors(h2, w2, torch.where(valid, u.double(), 0.0), torch.where(valid, w.double(), 0.0),
+                         ent2.detach(), z, temperature=kw.get("temperature", 1.0), fp64=False)
+    check_grads({name: (a.grad, c.grad) for name, a, c in (("hidden", h2, hh), ("weight", w2, ww), ("bias", b2, bb))
+                 if a is not None}, "fp32", floors)
     return lp, ent
 
 
@@ -276,12 +279,13 @@ def test_dtype_table_is_complete():
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("shape", [(1024, 16, 64), (16, 16, 2048)], ids=["many-token-chunks", "many-vocab-chunks"])
+@pytest.mark.parametrize("shape", ["many-token-chunks", "many-vocab-chunks"])
 def test_low_precision_gradients_accumulate_in_fp32(backend, dtype, shape):
     """dW / db sum over all tokens and dh over all vocabulary chunks: with same-signed
     contributions (identical tokens, one target) a bf16/fp16 accumulator loses a relative
     ~2^-9 per addition and drifts by far more than one final rounding (SPEC: accumulate in fp32)."""
-    N, D, V = shape
+    big = limits(backend).accumulation_size
+    N, D, V = (big, 16, 64) if shape == "many-token-chunks" else (16, 16, 2 * big)
     g = torch.Generator().manual_seed(0)
     row = torch.randn(1, D, generator=g)
     h = (row + 0.01 * torch.randn(N, D, generator=g)).to(dtype)
