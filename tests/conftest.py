@@ -58,3 +58,16 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         tr.write_line("loss examples per option value:")
         for key, n in sorted(helpers.COVERAGE.items()):
             tr.write_line(f"  {key:<48s} {n:6d}")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """``FUSED_PG_MIN_EXAMPLES=200 pytest``: fail the run if the property tests completed fewer
+    hypothesis examples (guards CI against a suite that silently stopped exercising them)."""
+    import sys
+
+    wanted = int(os.environ.get("FUSED_PG_MIN_EXAMPLES", "0"))
+    helpers = sys.modules.get("helpers")
+    ran = helpers.EXAMPLES_RUN[0] if helpers is not None else 0
+    if wanted and ran < wanted and session.exitstatus == 0:
+        print(f"\nFUSED_PG_MIN_EXAMPLES={wanted}: only {ran} hypothesis examples ran", file=sys.stderr)
+        session.exitstatus = 1
