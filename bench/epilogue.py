@@ -36,7 +36,7 @@ def loss_from_logprobs(problem: Problem, spec: LossSpec, logprobs: Tensor, entro
     cfg = loss_config(spec)
     batch = make_token_batch(
         problem.hidden, problem.weight, problem.targets, problem.advantages, problem.old_logprobs,
-        problem.mask, ref_logprobs=problem.ref_logprobs, rollout_logprobs=None, cu_seqlens=None,
+        problem.mask, bias=None, ref_logprobs=problem.ref_logprobs, rollout_logprobs=None, cu_seqlens=None,
         num_items_in_batch=None, ignore_index=-100, cfg=cfg, validate=False)
     valid = batch.valid
     logprobs = torch.where(valid, logprobs.reshape(-1).float(), 0.0)

@@ -65,6 +65,7 @@ def make_token_batch(
     old_logprobs: Tensor,
     mask: Tensor | None,
     *,
+    bias: Tensor | None,
     ref_logprobs: Tensor | None,
     rollout_logprobs: Tensor | None,
     cu_seqlens: Tensor | None,
@@ -119,9 +120,7 @@ def make_token_batch(
     if tuple(advantages.shape) == lead:
         adv = advantages.reshape(-1)
     elif layout is not None and tuple(advantages.shape) == (layout.num_seqs,):
-        if validate:
-            checks.finite("advantages", advantages)
-        adv = layout.broadcast(advantages)
+        adv = layout.broadcast(advantages)  # checked below on the tokens that count
     else:
         per_seq = f" or ({layout.num_seqs},) (one per sequence)" if layout is not None else ""
         raise ValueError(f"advantages must have shape {lead} (one per token){per_seq}, "
@@ -157,6 +156,8 @@ def make_token_batch(
         if validate:
             checks.binary_mask(flat_mask)
         valid = valid & flat_mask.bool()
+    if validate:
+        checks.target_ids(flat_targets, valid, weight.shape[0], ignore_index, bias)
     # Padding positions may hold anything (NaN included): values are checked where valid
     # and replaced by 0 elsewhere, so nothing from a masked token can reach the loss.
     def flat(name: str, x: Tensor | None) -> Tensor | None:

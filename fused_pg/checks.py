@@ -56,12 +56,20 @@ def bias_values(bias: Tensor) -> None:
         raise ValueError("bias excludes every vocabulary entry (all -inf)")
 
 
-def target_ids(targets: Tensor, vocab_size: int, ignore_index: int) -> None:
-    valid = targets != ignore_index
-    if bool(((targets < 0) | (targets >= vocab_size))[valid].any()):
-        bad = targets[valid & ((targets < 0) | (targets >= vocab_size))][0].item()
+def target_ids(targets: Tensor, valid: Tensor, vocab_size: int, ignore_index: int,
+               bias: Tensor | None = None) -> None:
+    """Every counted target is a vocabulary id, and not one a -inf bias excludes."""
+    outside = valid & ((targets < 0) | (targets >= vocab_size))
+    if bool(outside.any()):
+        bad = targets[outside][0].item()
         raise ValueError(
             f"targets contains id {bad} outside [0, {vocab_size}) that is not ignore_index={ignore_index}")
+    if bias is not None:
+        excluded = valid & torch.isneginf(bias)[targets.clamp(0, vocab_size - 1)]
+        if bool(excluded.any()):
+            bad = targets[excluded][0].item()
+            raise ValueError(f"targets contains id {bad} whose bias is -inf (an excluded token): "
+                             "its log-probability would be -inf")
 
 
 def binary_mask(mask: Tensor) -> None:

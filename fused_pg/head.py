@@ -67,7 +67,10 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 
 
 def check_head_args(hidden, weight, targets, bias, ignore_index, validate) -> tuple[int, int, bool]:
-    """Check the LM-head arguments; returns (N, V, validate)."""
+    """Check the LM-head arguments; returns (N, V, validate).
+
+    Target ids are checked by the callers, which know which tokens count.
+    """
     checks.tensor("hidden", hidden, dims=(2, 3), floating=True)
     dev = hidden.device
     checks.tensor("weight", weight, dims=(2,), floating=True, device=dev)
@@ -90,7 +93,6 @@ def check_head_args(hidden, weight, targets, bias, ignore_index, validate) -> tu
         checks.finite("weight", weight)
         if bias is not None:
             checks.bias_values(bias)
-        checks.target_ids(targets, V, ignore_index)
     return targets.numel(), V, validate
 
 
@@ -158,7 +160,9 @@ def fused_logprobs_entropy(
     Example:
         >>> logp, ent = fused_logprobs_entropy(h, lm_head.weight, input_ids[:, 1:])
     """
-    _, _, validate = check_head_args(hidden, weight, targets, bias, ignore_index, validate)
+    _, V, validate = check_head_args(hidden, weight, targets, bias, ignore_index, validate)
+    if validate:
+        checks.target_ids(targets, targets != ignore_index, V, ignore_index, bias)
     cfg = HeadConfig(temperature=temperature, softcap=softcap, precision=precision,
                      deterministic=deterministic, token_chunk=token_chunk, vocab_chunk=vocab_chunk)
     backend = resolve_backend(backend, hidden.device)

@@ -133,7 +133,7 @@ def repo_loss(
                           deterministic=deterministic, token_chunk=token_chunk, vocab_chunk=vocab_chunk)
     backend = resolve_backend(backend, hidden.device)
     batch = make_token_batch(
-        hidden, weight, targets, advantages, old_logprobs, mask,
+        hidden, weight, targets, advantages, old_logprobs, mask, bias=bias,
         ref_logprobs=ref_logprobs, rollout_logprobs=rollout_logprobs, cu_seqlens=cu_seqlens,
         num_items_in_batch=num_items_in_batch, ignore_index=ignore_index, cfg=loss_cfg,
         validate=validate)

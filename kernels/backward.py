@@ -77,8 +77,8 @@ def _dlogits_kernel(
 
     # ---- 3. chain rule through the soft-cap and the temperature ----------------------------
     if HAS_SOFTCAP:
-        z_over_c = z / softcap  # = tanh(u / c); -inf only in the padding columns v >= V
-        dz *= tl.where(mask_v[None, :], 1.0 - z_over_c * z_over_c, 0.0)
+        z_over_c = z / softcap  # = tanh(u / c); -inf for excluded tokens and columns v >= V
+        dz *= tl.where(z > float("-inf"), 1.0 - z_over_c * z_over_c, 0.0)
     dz *= inv_temperature
 
     d_ptrs = dlogits_ptr + offs_n.to(tl.int64)[:, None] * stride_dn + offs_v[None, :] * stride_dv

@@ -28,7 +28,8 @@ def logits_tile(
     """One [BLOCK_N, BLOCK_V] tile of logits in fp32; -inf in columns v >= V.
 
     z = (hidden[offs_n] @ weight[offs_v].T + bias[offs_v]) * inv_temperature,
-    then z = softcap * tanh(z / softcap) if HAS_SOFTCAP. The dot accumulates in fp32 over
+    then z = softcap * tanh(z / softcap) if HAS_SOFTCAP (a -inf logit, from a -inf bias that
+    excludes its token, stays -inf). The dot accumulates in fp32 over
     D in BLOCK_D steps; with DOT_FP32 both operands are converted to fp32 first (mixed
     input dtypes, precision "tf32"/"ieee", or bf16 under the interpreter).
     """
@@ -53,7 +54,7 @@ def logits_tile(
         acc += tl.load(bias_ptr + offs_v, mask=mask_v, other=0.0).to(tl.float32)[None, :]
     z = acc * inv_temperature
     if HAS_SOFTCAP:
-        z = softcap * tanh(z / softcap)
+        z = tl.where(z == float("-inf"), z, softcap * tanh(z / softcap))
     return tl.where(mask_v[None, :], z, float("-inf"))
 
 

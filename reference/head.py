@@ -17,6 +17,8 @@ def logits_ref(
 ) -> Tensor:
     """``z = (hidden @ weight.T + bias) / temperature``, then ``softcap * tanh(z / softcap)``.
 
+    A ``-inf`` bias entry excludes its token: its logit stays ``-inf`` through the soft-cap.
+
     hidden [..., D], weight [V, D], bias [V] -> logits [..., V] in ``dtype``
     (default: the promoted dtype of hidden and weight).
     """
@@ -27,7 +29,7 @@ def logits_ref(
         z = z + bias.to(dtype)
     z = z / temperature
     if softcap is not None:
-        z = softcap * torch.tanh(z / softcap)
+        z = torch.where(torch.isneginf(z), z, softcap * torch.tanh(z / softcap))
     return z
 
 

@@ -37,6 +37,20 @@ def _call(args, kwargs, fn=repo_loss):
               a.pop("mask"), **kwargs)
 
 
+def test_masked_targets_may_point_anywhere():
+    """Only counted tokens are checked: padding may carry an excluded or out-of-range id."""
+    args, kwargs = _valid()
+    targets, mask = args["targets"].clone(), args["mask"].clone()
+    targets[0, :2] = torch.tensor([0, V + 5])
+    mask[0, :2] = False
+    bias = torch.zeros(V)
+    bias[0] = -math.inf
+    targets[targets == 0] = 1
+    targets[0, 0] = 0
+    out = _call({**args, "targets": targets, "mask": mask}, {**kwargs, "bias": bias})
+    assert torch.isfinite(out.loss) and torch.isfinite(out.logprobs).all()
+
+
 def test_valid_call_passes():
     args, kwargs = _valid()
     out = _call(args, kwargs)
@@ -109,6 +123,8 @@ ARG_CASES = [
     ("target id = V", dict(targets=_nan_at(torch.zeros(B, T, dtype=torch.long), V)), {}, ValueError, "targets"),
     ("target id negative", dict(targets=_nan_at(torch.zeros(B, T, dtype=torch.long), -1)), {}, ValueError, "targets"),
     ("target id huge", dict(targets=_nan_at(torch.zeros(B, T, dtype=torch.long), 2**40)), {}, ValueError, "targets"),
+    ("target excluded by -inf bias", dict(targets=torch.zeros(B, T, dtype=torch.long)),
+     dict(bias=_nan_at(torch.zeros(V), -math.inf)), ValueError, "targets"),
     ("mask value 2", dict(mask=_nan_at(torch.ones(B, T, dtype=torch.long), 2)), {}, ValueError, "mask"),
     ("mask value 0.5", dict(mask=_nan_at(torch.ones(B, T), 0.5)), {}, ValueError, "mask"),
     ("mask value -1", dict(mask=_nan_at(torch.ones(B, T, dtype=torch.int8), -1)), {}, ValueError, "mask"),
@@ -256,6 +272,7 @@ HEAD_CASES = [
     ("targets float", dict(targets=torch.zeros(4)), TypeError, "targets"),
     ("targets shape", dict(targets=torch.zeros(5, dtype=torch.long)), ValueError, "targets"),
     ("target out of range", dict(targets=torch.tensor([0, 1, V, 2])), ValueError, "targets"),
+    ("target excluded by -inf bias", dict(bias=_nan_at(torch.zeros(V), -math.inf)), ValueError, "targets"),
     ("hidden NaN", dict(hidden=_nan_at(torch.randn(4, D))), ValueError, "hidden"),
     ("weight Inf", dict(weight=_nan_at(torch.randn(V, D), math.inf)), ValueError, "weight"),
     ("bias NaN", dict(bias=_nan_at(torch.zeros(V))), ValueError, "bias"),

@@ -35,14 +35,17 @@ def _compute_dtype(hidden: Tensor, weight: Tensor) -> torch.dtype:
 
 
 def _logits(h: Tensor, w: Tensor, b: Tensor | None, cfg: HeadConfig) -> Tensor:
-    """z = softcap((h @ w.T + b) / temperature) for one tile; h, w already in compute dtype."""
+    """z = softcap((h @ w.T + b) / temperature) for one tile; h, w already in compute dtype.
+
+    -inf logits (tokens excluded by a -inf bias) stay -inf through the soft-cap.
+    """
     z = h @ w.T
     if b is not None:
         z = z + b
     if cfg.temperature != 1.0:
         z = z / cfg.temperature
     if cfg.softcap is not None:
-        z = cfg.softcap * torch.tanh(z / cfg.softcap)
+        z = torch.where(torch.isneginf(z), z, cfg.softcap * torch.tanh(z / cfg.softcap))
     return z
 
 
@@ -151,8 +154,10 @@ def backward_sweep(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets:
         for v0 in range(0, V, v_chunk):
             w = weight[v0:v0 + v_chunk].to(cdt)
             z = _logits(h, w, b[v0:v0 + v_chunk] if b is not None else None, cfg)
-            # softcap: dz/du = 1 - (z / c)^2, taken before z is overwritten
-            softcap_grad = 1.0 - (z / cfg.softcap) ** 2 if cfg.softcap is not None else None
+            # softcap: dz/du = 1 - (z / c)^2 (0 for excluded tokens), before z is overwritten
+            softcap_grad = None
+            if cfg.softcap is not None:
+                softcap_grad = torch.where(torch.isneginf(z), 0.0, 1.0 - (z / cfg.softcap) ** 2)
             log_p = z.sub_(lse_c).clamp_(min=_LOG_FLOOR)
             p = torch.exp(log_p)
             # dz = g * onehot - p * (g + e * (log p + H)), in place in p
