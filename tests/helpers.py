@@ -29,6 +29,11 @@ the *same rounded inputs*, i.e. the low-precision tensors upcast exactly to fp64
   ``16 * eps * (1 + max|z|)`` times its natural (cancellation-free) scale, eps of fp32 (fp64
   for fp64 inputs); see ``grad_floors``. It fires for near-certain predictions whose whole
   gradient is O(1 - p), where ``1 - p`` cancels in every fixed-precision implementation.
+  A backend that stores dL/dlogits in a 16-bit GEMM operand dtype (the Triton backend with
+  bf16 / fp16 inputs, exactly as plain autograd does for a low-precision ``F.linear``) adds
+  that dtype's unit roundoff times the natural scale: rounding each dL/dz_tv to u relative
+  moves dW_v = sum_t dz_tv h_t by at most u sum_t |dz_tv| |h_t| <= u * natural scale
+  (``DLOGITS_DTYPE``, ``dlogits_dtype``).
 
 Ill-conditioned examples are skipped with ``assume`` rather than by loosening the rules (see
 ``oracle_guards``): REPO "decorrelate" with Var(logp) < 1e-3, and clip / TIS boundaries.
@@ -55,7 +60,7 @@ from fused_pg.reference.head import logits_ref
 # backends and their per-backend limits
 # ---------------------------------------------------------------------------------------------
 
-BACKENDS = ["torch", "reference"]
+BACKENDS = ["torch", "reference", "triton"]
 
 DTYPES = {  # name -> (hidden dtype, weight/bias dtype)
     "fp64": (torch.float64, torch.float64),
@@ -79,7 +84,12 @@ class BackendLimits:
     accumulation_size: int = 1024  # N (resp. V) of the fp32-accumulation tests in test_head.py
 
 
-LIMITS: dict[str, BackendLimits] = {}
+LIMITS: dict[str, BackendLimits] = {
+    # Triton under TRITON_INTERPRET=1: slow, no fp64. Shapes still span several 32 x 64
+    # interpreter tiles (and vocabulary splits) so masks, splits and chunk seams are exercised.
+    "triton": BackendLimits(dtypes=("fp32", "bf16", "fp16", "bf16+fp32"), max_tokens=40,
+                            max_vocab=160, max_dim=40, example_scale=0.75, accumulation_size=256),
+}
 
 
 def limits(backend: str) -> BackendLimits:
@@ -210,8 +220,16 @@ def assert_grad_close(name: str, ref: Tensor | None, got: Tensor | None, *, cos_
         f"= {rel:.3e} (max {rel_max:g}); above the arithmetic noise floor {floor:.3e} too")
 
 
+def dlogits_dtype(backend: str, dtype_name: str) -> torch.dtype | None:
+    """16-bit dtype a backend stores dL/dlogits in for its gradient GEMMs (None: fp32/fp64)."""
+    return DLOGITS_DTYPE.get(backend, {}).get(dtype_name)
+
+
+DLOGITS_DTYPE = {"triton": {"bf16": torch.bfloat16, "fp16": torch.float16}}
+
+
 def grad_floors(h64: Tensor, W64: Tensor, g: Tensor, e: Tensor, H: Tensor, z: Tensor, *, temperature: float,
-                fp64: bool) -> dict:
+                fp64: bool, dlogits: torch.dtype | None = None) -> dict:
     """Noise floor of each gradient: ``16 * eps * (1 + max|z|) * natural scale``.
 
     The natural scale is the cancellation-free size of the gradient: per token,
@@ -231,6 +249,8 @@ def grad_floors(h64: Tensor, W64: Tensor, g: Tensor, e: Tensor, H: Tensor, z: Te
     h = h64.detach().reshape(s.numel(), -1)
     zmax = float(z[torch.isfinite(z)].abs().max()) if torch.isfinite(z).any() else 0.0
     c = 16 * eps * (1 + zmax)
+    if dlogits is not None:  # dL/dz rounded to the 16-bit GEMM operand dtype
+        c += torch.finfo(dlogits).eps / 2
     return {
         "hidden": c * float(s.max()) * float(W64.detach().abs().max()),
         "weight": c * float((s * h.abs().amax(1)).sum()),
@@ -269,8 +289,8 @@ def plain_logprobs_entropy(h: Tensor, W: Tensor, b: Tensor | None, targets: Tens
     dt = torch.promote_types(h.dtype, W.dtype)
     z = F.linear(h.to(dt), W.to(dt), b.to(dt) if b is not None else None).float()
     z = z / temperature
-    if softcap is not None:
-        z = softcap * torch.tanh(z / softcap)
+    if softcap is not None:  # a -inf bias excludes its token, soft-cap or not
+        z = torch.where(torch.isneginf(z), z, softcap * torch.tanh(z / softcap))
     logp_all = torch.log_softmax(z, dim=-1)
     p = logp_all.exp()
     ent = -(p * torch.where(p > 0, logp_all, 0.0)).sum(-1)
@@ -690,7 +710,7 @@ def make_loss_inputs(case: LossCase) -> LossInputs:
     return LossInputs(hi, advantages, old, mask, ref, rollout, cu, valid, torch.where(valid, lp64, 0.0))
 
 
-def run_oracle_loss(case: LossCase, inp: LossInputs):
+def run_oracle_loss(case: LossCase, inp: LossInputs, backend: str | None = None):
     """The fp64 oracle on exact fp64 copies of the rounded inputs.
 
     Returns (output, grads dict, floors dict): the per-token dL/dlogp and dL/dH needed by
@@ -725,7 +745,7 @@ def run_oracle_loss(case: LossCase, inp: LossInputs):
     with torch.no_grad():
         z = logits_ref(h64, w64, b64, temperature=case.head.temperature, softcap=case.head.softcap)
     floors = grad_floors(h64, w64, g, e, ent.detach(), z, temperature=case.head.temperature,
-                         fp64=case.dtype == "fp64")
+                         fp64=case.dtype == "fp64", dlogits=dlogits_dtype(backend, case.dtype))
     return ref, grads, floors
 
 
@@ -765,7 +785,7 @@ def check_loss_case(case: LossCase, backend: str) -> None:
 
     note(f"case: {case}")
     inp = make_loss_inputs(case)
-    ref, ref_grads, floors = run_oracle_loss(case, inp)
+    ref, ref_grads, floors = run_oracle_loss(case, inp, backend)
     oracle_guards(case, inp, ref)
 
     h, w, b = inp.head.leaves()

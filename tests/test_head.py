@@ -14,7 +14,7 @@ import fused_pg
 from fused_pg.reference import logprobs_entropy_ref
 from fused_pg.reference.head import logits_ref
 from helpers import (BACKENDS, DTYPES, TOLS, HeadCase, assert_close, assert_grad_close, check_grads,
-                     check_head_values, grad_floors, head_cases, limits, make_head_inputs,
+                     check_head_values, dlogits_dtype, grad_floors, head_cases, limits, make_head_inputs,
                      plain_logprobs_entropy, run_property)
 
 
@@ -24,7 +24,7 @@ def _upstream(case: HeadCase, gen: torch.Generator):
             torch.randn(case.lead, generator=gen, dtype=torch.float64).to(pdt))
 
 
-def _oracle(case, inp, u, w):
+def _oracle(case, inp, u, w, backend=None):
     """fp64 oracle values and gradients, and the gradients' noise floors (helpers.grad_floors)."""
     h, W, b = inp.fp64_leaves()
     lp, ent = logprobs_entropy_ref(h, W, inp.targets, b, temperature=case.temperature, softcap=case.softcap,
@@ -34,7 +34,8 @@ def _oracle(case, inp, u, w):
     with torch.no_grad():
         z = logits_ref(h, W, b, temperature=case.temperature, softcap=case.softcap)
     floors = grad_floors(h, W, torch.where(valid, u.double(), 0.0), torch.where(valid, w.double(), 0.0),
-                         ent.detach(), z, temperature=case.temperature, fp64=case.dtype == "fp64")
+                         ent.detach(), z, temperature=case.temperature, fp64=case.dtype == "fp64",
+                         dlogits=dlogits_dtype(backend, case.dtype))
     grads = {"hidden": h.grad, "weight": W.grad, "bias": None if b is None else b.grad}
     return lp.detach(), ent.detach(), grads, floors
 
@@ -43,7 +44,7 @@ def check_head_case(case: HeadCase, backend: str) -> None:
     gen = torch.Generator().manual_seed(case.seed)
     inp = make_head_inputs(case, gen)
     u, w = _upstream(case, gen)
-    ref_lp, ref_ent, ref_grads, floors = _oracle(case, inp, u, w)
+    ref_lp, ref_ent, ref_grads, floors = _oracle(case, inp, u, w, backend)
 
     h, W, b = inp.leaves()
     lp, ent = fused_pg.fused_logprobs_entropy(h, W, inp.targets, bias=b, **case.head_kwargs(backend))
@@ -85,7 +86,7 @@ def check_head_invariants(case: HeadCase, backend: str) -> None:
     assert (ent >= 0).all(), f"negative entropy {ent.min()}"
     slack = 1e-12 if case.dtype == "fp64" else 1e-5
     assert (ent <= math.log(case.V) * (1 + slack) + slack).all(), f"entropy {ent.max()} > log V = {math.log(case.V)}"
-    if case.bias == "neg_inf" and case.softcap is None:  # excluded words do not count
+    if case.bias == "neg_inf":  # excluded words do not count (with or without soft-cap)
         n_allowed = int(inp.allowed.sum())
         assert (ent <= math.log(n_allowed) * (1 + slack) + slack).all()
     assert (lp[ignored] == 0).all() and (ent[ignored] == 0).all()
@@ -300,3 +301,18 @@ def test_low_precision_gradients_accumulate_in_fp32(backend, dtype, shape):
     (lp2.sum() + 0.5 * ent2.sum()).backward()
     name = "bf16" if dtype == torch.bfloat16 else "fp16"
     check_grads({"hidden": (h2.grad, hh.grad), "weight": (w2.grad, ww.grad), "bias": (b2.grad, bb.grad)}, name)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("softcap", [None, 1.0])
+def test_neg_inf_bias_excludes_tokens_through_the_softcap(backend, softcap):
+    # logits (0, 0, -inf): two equally likely tokens, whatever the soft-cap does to finite ones
+    b = torch.tensor([0.0, 0.0, -math.inf])
+    h = torch.zeros(2, 4, requires_grad=True)
+    W = torch.zeros(3, 4, requires_grad=True)
+    lp, ent = fused_pg.fused_logprobs_entropy(h, W, torch.tensor([1, 0]), bias=b, softcap=softcap,
+                                              backend=backend)
+    assert_close("logprobs", torch.full((2,), -math.log(2)), lp.detach(), atol=1e-6)
+    assert_close("entropy", torch.full((2,), math.log(2)), ent.detach(), atol=1e-6)
+    (lp.sum() + ent.sum()).backward()
+    assert torch.isfinite(h.grad).all() and torch.isfinite(W.grad).all()
