@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "entropy_dynamics.py"
 
@@ -31,6 +32,15 @@ def _load_example():
     return module
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """These are tiny ops: with two intra-op threads the module took 330 s instead of 20 s here."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def ed():
     return _load_example()
@@ -39,7 +49,8 @@ def ed():
 @pytest.fixture(scope="module")
 def quick_run(ed):
     cfg = ed.Config.quick()
-    return ed.run_experiment(cfg, seeds=(0,), methods=("pg", "repo-decorrelate", "adapo"), log=lambda *a: None)
+    methods = ("pg", "repo-decorrelate", "adapo")
+    return ed.run_experiment(cfg, seeds=(0,), methods=methods, log=lambda *a: None)
 
 
 def _final(results, method, key):
