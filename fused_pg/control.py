@@ -99,6 +99,11 @@ class AdaptiveClip(EntropyController):
     same step, within ``low_bounds`` (tighter "clip-low" raises entropy), so the range
     shifts as a whole.
 
+    Measured limitation (``examples/entropy_dynamics.py``): on its own (``repo="none"``) the
+    controller pinned ``eps_high`` at its upper bound and entropy still collapsed like plain
+    PG's; clipping only removes gradient terms. Pair it with a REPO advantage correction
+    (``adapo_loss`` defaults to ``repo="decorrelate"``).
+
     Example::
 
         ctrl = AdaptiveClip(target_entropy=0.6, eps_low=0.2, eps_high=0.28)
