@@ -209,12 +209,12 @@ def assert_grad_close(name: str, ref: Tensor | None, got: Tensor | None, *, cos_
     cos = float(torch.dot(r, g) / (r.norm() * g.norm()).clamp_min(1e-300))
     # the gradient's own storage: fp16 gradients below 6e-5 are subnormal, spaced 2^-24 apart
     fi = torch.finfo(got.dtype)
-    subnormal_step = fi.smallest_normal * fi.eps
+    subnormal_step = fi.smallest_normal * fi.eps  # 0 when the CPU flushes fp64 denormals
     rel = max(d - subnormal_step, 0.0) / scale
     if d <= subnormal_step:
         # every element within one subnormal step of the fp64 truth: the best the gradient's
         # dtype can hold (a tiny fp16 gradient has a few bits left, so the cosine means nothing)
-        _record(f"{name}-subnormal[{key}]", d / subnormal_step)
+        _record(f"{name}-subnormal[{key}]", d / subnormal_step if subnormal_step else 0.0)
         return
     if cos >= cos_min and rel <= rel_max:
         _record(f"{name}-rel[{key}]", rel / rel_max)
