@@ -589,13 +589,17 @@ def main(argv=None) -> dict:
     default_run = cfg == Config() and seeds == (0, 1) and tuple(args.methods) == DEFAULT_METHODS
     out_dir = args.out or Path(DEFAULT_OUT if default_run else LOCAL_OUT)
     out_dir.mkdir(parents=True, exist_ok=True)
-    torch.set_flush_denormal(True)  # sharp softmaxes make denormals, which are slow on CPU
-    torch.set_num_threads(args.threads)
-
     print(f"entropy dynamics: {len(args.methods)} methods x seeds {list(seeds)} x {cfg.steps} steps "
           f"({cfg.prompts_per_step} prompts x {cfg.group_size} samples, {cfg.answer_len}-token answers, "
           f"V={cfg.vocab}) -> {out_dir}")
-    results = run_experiment(cfg, seeds, args.methods)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    torch.set_flush_denormal(True)  # sharp softmaxes make denormals, which are slow on CPU
+    try:
+        results = run_experiment(cfg, seeds, args.methods)
+    finally:  # process-wide settings: give them back (main() is also called from tests)
+        torch.set_flush_denormal(False)
+        torch.set_num_threads(threads)
     results["command"] = " ".join(["python", "examples/entropy_dynamics.py", *(argv or sys.argv[1:])])
     results["default_run"] = default_run
     print_summary(results)
