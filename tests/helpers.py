@@ -192,7 +192,8 @@ def assert_grad_close(name: str, ref: Tensor | None, got: Tensor | None, *, cos_
     (``max|d|`` less the subnormal spacing of the gradient's dtype, 2^-24 for fp16);
     otherwise ``max|d| <= floor`` (the arithmetic noise floor, see :func:`grad_floors`).
 
-    A zero reference gradient (e.g. an all-masked batch) must be matched by an exactly zero one.
+    A zero reference gradient must be matched within the floor, i.e. exactly when no gradient
+    flows at all (an all-masked batch has a zero floor).
     """
     assert got is not None, f"{name}: no gradient"
     if ref is None:
@@ -204,7 +205,9 @@ def assert_grad_close(name: str, ref: Tensor | None, got: Tensor | None, *, cos_
     scale = float(r.abs().max()) if r.numel() else 0.0
     d = float((g - r).abs().max()) if r.numel() else 0.0
     if scale == 0.0:
-        assert d == 0.0, f"{name}: reference gradient is exactly 0, got max |grad| {d:.3e}"
+        # exactly 0 where nothing flows (all masked: the floor is 0 too); a recomputing sweep
+        # may leave rounding noise where p = 1 exactly in fp64 (one allowed token)
+        assert d <= floor, f"{name}: reference gradient is exactly 0, got max |grad| {d:.3e} > floor {floor:.3e}"
         return
     cos = float(torch.dot(r, g) / (r.norm() * g.norm()).clamp_min(1e-300))
     # the gradient's own storage: fp16 gradients below 6e-5 are subnormal, spaced 2^-24 apart
