@@ -16,7 +16,7 @@ import math
 
 from torch import Tensor
 
-from .config import _finite
+from .checks import real as _finite
 
 
 class EntropyController:
