@@ -62,7 +62,16 @@ class Backend:
         ``torch.compile`` traces through them without an import inside the graph."""
         module = _LOADED.get(self.module)
         if module is None:
-            module = _LOADED[self.module] = importlib.import_module(f"{__name__}.{self.module}")
+            try:
+                module = importlib.import_module(f"{__name__}.{self.module}")
+            except ImportError as err:
+                if err.name is None or err.name.split(".")[0] != "triton":
+                    raise
+                raise ImportError(
+                    f"backend={self.name!r} needs the triton package, which is not importable here "
+                    f"({err}); install it with `pip install triton` (Linux), or use backend='torch'"
+                ) from err
+            _LOADED[self.module] = module
         return module
 
     def check(self, device: torch.device, dtypes: tuple[torch.dtype, ...], precision: str) -> None:
