@@ -107,6 +107,7 @@ def _dlogits_kernel(
     # ---- 4. store (fp16: times 2^k, undone exactly on the fp32 results) ---------------------
     if HAS_SCALE:
         dz *= tl.load(dlogits_scale_ptr)
+    # int64: N * stride_dn passes 2^31 for a slab of more than 2^31 elements
     d_ptrs = dlogits_ptr + offs_n.to(tl.int64)[:, None] * stride_dn + offs_v.to(tl.int64)[None, :] * stride_dv
     tl.store(d_ptrs, dz.to(dlogits_ptr.dtype.element_ty), mask=mask_n[:, None] & mask_v[None, :])
 

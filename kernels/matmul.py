@@ -59,6 +59,7 @@ def _matmul_kernel(
             b = b.to(tl.float32)
         acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
 
+    # int64: M * stride_cm passes 2^31 for dW = [V, D] (and N * stride_cn for a transposed C)
     c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n.to(tl.int64)[None, :] * stride_cn
     mask_c = mask_m[:, None] & mask_n[None, :]
     if ACCUMULATE:
