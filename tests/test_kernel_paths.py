@@ -359,3 +359,15 @@ def test_sweep_with_a_stand_in_timer(kind):
     assert [r.ms for r in rows] == [2.0, 3.0]
     assert [r.config for r in rows] == [cands[2], cands[0]]
     assert all((r.kind, r.family, r.dtype, r.N, r.D, r.V) == (kind, "fallback", "fp32", 20, 16, 100) for r in rows)
+
+
+def test_env_and_configs_import_without_triton():
+    """fused_pg decides whether to load Triton code from kernels.env: it must import without it."""
+    import subprocess
+    import sys
+    code = ("import sys; sys.modules['triton'] = None\n"
+            "import fused_pg.kernels.env as env, fused_pg.kernels.configs as configs\n"
+            "env.interpreting(); env.autotune_requested(); env.gemm_requested()\n"
+            "configs.lookup('fwd', 'sm90', 'bf16', 4096, 151936)\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
