@@ -19,7 +19,7 @@ table existed, and say so.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -41,9 +41,9 @@ class Row:
     family: str     # "sm90" (Hopper), "sm80" (A100), "fallback" (every other device)
     kind: str       # "fwd" | "dlogits" | "matmul"
     dtype: str      # GEMM operands as the kernel multiplies them: "bf16" | "fp16" | "fp32"
-    D: int          # shape the row was measured at (nearest row wins)
-    V: int
-    config: dict = field(compare=True)
+    D: int          # head shape the row was measured at (nearest row wins); the matmul is
+    V: int          # looked up with D = its output width and V = its reduction length
+    config: dict
     source: str = ""
 
 
