@@ -6,7 +6,6 @@ Memory: nothing beyond registers; ``logits_tile`` keeps one [BLOCK_N, BLOCK_V] f
 import triton
 import triton.language as tl
 
-from .env import autotune_requested, interpreting  # noqa: F401  (re-exported for callers)
 
 
 @triton.jit

@@ -20,7 +20,6 @@ the registry, so argument checks read them instead of chains of special cases.
 from __future__ import annotations
 
 import importlib
-import os
 from dataclasses import dataclass
 from types import ModuleType
 
@@ -28,12 +27,8 @@ import torch
 
 from .. import checks
 from ..config import BACKENDS
+from ..kernels.env import interpreting  # triton-free: decides before any Triton code loads
 from . import materialized, torch_chunked
-
-
-def interpreting() -> bool:
-    """True when Triton kernels run under ``TRITON_INTERPRET=1`` (CPU tensors)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 @dataclass(frozen=True)

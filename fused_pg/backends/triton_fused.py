@@ -12,7 +12,7 @@ from torch import Tensor
 from ..config import HeadConfig
 from ..kernels.backward import logprobs_entropy_bwd
 from ..kernels.forward import logprobs_entropy_fwd
-from ..kernels.utils import interpreting
+from ..kernels.env import interpreting
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
