@@ -159,6 +159,20 @@ class EntropyController:
             return 0.0
         return self._step(total / tokens)
 
+    @property
+    def saturated(self) -> bool:
+        """True when the value sits at the bound the entropy error pushes it toward.
+
+        The controller then has no range left to move the entropy toward the target. If it
+        stays saturated for many steps, its actuator has no authority over the entropy in this
+        training setup (see ``AdaptiveClip``'s measured limits); log it with the entropy.
+        """
+        if self.entropy_ema is None:
+            return False
+        error = self.target_entropy - self.entropy_ema
+        lo, hi = self.bounds
+        return (error > 0 and self.value >= hi) or (error < 0 and self.value <= lo)
+
     def _step(self, h: float) -> float:
         a = self.smoothing
         self.entropy_ema = h if self.entropy_ema is None else a * self.entropy_ema + (1 - a) * h

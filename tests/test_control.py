@@ -444,3 +444,17 @@ def test_repo_coef_state_outside_bounds_is_rejected():
 def test_adapt_low_must_be_a_bool():
     with pytest.raises(TypeError, match="adapt_low"):
         AdaptiveClip(target_entropy=1.0, adapt_low="no")
+
+
+def test_saturated_says_when_the_value_is_pinned_at_the_bound_the_error_pushes_toward():
+    c = AdaptiveClip(target_entropy=1.0, eps_high=0.3, bounds=(0.1, 0.4), rate=0.5)
+    assert not c.saturated  # no measurement yet
+    c.update(0.5)  # below target: eps_high rises to its upper bound
+    assert c.eps_high == 0.4 and c.saturated
+    c.update(1.5)  # above target: it comes down, off the bound
+    assert c.eps_high < 0.4 and not c.saturated
+    for _ in range(5):
+        c.update(3.0)
+    assert c.eps_high == 0.1 and c.saturated
+    c.update(0.9)  # off the lower bound again: the error now pushes up
+    assert 0.1 < c.eps_high < 0.4 and not c.saturated
