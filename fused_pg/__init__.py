@@ -2,24 +2,33 @@
 
     from fused_pg import repo_loss, adapo_loss, AdaptiveClip, fused_logprobs_entropy
 
-See README.md for the options and ``SPEC``-level formulas in each function's docstring.
+``repo_loss`` (hidden states in), ``policy_loss_from_logprobs`` (per-token log-probs in),
+``adapo_loss`` (``repo_loss`` with an ADAPO controller), ``fused_logprobs_entropy`` (the
+fused LM head on its own), ``repo_statistics`` / ``RepoStats`` (REPO statistics shared
+across micro-batches and ranks). See each function's docstring for shapes and formulas.
 """
 
 from .config import HeadConfig, LossConfig
 from .control import AdaptiveClip, AdaptiveRepoCoef, EntropyController
+from .epilogue import METRIC_KEYS
 from .head import fused_logprobs_entropy
-from .loss import PolicyLossOutput, adapo_loss, repo_loss
+from .loss import PolicyLossOutput, adapo_loss, policy_loss_from_logprobs, repo_loss
+from .stats import RepoStats, repo_statistics
 
 __version__ = "0.1.0"
 
 __all__ = [
     "repo_loss",
     "adapo_loss",
+    "policy_loss_from_logprobs",
     "fused_logprobs_entropy",
+    "repo_statistics",
+    "RepoStats",
     "AdaptiveClip",
     "AdaptiveRepoCoef",
     "EntropyController",
     "PolicyLossOutput",
     "HeadConfig",
     "LossConfig",
+    "METRIC_KEYS",
 ]

@@ -2,7 +2,8 @@
 
 Callers pass ``[B, T]``-shaped tensors (one row per sequence) or packed ``[N]`` tensors with
 ``cu_seqlens``; both become flat ``[N]`` tensors plus a :class:`SeqLayout` that knows how to
-reduce per sequence and broadcast back, without host synchronisation.
+reduce per sequence and broadcast back, without host synchronisation. This module owns every
+check of the per-token arguments (shapes, dtypes, mask values, plausibility of log-probs).
 """
 
 from __future__ import annotations
@@ -13,7 +14,12 @@ import torch
 from torch import Tensor
 
 from . import checks
-from .config import LossConfig, _finite
+from .config import LossConfig
+from .stats import RepoStats
+
+# log-probabilities are <= 0; a little slack above 0 absorbs rounding in other frameworks,
+# while probabilities passed by mistake (values in (0, 1]) are refused
+LOGPROB_SLACK = 1e-2
 
 
 @dataclass(frozen=True)
@@ -44,76 +50,91 @@ class SeqLayout:
 
 @dataclass(frozen=True)
 class TokenBatch:
-    """Flat per-token inputs of the epilogue (all [N]; float tensors in fp32 or fp64)."""
+    """Flat per-token inputs of the epilogue (all [N]; float tensors in fp32 or fp64, detached,
+    0 where not valid)."""
 
-    valid: Tensor                     # bool: mask & (targets != ignore_index)
-    head_targets: Tensor              # int64: target id, -1 where not valid
+    valid: Tensor                     # bool: the token counts
     advantages: Tensor
-    old_logprobs: Tensor
+    old_logprobs: Tensor | None       # None: on-policy (the ratio is 1 with the gradient of logp)
     ref_logprobs: Tensor | None
     rollout_logprobs: Tensor | None
     layout: SeqLayout | None          # None: packed without cu_seqlens (token-level only)
     num_items_in_batch: Tensor | float | None
     max_length: int | None            # Dr.GRPO's constant length (resolved)
+    repo_stats: RepoStats | None      # whole-batch REPO statistics (None: this batch's own)
 
 
 def make_token_batch(
-    hidden: Tensor,
-    weight: Tensor,
-    targets: Tensor,
-    advantages: Tensor,
-    old_logprobs: Tensor,
-    mask: Tensor | None,
+    lead: tuple[int, ...],
+    device: torch.device,
+    dtype: torch.dtype,
     *,
-    bias: Tensor | None,
+    counted: Tensor | None,
+    advantages: Tensor,
+    old_logprobs: Tensor | None,
+    mask: Tensor | None,
     ref_logprobs: Tensor | None,
     rollout_logprobs: Tensor | None,
     cu_seqlens: Tensor | None,
     num_items_in_batch,
-    ignore_index: int,
+    repo_stats: RepoStats | None,
     cfg: LossConfig,
     validate: bool,
+    what: str,
 ) -> TokenBatch:
-    """Check the per-token arguments of :func:`fused_pg.repo_loss` and flatten them."""
-    dev = hidden.device
-    lead = tuple(hidden.shape[:-1])
-    what = "the leading shape of hidden"
-    N = targets.numel()
-    # epilogue arithmetic: fp64 when the head runs in fp64 (gradcheck), else fp32
-    edt = torch.float64 if torch.float64 in (hidden.dtype, weight.dtype) else torch.float32
+    """Check the per-token arguments of the loss functions and flatten them.
 
-    checks.tensor("advantages", advantages, floating=True, device=dev)
-    checks.tensor("old_logprobs", old_logprobs, floating=True, device=dev)
-    checks.shape("old_logprobs", old_logprobs, lead, what)
+    lead:    the leading shape all per-token tensors share ([B, T] dense, [N] packed).
+    counted: flat [N] bool, tokens eligible before the mask (e.g. target != ignore_index),
+             or None (all).
+    dtype:   epilogue arithmetic dtype (fp64 when the head runs in fp64, else fp32).
+    what:    how error messages name ``lead`` ("the leading shape of hidden", ...).
+    """
+    N = 1
+    for s in lead:
+        N *= s
+    checks.tensor("advantages", advantages, floating=True, device=device)
+    if old_logprobs is not None:
+        checks.tensor("old_logprobs", old_logprobs, floating=True, device=device)
+        checks.shape("old_logprobs", old_logprobs, lead, what)
     optional = {"ref_logprobs": ref_logprobs, "rollout_logprobs": rollout_logprobs}
     for name, x in optional.items():
         if x is not None:
-            checks.tensor(name, x, floating=True, device=dev)
+            checks.tensor(name, x, floating=True, device=device)
             checks.shape(name, x, lead, what)
     if mask is not None:
-        checks.tensor("mask", mask, device=dev)
+        checks.tensor("mask", mask, device=device)
         checks.shape("mask", mask, lead, what)
         if mask.dtype.is_complex:
             raise TypeError(f"mask must be bool, integer or float, got {mask.dtype}")
+    if repo_stats is not None and not isinstance(repo_stats, RepoStats):
+        raise TypeError(f"repo_stats must be a RepoStats (see fused_pg.repo_statistics), "
+                        f"got {type(repo_stats).__name__}")
 
     # --- sequence layout -------------------------------------------------------------------
     layout = None
-    if hidden.dim() == 3:
+    if len(lead) == 2:
         if cu_seqlens is not None:
-            raise ValueError("cu_seqlens is only for packed [N, D] hidden states; hidden is [B, T, D]")
+            raise ValueError(f"cu_seqlens is only for packed inputs; {what} is [B, T] = {lead}")
         B, T = lead
         layout = SeqLayout(num_seqs=B, num_tokens=N, seq_len=T)
     elif cu_seqlens is not None:
-        checks.tensor("cu_seqlens", cu_seqlens, dims=(1,), integer=True, device=dev)
+        checks.tensor("cu_seqlens", cu_seqlens, dims=(1,), integer=True, device=device)
         if cu_seqlens.numel() < 2:
             raise ValueError("cu_seqlens must hold at least two offsets [0, ..., N]")
         if validate:
             checks.cu_seqlens_values(cu_seqlens, N)
-        lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+        # sync-free guard for unchecked offsets: clamp into [0, N], keep them monotone and pin
+        # the ends are >= 0 and the broadcast can never index past the N tokens
+        # (first offset 0, last N), so the lengths are >= 0 and sum to N whatever the values
+        inner = torch.cummax(cu_seqlens[1:-1].long().clamp(0, N), dim=0).values
+        zero = torch.zeros(1, dtype=torch.long, device=device)
+        cu = torch.cat([zero, inner, zero + N])
+        lengths = cu[1:] - cu[:-1]
         layout = SeqLayout(num_seqs=cu_seqlens.numel() - 1, num_tokens=N, lengths=lengths)
     elif cfg.needs_sequences:
         raise ValueError(
-            f"cu_seqlens is required for packed [N, D] inputs with aggregation={cfg.aggregation!r}, "
+            f"cu_seqlens is required for packed [N] inputs with aggregation={cfg.aggregation!r}, "
             f"importance_level={cfg.importance_level!r}, tis_level={cfg.tis_level!r}")
 
     # --- advantages: per token, or per sequence -------------------------------------------
@@ -133,9 +154,9 @@ def make_token_batch(
         raise ValueError("tis_cap and rollout_logprobs go together: pass both or neither")
     max_length = cfg.max_length
     if cfg.aggregation == "seq-mean-token-sum-norm" and max_length is None:
-        if hidden.dim() != 3:
+        if len(lead) != 2:
             raise ValueError("aggregation='seq-mean-token-sum-norm' with packed inputs needs max_length")
-        max_length = lead[1]
+        max_length = max(lead[1], 1)
     if cfg.max_length is not None and cfg.aggregation != "seq-mean-token-sum-norm":
         raise ValueError("max_length is only used by aggregation='seq-mean-token-sum-norm'")
     if num_items_in_batch is not None:
@@ -144,38 +165,40 @@ def make_token_batch(
                 raise ValueError("num_items_in_batch must be a scalar")
             if validate and not float(num_items_in_batch) > 0:
                 raise ValueError("num_items_in_batch must be > 0")
-            num_items_in_batch = num_items_in_batch.to(device=dev, dtype=edt).reshape(())
+            num_items_in_batch = num_items_in_batch.detach().to(device=device, dtype=dtype).reshape(())
         else:
-            num_items_in_batch = _finite("num_items_in_batch", num_items_in_batch, lo=0.0, lo_open=True)
+            num_items_in_batch = checks.real("num_items_in_batch", num_items_in_batch, lo=0.0, lo_open=True)
 
     # --- validity and value checks -----------------------------------------------------------
-    flat_targets = targets.reshape(-1)
-    valid = flat_targets != ignore_index
+    valid = torch.ones(N, dtype=torch.bool, device=device) if counted is None else counted.reshape(-1)
     if mask is not None:
         flat_mask = mask.reshape(-1)
         if validate:
             checks.binary_mask(flat_mask)
         valid = valid & flat_mask.bool()
-    if validate:
-        checks.target_ids(flat_targets, valid, weight.shape[0], ignore_index, bias)
-    # Padding positions may hold anything (NaN included): values are checked where valid
-    # and replaced by 0 elsewhere, so nothing from a masked token can reach the loss.
-    def flat(name: str, x: Tensor | None) -> Tensor | None:
+
+    # Padding positions may hold anything (NaN included): values are checked where valid and
+    # replaced by 0 elsewhere, so nothing from a masked token can reach the loss. Behaviour,
+    # reference and rollout log-probs are constants by definition: detached here.
+    def flat(name: str, x: Tensor | None, logprob: bool = False) -> Tensor | None:
         if x is None:
             return None
-        x = x.reshape(-1)
+        x = x.detach().reshape(-1)
         if validate:
-            checks.finite(name, x[valid])
-        return torch.where(valid, x.to(edt), 0.0)
+            counted_values = x[valid]
+            checks.finite(name, counted_values)
+            if logprob:
+                checks.logprob_values(name, counted_values, LOGPROB_SLACK)
+        return torch.where(valid, x.to(dtype), 0.0)
 
     return TokenBatch(
         valid=valid,
-        head_targets=torch.where(valid, flat_targets, -1).long(),
         advantages=flat("advantages", adv),
-        old_logprobs=flat("old_logprobs", old_logprobs),
-        ref_logprobs=flat("ref_logprobs", ref_logprobs),
-        rollout_logprobs=flat("rollout_logprobs", rollout_logprobs),
+        old_logprobs=flat("old_logprobs", old_logprobs, logprob=True),
+        ref_logprobs=flat("ref_logprobs", ref_logprobs, logprob=True),
+        rollout_logprobs=flat("rollout_logprobs", rollout_logprobs, logprob=True),
         layout=layout,
         num_items_in_batch=num_items_in_batch,
         max_length=max_length,
+        repo_stats=None if repo_stats is None else repo_stats.to(device),
     )

@@ -7,10 +7,56 @@ only when ``validate`` is true: by default on CPU tensors, on request on GPU.
 
 from __future__ import annotations
 
+import math
+from numbers import Real
+
 import torch
 from torch import Tensor
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+# ---------------------------------------------------------------------------------------------
+# scalar options
+# ---------------------------------------------------------------------------------------------
+
+def real(name: str, value, *, lo: float | None = None, hi: float | None = None,
+         lo_open: bool = False, hi_open: bool = False) -> float:
+    """Check that ``value`` is a finite real in the given range; return it as float."""
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    if lo is not None and (value <= lo if lo_open else value < lo):
+        raise ValueError(f"{name} must be {'>' if lo_open else '>='} {lo}, got {value}")
+    if hi is not None and (value >= hi if hi_open else value > hi):
+        raise ValueError(f"{name} must be {'<' if hi_open else '<='} {hi}, got {value}")
+    return value
+
+
+def choice(name: str, value, choices: tuple[str, ...]) -> str:
+    """Check that ``value`` is one of ``choices``."""
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+    return value
+
+
+def positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+def boolean(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return value
+
+
+# ---------------------------------------------------------------------------------------------
+# tensors
+# ---------------------------------------------------------------------------------------------
 
 
 def resolve_validate(validate: bool | None, device: torch.device) -> bool:
@@ -70,6 +116,13 @@ def target_ids(targets: Tensor, valid: Tensor, vocab_size: int, ignore_index: in
             bad = targets[excluded][0].item()
             raise ValueError(f"targets contains id {bad} whose bias is -inf (an excluded token): "
                              "its log-probability would be -inf")
+
+
+def logprob_values(name: str, x: Tensor, slack: float) -> None:
+    """Log-probabilities are <= 0: values above ``slack`` are probabilities or logits by mistake."""
+    if x.numel() and bool((x > slack).any()):
+        raise ValueError(f"{name} must hold log-probabilities (<= 0), got a maximum of {float(x.max()):.4g}: "
+                         "were probabilities or logits passed instead?")
 
 
 def binary_mask(mask: Tensor) -> None:

@@ -7,9 +7,9 @@ public argument it concerns.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from numbers import Real
+
+from .checks import boolean, choice, positive_int, real
 
 REPO_MODES = ("none", "fixed", "decorrelate")
 KL_ESTIMATORS = ("k1", "k2", "k3", "k3+")
@@ -19,36 +19,9 @@ PRECISIONS = ("native", "tf32", "ieee")
 BACKENDS = ("auto", "triton", "torch", "reference")
 
 
-def _finite(name: str, value, *, lo: float | None = None, hi: float | None = None,
-            lo_open: bool = False, hi_open: bool = False) -> float:
-    """Check that ``value`` is a finite real in the given range; return it as float."""
-    if isinstance(value, bool) or not isinstance(value, Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value}")
-    if lo is not None and (value <= lo if lo_open else value < lo):
-        raise ValueError(f"{name} must be {'>' if lo_open else '>='} {lo}, got {value}")
-    if hi is not None and (value >= hi if hi_open else value > hi):
-        raise ValueError(f"{name} must be {'<' if hi_open else '<='} {hi}, got {value}")
-    return value
-
-
-def _choice(name: str, value, choices: tuple[str, ...]) -> str:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
-    return value
-
-
-def _positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
-
-
 @dataclass(frozen=True)
 class HeadConfig:
-    """Options of the LM-head sweep: ``z = softcap(hidden @ weight.T + bias) / temperature``.
+    """Options of the LM-head sweep: ``z = softcap((hidden @ weight.T + bias) / temperature)``.
 
     temperature:   logits are divided by it (sampling temperature of the rollout).
     softcap:       if set, ``z = softcap * tanh(z / softcap)`` after the temperature.
@@ -70,16 +43,15 @@ class HeadConfig:
     vocab_chunk: int | None = None
 
     def __post_init__(self):
-        object.__setattr__(self, "temperature", _finite("temperature", self.temperature, lo=0.0, lo_open=True))
+        object.__setattr__(self, "temperature", real("temperature", self.temperature, lo=0.0, lo_open=True))
         if self.softcap is not None:
-            object.__setattr__(self, "softcap", _finite("softcap", self.softcap, lo=0.0, lo_open=True))
-        _choice("precision", self.precision, PRECISIONS)
-        if not isinstance(self.deterministic, bool):
-            raise TypeError(f"deterministic must be a bool, got {type(self.deterministic).__name__}")
+            object.__setattr__(self, "softcap", real("softcap", self.softcap, lo=0.0, lo_open=True))
+        choice("precision", self.precision, PRECISIONS)
+        boolean("deterministic", self.deterministic)
         if self.token_chunk is not None:
-            _positive_int("token_chunk", self.token_chunk)
+            positive_int("token_chunk", self.token_chunk)
         if self.vocab_chunk is not None:
-            _positive_int("vocab_chunk", self.vocab_chunk)
+            positive_int("vocab_chunk", self.vocab_chunk)
 
 
 @dataclass(frozen=True)
@@ -104,31 +76,30 @@ class LossConfig:
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731
-        set_("eps_low", _finite("eps_low", self.eps_low, lo=0.0, hi=1.0, hi_open=True))
-        set_("eps_high", _finite("eps_high", self.eps_high, lo=0.0))
+        set_("eps_low", real("eps_low", self.eps_low, lo=0.0, hi=1.0, hi_open=True))
+        set_("eps_high", real("eps_high", self.eps_high, lo=0.0))
         if self.dual_clip is not None:
             # verl's clip_ratio_c: the lower bound -c*A only makes sense above the clip range
-            set_("dual_clip", _finite("dual_clip", self.dual_clip, lo=1.0, lo_open=True))
+            set_("dual_clip", real("dual_clip", self.dual_clip, lo=1.0, lo_open=True))
         if self.delta is not None:
             # TRL's two-sided cap min(r, delta) on the unclipped ratio
-            set_("delta", _finite("delta", self.delta, lo=1.0, lo_open=True))
-        _choice("repo", self.repo, REPO_MODES)
+            set_("delta", real("delta", self.delta, lo=1.0, lo_open=True))
+        choice("repo", self.repo, REPO_MODES)
         if self.repo == "decorrelate":
-            set_("repo_coef", _finite("repo_coef", self.repo_coef, lo=0.0, hi=1.0))
+            set_("repo_coef", real("repo_coef", self.repo_coef, lo=0.0, hi=1.0))
         else:
-            set_("repo_coef", _finite("repo_coef", self.repo_coef, lo=0.0))
-        if not isinstance(self.repo_center, bool):
-            raise TypeError("repo_center must be a bool")
-        set_("kl_coef", _finite("kl_coef", self.kl_coef, lo=0.0))
-        _choice("kl_estimator", self.kl_estimator, KL_ESTIMATORS)
-        set_("entropy_coef", _finite("entropy_coef", self.entropy_coef))
-        _choice("aggregation", self.aggregation, AGGREGATIONS)
+            set_("repo_coef", real("repo_coef", self.repo_coef, lo=0.0))
+        boolean("repo_center", self.repo_center)
+        set_("kl_coef", real("kl_coef", self.kl_coef, lo=0.0))
+        choice("kl_estimator", self.kl_estimator, KL_ESTIMATORS)
+        set_("entropy_coef", real("entropy_coef", self.entropy_coef))
+        choice("aggregation", self.aggregation, AGGREGATIONS)
         if self.max_length is not None:
-            _positive_int("max_length", self.max_length)
-        _choice("importance_level", self.importance_level, IMPORTANCE_LEVELS)
+            positive_int("max_length", self.max_length)
+        choice("importance_level", self.importance_level, IMPORTANCE_LEVELS)
         if self.tis_cap is not None:
-            set_("tis_cap", _finite("tis_cap", self.tis_cap, lo=0.0, lo_open=True))
-        _choice("tis_level", self.tis_level, IMPORTANCE_LEVELS)
+            set_("tis_cap", real("tis_cap", self.tis_cap, lo=0.0, lo_open=True))
+        choice("tis_level", self.tis_level, IMPORTANCE_LEVELS)
 
     @property
     def needs_sequences(self) -> bool:

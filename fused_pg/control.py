@@ -34,7 +34,7 @@ from numbers import Real
 import torch
 from torch import Tensor
 
-from .config import _finite
+from .checks import real as _finite
 
 _STATE_VERSION = 1
 

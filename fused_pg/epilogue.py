@@ -27,41 +27,43 @@ from torch import Tensor
 
 from .batch import TokenBatch
 from .config import LossConfig
+from .stats import RepoStats
 
 LOG_RATIO_CLAMP = 20.0  # as verl: exp of a clamped log-ratio never overflows
 REPO_VAR_EPS = 1e-8  # a batch whose log-probs have no spread needs no decorrelation
 
 
-def repo_advantages(advantages: Tensor, logprobs: Tensor, valid: Tensor, cfg: LossConfig):
+def repo_advantages(advantages: Tensor, logprobs: Tensor, batch: TokenBatch, cfg: LossConfig):
     """REPO advantage correction ``A' = A - zeta * (logp - mu)`` with ``logp`` detached.
 
     * ``none``:        ``A' = A``.
     * ``fixed``:       ``zeta = repo_coef``.
-    * ``decorrelate``: ``zeta = repo_coef * Cov(A, logp) / Var(logp)`` over the valid tokens,
-      so that ``repo_coef = 1`` removes the batch covariance exactly (0 if Var < 1e-8).
+    * ``decorrelate``: ``zeta = repo_coef * Cov(A, logp) / Var(logp)`` over the tokens that
+      count, so that ``repo_coef = 1`` removes the batch covariance exactly (0 if Var < 1e-8).
 
-    ``mu`` is the batch mean of ``logp`` (``repo_center=True``) or 0.
-    Returns ``(A', zeta, cov_before, cov_after)``.
+    ``mu`` is the batch mean of ``logp`` (``repo_center=True``) or 0. The statistics are those
+    of ``batch.repo_stats`` when given (the whole batch across micro-batches / ranks), else of
+    this batch. Returns ``(A', zeta, cov_before, cov_after)``; ``cov_after = Cov(A', logp)
+    = cov_before - zeta * Var(logp)`` over the batch the statistics describe.
     """
-    m = valid.to(logprobs.dtype)
-    inv_n = 1.0 / m.sum().clamp_min(1.0)
-    mean = lambda x: (x * m).sum() * inv_n  # noqa: E731
     lp = logprobs.detach()
-    mean_lp = mean(lp)
-    d_lp = lp - mean_lp
-    cov = mean((advantages - mean(advantages)) * d_lp)
+    stats = batch.repo_stats if batch.repo_stats is not None else RepoStats.of(lp, advantages, batch.valid)
+    cov, var = stats.cov_adv_logprob, stats.var_logprob
     if cfg.repo == "none":
         zeta = torch.zeros_like(cov)
     elif cfg.repo == "fixed":
         zeta = torch.full_like(cov, cfg.repo_coef)
     else:
-        var = mean(d_lp * d_lp)
         has_spread = var > REPO_VAR_EPS
         zeta = torch.where(has_spread, cfg.repo_coef * cov / torch.where(has_spread, var, 1.0), 0.0)
-    mu = mean_lp if cfg.repo_center else 0.0
-    corrected = advantages - zeta * (lp - mu) if cfg.repo != "none" else advantages
-    cov_after = mean((corrected - mean(corrected)) * d_lp)
-    return corrected, zeta, cov, cov_after
+    cov_after = cov - zeta * var
+    dtype = logprobs.dtype
+    if cfg.repo == "none":
+        corrected = advantages
+    else:
+        mu = stats.mean_logprob.to(dtype) if cfg.repo_center else 0.0
+        corrected = advantages - zeta.to(dtype) * (lp - mu)
+    return corrected, zeta.to(dtype), cov.to(dtype), cov_after.to(dtype)
 
 
 def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, estimator: str) -> Tensor:
@@ -82,11 +84,22 @@ def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, estimator: str) -> Tensor
     return k2 - k2.detach() + k3.detach()
 
 
+METRIC_KEYS = (
+    "pg_loss", "entropy_mean", "logprob_mean", "ratio_mean", "ratio_max",
+    "clip_frac_low", "clip_frac_high", "clip_frac_dual", "approx_kl", "kl_mean",
+    "tis_weight_mean", "repo_zeta", "adv_logp_cov_before", "adv_logp_cov_after",
+    "n_tokens", "n_seqs", "empty_batch", "eps_low", "eps_high",
+)
+"""Keys of ``metrics``: always all present (0 where an option is off), so loggers see the same
+columns every step."""
+
+
 def policy_loss(logprobs: Tensor, entropy: Tensor, batch: TokenBatch, cfg: LossConfig):
     """Loss and metrics from per-token ``logprobs`` / ``entropy`` ([N], 0 where not valid).
 
     Returns ``(loss, metrics)``: a scalar with grad to ``logprobs`` and ``entropy``, and a
-    dict of detached 0-dim tensors (and the float hyper-parameters used).
+    dict with every key of :data:`METRIC_KEYS`: detached 0-dim tensors, and the float
+    hyper-parameters used (``eps_low``, ``eps_high``).
     """
     valid = batch.valid
     layout = batch.layout
@@ -94,11 +107,13 @@ def policy_loss(logprobs: Tensor, entropy: Tensor, batch: TokenBatch, cfg: LossC
     n_tokens = m.sum()
     inv_n = 1.0 / n_tokens.clamp_min(1.0)
     mean = lambda x: (torch.where(valid, x, 0.0)).sum() * inv_n  # noqa: E731
+    zero = torch.zeros_like(n_tokens)
     lp = logprobs.detach()
-    old = batch.old_logprobs
+    # on-policy (no behaviour log-probs): old = logp, so the ratio is 1 with the gradient of logp
+    old = batch.old_logprobs if batch.old_logprobs is not None else lp
 
     # 1. REPO-corrected advantages ----------------------------------------------------------
-    adv, zeta, cov_before, cov_after = repo_advantages(batch.advantages, logprobs, valid, cfg)
+    adv, zeta, cov_before, cov_after = repo_advantages(batch.advantages, logprobs, batch, cfg)
 
     # 2. importance ratio -----------------------------------------------------------------------
     if cfg.importance_level == "token":
@@ -111,57 +126,61 @@ def policy_loss(logprobs: Tensor, entropy: Tensor, batch: TokenBatch, cfg: LossC
     ratio = torch.exp(torch.clamp(log_ratio, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
 
     # 3. asymmetric clipped surrogate -----------------------------------------------------------
-    metrics: dict[str, Tensor | float] = {}
     ratio_unclipped = torch.clamp(ratio, max=cfg.delta) if cfg.delta is not None else ratio
     pg = torch.maximum(-adv * ratio_unclipped,
                        -adv * torch.clamp(ratio, 1.0 - cfg.eps_low, 1.0 + cfg.eps_high))
+    clip_frac_dual = zero
     if cfg.dual_clip is not None:
         pg_dual = -adv * cfg.dual_clip
-        metrics["clip_frac_dual"] = mean(((adv < 0) & (pg_dual < pg)).to(m.dtype))
+        clip_frac_dual = mean(((adv < 0) & (pg_dual < pg)).to(m.dtype))
         pg = torch.where(adv < 0, torch.minimum(pg, pg_dual), pg)
     r = ratio.detach()
-    metrics["clip_frac_low"] = mean(((r < 1.0 - cfg.eps_low) & (adv < 0)).to(m.dtype))
-    metrics["clip_frac_high"] = mean(((r > 1.0 + cfg.eps_high) & (adv > 0)).to(m.dtype))
 
     # 4. truncated importance sampling (trainer vs rollout-engine log-probs) ---------------
+    tis_weight_mean = zero
     if cfg.tis_cap is not None:
         log_w = old - batch.rollout_logprobs
         if cfg.tis_level == "sequence":
             log_w = layout.broadcast(layout.seq_sum(log_w * m))
         tis_weight = torch.clamp(torch.exp(log_w), max=cfg.tis_cap)
         pg = pg * tis_weight
-        metrics["tis_weight_mean"] = mean(tis_weight)
+        tis_weight_mean = mean(tis_weight)
 
     # 5. KL to the reference policy and entropy bonus ---------------------------------------
     loss_tok = pg
+    kl_mean = zero
     if batch.ref_logprobs is not None:
         kl = kl_penalty(logprobs, batch.ref_logprobs, cfg.kl_estimator)
         if cfg.kl_coef > 0:
             loss_tok = loss_tok + cfg.kl_coef * kl
-        metrics["kl_mean"] = mean(kl.detach())
+        kl_mean = mean(kl.detach())
     if cfg.entropy_coef != 0:
         loss_tok = loss_tok - cfg.entropy_coef * entropy
 
     # 6. aggregation -------------------------------------------------------------------------------
     loss = aggregate(loss_tok, batch, cfg)
 
-    metrics.update(
-        n_tokens=n_tokens,
-        empty_batch=(n_tokens == 0).to(m.dtype),
+    metrics: dict[str, Tensor | float] = dict(
+        pg_loss=aggregate(pg.detach(), batch, cfg),
         entropy_mean=mean(entropy.detach()),
         logprob_mean=mean(lp),
         ratio_mean=mean(r),
-        ratio_max=torch.where(valid, r, 0.0).max() if r.numel() else n_tokens,
+        ratio_max=torch.where(valid, r, 0.0).max() if r.numel() else zero,
+        clip_frac_low=mean(((r < 1.0 - cfg.eps_low) & (adv < 0)).to(m.dtype)),
+        clip_frac_high=mean(((r > 1.0 + cfg.eps_high) & (adv > 0)).to(m.dtype)),
+        clip_frac_dual=clip_frac_dual,
         approx_kl=mean(old - lp),
-        pg_loss=aggregate(pg.detach(), batch, cfg),
+        kl_mean=kl_mean,
+        tis_weight_mean=tis_weight_mean,
         repo_zeta=zeta,
         adv_logp_cov_before=cov_before,
         adv_logp_cov_after=cov_after,
+        n_tokens=n_tokens,
+        n_seqs=(layout.seq_sum(m) > 0).to(m.dtype).sum() if layout is not None else zero,
+        empty_batch=(n_tokens == 0).to(m.dtype),
         eps_low=cfg.eps_low,
         eps_high=cfg.eps_high,
     )
-    if layout is not None:
-        metrics["n_seqs"] = (layout.seq_sum(m) > 0).to(m.dtype).sum()
     return loss, metrics
 
 
@@ -185,7 +204,7 @@ def aggregate(loss_tok: Tensor, batch: TokenBatch, cfg: LossConfig) -> Tensor:
         return x.sum() / denom
     layout = batch.layout
     if cfg.aggregation == "seq-mean-token-sum-norm":
-        num_seqs = num_items if num_items is not None else layout.num_seqs
+        num_seqs = num_items if num_items is not None else max(layout.num_seqs, 1)
         return x.sum() / (num_seqs * batch.max_length)
     seq_loss = layout.seq_sum(x)
     seq_count = layout.seq_sum(valid.to(x.dtype))

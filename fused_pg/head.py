@@ -1,33 +1,37 @@
 """The LM-head building block: per-token log-probability and entropy, fused.
 
-One ``torch.autograd.Function`` serves every sweep backend: its forward calls the backend's
+Public entry point :func:`fused_logprobs_entropy`, and :class:`FusedHead`, the one
+``torch.autograd.Function`` that serves every sweep backend: its forward calls the backend's
 ``forward_sweep`` (online log-sum-exp, entropy, target logit) and its backward the backend's
-``backward_sweep`` (logits recomputed tile by tile). Between them, autograd runs whatever
-the caller does with the two outputs, e.g. the policy-loss epilogue.
+``backward_sweep`` (logits recomputed tile by tile). Between them, autograd runs whatever the
+caller does with the two outputs, e.g. the policy-loss epilogue. Backends and their
+capabilities live in :mod:`fused_pg.backends`.
 """
 
 from __future__ import annotations
 
-import os
 from types import ModuleType
 
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from . import checks
-from .config import BACKENDS, HeadConfig, _choice
+from . import backends, checks
+from .config import HeadConfig
 
 
 class FusedHead(torch.autograd.Function):
     """(hidden [N, D], weight [V, D], bias [V] | None, targets [N]) -> (logprobs, entropy).
 
     Saves the inputs plus ``lse`` and ``entropy`` ([N] each) for backward: O(N) extra memory.
+    Both sweeps run with autocast disabled, on the inputs' own dtypes, so forward and backward
+    see the same logits whatever autocast region the caller is in.
     """
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, sweeps: ModuleType, cfg: HeadConfig):
-        logprobs, entropy, lse = sweeps.forward_sweep(hidden, weight, bias, targets, cfg)
+        with torch.autocast(hidden.device.type, enabled=False):
+            logprobs, entropy, lse = sweeps.forward_sweep(hidden, weight, bias, targets, cfg)
         ctx.save_for_backward(hidden, weight, bias, targets, lse, entropy)
         ctx.sweeps, ctx.cfg = sweeps, cfg
         return logprobs, entropy
@@ -36,14 +40,15 @@ class FusedHead(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_logprobs, grad_entropy):
         hidden, weight, bias, targets, lse, entropy = ctx.saved_tensors
-        # ignored tokens output constants: their upstream gradients must not flow back
+        # tokens that do not count output constants: their upstream gradients must not flow back
         valid = targets >= 0
         g = torch.where(valid, grad_logprobs, 0.0)
         e = torch.where(valid, grad_entropy, 0.0)
         need_dh, need_dw, need_db = ctx.needs_input_grad[:3]
-        d_hidden, d_weight, d_bias = ctx.sweeps.backward_sweep(
-            hidden, weight, bias, targets, lse, entropy, g, e, ctx.cfg,
-            needs=(need_dh, need_dw, need_db and bias is not None))
+        with torch.autocast(hidden.device.type, enabled=False):
+            d_hidden, d_weight, d_bias = ctx.sweeps.backward_sweep(
+                hidden, weight, bias, targets, lse, entropy, g, e, ctx.cfg,
+                needs=(need_dh, need_dw, need_db and bias is not None))
         return (
             d_hidden.to(hidden.dtype) if need_dh else None,
             d_weight.to(weight.dtype) if need_dw else None,
@@ -52,25 +57,8 @@ class FusedHead(torch.autograd.Function):
         )
 
 
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-def resolve_backend(backend: str, device: torch.device) -> str:
-    _choice("backend", backend, BACKENDS)
-    if backend == "auto":
-        return "triton" if device.type == "cuda" else "torch"
-    if backend == "triton" and device.type != "cuda" and not interpreting():
-        raise ValueError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 to run the "
-                         "kernels on CPU, for tests); use backend='torch' on CPU")
-    return backend
-
-
-def check_head_args(hidden, weight, targets, bias, ignore_index, validate) -> tuple[int, int, bool]:
-    """Check the LM-head arguments; returns (N, V, validate).
-
-    Target ids are checked by the callers, which know which tokens count.
-    """
+def check_head_args(hidden, weight, targets, bias, ignore_index) -> tuple[int, int]:
+    """Check types and shapes of the LM-head arguments (no value reads); returns (N, V)."""
     checks.tensor("hidden", hidden, dims=(2, 3), floating=True)
     dev = hidden.device
     checks.tensor("weight", weight, dims=(2,), floating=True, device=dev)
@@ -85,35 +73,45 @@ def check_head_args(hidden, weight, targets, bias, ignore_index, validate) -> tu
         checks.shape("bias", bias, (V,), "one entry per vocabulary row of weight")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
-    if hidden.numel() == 0 or V == 0:
-        raise ValueError(f"hidden {tuple(hidden.shape)} and weight {tuple(weight.shape)} must be non-empty")
-    validate = checks.resolve_validate(validate, dev)
-    if validate:
-        checks.finite("hidden", hidden)
-        checks.finite("weight", weight)
-        if bias is not None:
-            checks.bias_values(bias)
-    return targets.numel(), V, validate
+    if hidden.shape[-1] == 0 or V == 0:
+        raise ValueError(f"hidden {tuple(hidden.shape)} and weight {tuple(weight.shape)} must have "
+                         "a non-empty hidden size and vocabulary")
+    return targets.numel(), V
+
+
+def check_head_values(hidden: Tensor, weight: Tensor, bias: Tensor | None, valid: Tensor) -> None:
+    """Value checks (they read tensors): finite weight and bias, finite hidden rows that count."""
+    checks.finite("hidden", hidden.reshape(valid.numel(), hidden.shape[-1])[valid.reshape(-1)])
+    checks.finite("weight", weight)
+    if bias is not None:
+        checks.bias_values(bias)
 
 
 def run_head(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor,
-             cfg: HeadConfig, backend: str) -> tuple[Tensor, Tensor]:
-    """Dispatch the sweep on flat inputs: hidden [N, D], targets [N] (-1 = ignored)."""
-    if backend == "reference":
-        if cfg.precision == "tf32":
-            raise ValueError("precision='tf32' is only implemented by backend='triton'")
-        from .backends import materialized
-        return materialized.logprobs_entropy(hidden, weight, bias, targets, cfg)
-    if backend == "torch":
-        if cfg.precision == "tf32":
-            raise ValueError("precision='tf32' is only implemented by backend='triton'")
-        from .backends import torch_chunked as sweeps
-    else:
-        if torch.float64 in (hidden.dtype, weight.dtype) or (bias is not None and bias.dtype == torch.float64):
-            raise TypeError("backend='triton' supports float16, bfloat16 and float32 inputs; "
-                            "use backend='torch' or 'reference' for float64")
-        from .backends import triton_fused as sweeps
-    return FusedHead.apply(hidden, weight, bias, targets, sweeps, cfg)
+             cfg: HeadConfig, backend: backends.Backend) -> tuple[Tensor, Tensor]:
+    """Flat inputs, hidden [N, D], targets [N] int64 (-1 = not counted) -> (logprobs, entropy).
+
+    Rows that do not count never touch an output: they are zeroed before any product (padding
+    rows may hold NaN), which also makes their gradient exactly 0.
+    """
+    dtypes = (hidden.dtype, weight.dtype) + ((bias.dtype,) if bias is not None else ())
+    backend.check(hidden.device, dtypes, cfg.precision)
+    impl = backend.load()
+    if hidden.shape[0] == 0:  # an empty micro-batch: nothing to sweep, zero gradients
+        anchor = hidden.sum() + weight.sum() + (bias.sum() if bias is not None else 0.0)
+        dtype = backends.common.compute_dtype(hidden, weight)
+        empty = torch.zeros(0, dtype=dtype, device=hidden.device) * anchor.to(dtype)
+        return empty, empty.clone()
+    if not backend.skips_invalid_rows:
+        hidden = torch.where((targets >= 0)[:, None], hidden, 0.0)
+    if not backend.sweeps:
+        return impl.logprobs_entropy(hidden, weight, bias, targets, cfg)
+    return FusedHead.apply(hidden, weight, bias, targets, impl, cfg)
+
+
+def flat_head_targets(targets: Tensor, valid: Tensor) -> Tensor:
+    """int64 [N] targets for the sweeps: the id where ``valid``, -1 elsewhere."""
+    return torch.where(valid.reshape(-1), targets.reshape(-1).long(), -1)
 
 
 def fused_logprobs_entropy(
@@ -151,7 +149,8 @@ def fused_logprobs_entropy(
         deterministic: bitwise reproducible kernels (fixed configs, no autotuning).
         token_chunk, vocab_chunk: logits tile of the chunked sweeps (None: default).
         validate: check values (NaN/Inf, target ids); default True on CPU, False on GPU
-                  (value checks synchronise with the device).
+                  (value checks synchronise with the device). Unchecked ids outside
+                  [0, V) are never read: they do not count (0, no gradient), on every backend.
 
     Returns:
         ``(logprobs, entropy)``, fp32 (fp64 for fp64 inputs), shaped like ``targets``, 0 at
@@ -160,13 +159,15 @@ def fused_logprobs_entropy(
     Example:
         >>> logp, ent = fused_logprobs_entropy(h, lm_head.weight, input_ids[:, 1:])
     """
-    _, V, validate = check_head_args(hidden, weight, targets, bias, ignore_index, validate)
-    if validate:
-        checks.target_ids(targets, targets != ignore_index, V, ignore_index, bias)
+    _, V = check_head_args(hidden, weight, targets, bias, ignore_index)
     cfg = HeadConfig(temperature=temperature, softcap=softcap, precision=precision,
                      deterministic=deterministic, token_chunk=token_chunk, vocab_chunk=vocab_chunk)
-    backend = resolve_backend(backend, hidden.device)
-    flat_targets = targets.reshape(-1)
-    flat_targets = torch.where(flat_targets == ignore_index, -1, flat_targets).long()
-    logprobs, entropy = run_head(hidden.reshape(-1, hidden.shape[-1]), weight, bias, flat_targets, cfg, backend)
+    impl = backends.resolve(backend, hidden.device)
+    wide = targets.long()
+    valid = (wide != ignore_index) & (wide >= 0) & (wide < V)
+    if checks.resolve_validate(validate, hidden.device):
+        checks.target_ids(wide, wide != ignore_index, V, ignore_index, bias)
+        check_head_values(hidden, weight, bias, valid)
+    flat = flat_head_targets(wide, valid)
+    logprobs, entropy = run_head(hidden.reshape(targets.numel(), hidden.shape[-1]), weight, bias, flat, cfg, impl)
     return logprobs.view(targets.shape), entropy.view(targets.shape)

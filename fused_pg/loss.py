@@ -1,27 +1,40 @@
-"""Public loss functions: ``repo_loss`` and ``adapo_loss``."""
+"""Public loss functions: ``repo_loss`` (from hidden states), ``policy_loss_from_logprobs``
+(from per-token log-probs) and ``adapo_loss`` (``repo_loss`` with an ADAPO controller).
+
+``repo_loss`` is the fused head (:func:`fused_pg.head.run_head`) followed by the same
+epilogue ``policy_loss_from_logprobs`` runs, so both give identical losses on identical
+log-probs.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
 from torch import Tensor
 
+from . import backends, checks
 from .batch import make_token_batch
 from .config import HeadConfig, LossConfig
 from .control import AdaptiveClip
 from .epilogue import policy_loss
-from .head import check_head_args, resolve_backend, run_head
+from .head import check_head_args, check_head_values, flat_head_targets, run_head
+from .stats import RepoStats
 
 
 @dataclass
 class PolicyLossOutput:
     """What the loss functions return.
 
-    loss:     scalar, differentiable w.r.t. hidden, weight and bias.
-    logprobs: log-probabilities of the targets, fp32, hidden's leading shape, detached, 0 where masked.
-    entropy:  token entropies, same shape and dtype, detached, 0 where masked.
-    metrics:  0-dim tensors (read them when you like: no host sync happens until you do)
-              and the float hyper-parameters used (eps_low, eps_high).
+    loss:     scalar, differentiable w.r.t. hidden, weight and bias (``repo_loss``) or
+              logprobs and entropy (``policy_loss_from_logprobs``).
+    logprobs: log-probabilities of the targets, fp32 (fp64 for fp64 inputs), the per-token
+              shape, detached, 0 where masked.
+    entropy:  token entropies, same shape and dtype, detached, 0 where masked (all 0 when
+              ``policy_loss_from_logprobs`` got no entropy).
+    metrics:  every key of :data:`fused_pg.epilogue.METRIC_KEYS`, always present (0 where an
+              option is off): 0-dim tensors (no host sync happens until you read them) and
+              the float hyper-parameters used (eps_low, eps_high).
     """
 
     loss: Tensor
@@ -30,12 +43,42 @@ class PolicyLossOutput:
     metrics: dict[str, Tensor | float] = field(default_factory=dict)
 
 
+class _NoGradientPath(torch.autograd.Function):
+    """Identity on the loss whose backward explains, by name, that nothing requires grad."""
+
+    @staticmethod
+    def forward(ctx, loss, anchor, message):
+        ctx.message = message
+        return loss.detach().clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise RuntimeError(ctx.message)
+
+
+def _explain_missing_grad(loss: Tensor, leaves: dict[str, Tensor | None], fn: str) -> Tensor:
+    """If grad mode is on but no input requires grad, ``loss.backward()`` would fail with
+    PyTorch's generic message; make it name the inputs instead (the value is unchanged)."""
+    if not torch.is_grad_enabled() or any(t is not None and t.requires_grad for t in leaves.values()):
+        return loss
+    names = ", ".join(n for n, t in leaves.items() if t is not None)
+    message = (f"{fn}: none of {names} requires grad, so the loss has no gradient; call "
+               f"requires_grad_() on the inputs to train (or compute the loss under torch.no_grad())")
+    anchor = torch.zeros((), device=loss.device, requires_grad=True)
+    return _NoGradientPath.apply(loss, anchor, message)
+
+
+def _edt(*tensors: Tensor | None) -> torch.dtype:
+    """Epilogue arithmetic dtype: fp64 when any input is fp64, else fp32."""
+    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
 def repo_loss(
     hidden: Tensor,
     weight: Tensor,
     targets: Tensor,
     advantages: Tensor,
-    old_logprobs: Tensor,
+    old_logprobs: Tensor | None,
     mask: Tensor | None = None,
     *,
     bias: Tensor | None = None,
@@ -49,6 +92,7 @@ def repo_loss(
     repo: str = "decorrelate",
     repo_coef: float = 1.0,
     repo_center: bool = True,
+    repo_stats: RepoStats | None = None,
     kl_coef: float = 0.0,
     kl_estimator: str = "k3",
     entropy_coef: float = 0.0,
@@ -71,7 +115,7 @@ def repo_loss(
     """Entropy-aware clipped policy-gradient loss straight from hidden states.
 
     One vocabulary sweep gives per-token log-probs and entropies (no ``N x V`` logits),
-    then, per valid token::
+    then the epilogue of :func:`policy_loss_from_logprobs`, per valid token::
 
         A'  = A - zeta * (logp - mu)                                   REPO (logp detached)
         r   = exp(clamp(logp - old, -20, 20))                          (or GSPO sequence ratio)
@@ -83,10 +127,12 @@ def repo_loss(
     Args:
         hidden:        [B, T, D] or packed [N, D] final hidden states.
         weight:        [V, D] LM-head weight (bias: optional [V]).
-        targets:       token ids, hidden's leading shape ([B, T] or [N]).
+        targets:       token ids, hidden's leading shape ([B, T] or [N]); any integer dtype.
         advantages:    per token (hidden's leading shape) or per sequence ([B], or [S] with
                        cu_seqlens).
-        old_logprobs:  behaviour-policy log-probs, hidden's leading shape.
+        old_logprobs:  behaviour-policy log-probs, hidden's leading shape; ``None`` means
+                       on-policy (ratio 1 with the gradient of logp, no extra sweep). Like
+                       ref/rollout log-probs they are constants: detached inside.
         mask:          1/True for tokens that count (bool, int or float 0/1); tokens whose
                        target is ``ignore_index`` never count.
         ref_logprobs:  reference-policy log-probs, for ``kl_coef`` (KL is reported whenever given).
@@ -101,6 +147,8 @@ def repo_loss(
         repo:          "none" | "fixed" | "decorrelate" (see :func:`fused_pg.epilogue.repo_advantages`).
         repo_coef:     zeta for "fixed" (>= 0), gamma in [0, 1] for "decorrelate".
         repo_center:   mu = batch mean of logp (True) or 0.
+        repo_stats:    REPO statistics of the whole batch (:func:`fused_pg.repo_statistics`),
+                       for gradient accumulation and data parallelism; default: this batch's.
         kl_coef, kl_estimator: ``"k1" | "k2" | "k3" | "k3+"``.
         entropy_coef:  entropy bonus coefficient (the loss subtracts ``entropy_coef * H``).
         temperature, softcap: LM-head options, see :func:`fused_logprobs_entropy`.
@@ -112,18 +160,19 @@ def repo_loss(
         importance_level: "token" or "sequence" (GSPO).
         ignore_index:  target id that marks tokens to skip.
         backend, precision, deterministic, token_chunk, vocab_chunk, validate:
-                       see :func:`fused_logprobs_entropy`.
+                       see :func:`fused_logprobs_entropy`. ``validate`` also checks that the
+                       log-prob inputs are <= 0 (up to 1e-2) and finite where they count.
 
     Returns:
         :class:`PolicyLossOutput` with ``loss``, ``logprobs``, ``entropy``, ``metrics``.
-        An all-masked batch gives ``loss == 0`` with zero gradients and
+        An all-masked (or empty) batch gives ``loss == 0`` with zero gradients and
         ``metrics["empty_batch"] == 1``.
 
     Example:
         >>> out = repo_loss(h, model.lm_head.weight, ids[:, 1:], adv, old_logp, mask)
         >>> out.loss.backward()
     """
-    N, _, validate = check_head_args(hidden, weight, targets, bias, ignore_index, validate)
+    N, V = check_head_args(hidden, weight, targets, bias, ignore_index)
     loss_cfg = LossConfig(
         eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip, delta=delta, repo=repo,
         repo_coef=repo_coef, repo_center=repo_center, kl_coef=kl_coef, kl_estimator=kl_estimator,
@@ -131,18 +180,127 @@ def repo_loss(
         importance_level=importance_level, tis_cap=tis_cap, tis_level=tis_level)
     head_cfg = HeadConfig(temperature=temperature, softcap=softcap, precision=precision,
                           deterministic=deterministic, token_chunk=token_chunk, vocab_chunk=vocab_chunk)
-    backend = resolve_backend(backend, hidden.device)
+    impl = backends.resolve(backend, hidden.device)
+    validate = checks.resolve_validate(validate, hidden.device)
+    # targets widened to int64 first: a small integer dtype (uint8 wraps -100 to 156) must not
+    # alias a vocabulary id. Unchecked ids outside [0, V) never count (a sync-free guard).
+    wide = targets.reshape(-1).long()
+    counted = wide != ignore_index
+    if not validate:
+        counted = counted & (wide >= 0) & (wide < V)
     batch = make_token_batch(
-        hidden, weight, targets, advantages, old_logprobs, mask, bias=bias,
-        ref_logprobs=ref_logprobs, rollout_logprobs=rollout_logprobs, cu_seqlens=cu_seqlens,
-        num_items_in_batch=num_items_in_batch, ignore_index=ignore_index, cfg=loss_cfg,
-        validate=validate)
-    logprobs, entropy = run_head(hidden.reshape(N, -1), weight, bias, batch.head_targets, head_cfg, backend)
+        tuple(targets.shape), hidden.device, _edt(hidden, weight), counted=counted,
+        advantages=advantages, old_logprobs=old_logprobs, mask=mask, ref_logprobs=ref_logprobs,
+        rollout_logprobs=rollout_logprobs, cu_seqlens=cu_seqlens, num_items_in_batch=num_items_in_batch,
+        repo_stats=repo_stats, cfg=loss_cfg, validate=validate, what="the leading shape of hidden")
+    if validate:
+        checks.target_ids(wide, batch.valid, V, ignore_index, bias)
+        check_head_values(hidden, weight, bias, batch.valid)
+    logprobs, entropy = run_head(hidden.reshape(N, hidden.shape[-1]), weight, bias, flat_head_targets(wide, batch.valid),
+                                 head_cfg, impl)
     loss, metrics = policy_loss(logprobs, entropy, batch, loss_cfg)
+    loss = _explain_missing_grad(loss, {"hidden": hidden, "weight": weight, "bias": bias}, "repo_loss")
     return PolicyLossOutput(
         loss=loss,
         logprobs=logprobs.detach().view(targets.shape),
         entropy=entropy.detach().view(targets.shape),
+        metrics=metrics,
+    )
+
+
+def policy_loss_from_logprobs(
+    logprobs: Tensor,
+    advantages: Tensor,
+    old_logprobs: Tensor | None = None,
+    mask: Tensor | None = None,
+    *,
+    entropy: Tensor | None = None,
+    ref_logprobs: Tensor | None = None,
+    rollout_logprobs: Tensor | None = None,
+    cu_seqlens: Tensor | None = None,
+    eps_low: float = 0.2,
+    eps_high: float = 0.28,
+    dual_clip: float | None = None,
+    delta: float | None = None,
+    repo: str = "decorrelate",
+    repo_coef: float = 1.0,
+    repo_center: bool = True,
+    repo_stats: RepoStats | None = None,
+    kl_coef: float = 0.0,
+    kl_estimator: str = "k3",
+    entropy_coef: float = 0.0,
+    aggregation: str = "token-mean",
+    num_items_in_batch: float | Tensor | None = None,
+    max_length: int | None = None,
+    importance_level: str = "token",
+    tis_cap: float | None = None,
+    tis_level: str = "token",
+    validate: bool | None = None,
+) -> PolicyLossOutput:
+    """The policy loss of :func:`repo_loss` for callers that already have per-token log-probs.
+
+    For trainers that compute log-probs (and entropies) with their own head, e.g. verl and
+    OpenRLHF: the same options, semantics, metrics and output. ``repo_loss`` is the fused
+    head followed by exactly this epilogue.
+
+    Args:
+        logprobs:  [B, T] or packed [N] log-probs of the sampled tokens under the current
+                   policy, differentiable (any float dtype; the epilogue runs in fp32, or fp64).
+        advantages, old_logprobs, mask, ref_logprobs, rollout_logprobs, cu_seqlens: as in
+                   :func:`repo_loss`, with ``logprobs``' shape in place of hidden's leading
+                   shape; ``old_logprobs=None`` means on-policy.
+        entropy:   optional per-token entropies, ``logprobs``' shape, differentiable; needed
+                   when ``entropy_coef != 0`` and reported as ``metrics["entropy_mean"]``
+                   (0 when not given).
+        other options: exactly those of :func:`repo_loss`.
+
+    Returns:
+        :class:`PolicyLossOutput`; ``loss`` is differentiable w.r.t. ``logprobs`` and ``entropy``.
+
+    Example:
+        >>> logp = model_logprobs(batch)                 # [B, T], requires grad
+        >>> out = policy_loss_from_logprobs(logp, adv, old_logp, response_mask)
+        >>> out.loss.backward()
+    """
+    checks.tensor("logprobs", logprobs, dims=(1, 2), floating=True)
+    dev = logprobs.device
+    lead = tuple(logprobs.shape)
+    if entropy is not None:
+        checks.tensor("entropy", entropy, floating=True, device=dev)
+        checks.shape("entropy", entropy, lead, "the shape of logprobs")
+    loss_cfg = LossConfig(
+        eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip, delta=delta, repo=repo,
+        repo_coef=repo_coef, repo_center=repo_center, kl_coef=kl_coef, kl_estimator=kl_estimator,
+        entropy_coef=entropy_coef, aggregation=aggregation, max_length=max_length,
+        importance_level=importance_level, tis_cap=tis_cap, tis_level=tis_level)
+    if entropy is None and loss_cfg.entropy_coef != 0:
+        raise ValueError("entropy_coef != 0 needs entropy (per-token entropies, the shape of logprobs)")
+    validate = checks.resolve_validate(validate, dev)
+    edt = _edt(logprobs)
+    batch = make_token_batch(
+        lead, dev, edt, counted=None, advantages=advantages, old_logprobs=old_logprobs, mask=mask,
+        ref_logprobs=ref_logprobs, rollout_logprobs=rollout_logprobs, cu_seqlens=cu_seqlens,
+        num_items_in_batch=num_items_in_batch, repo_stats=repo_stats, cfg=loss_cfg, validate=validate,
+        what="the shape of logprobs")
+    valid = batch.valid
+    lp = logprobs.reshape(-1)
+    if validate:
+        checks.finite("logprobs", lp.detach()[valid])
+        checks.logprob_values("logprobs", lp.detach()[valid], 1e-2)
+    lp = torch.where(valid, lp.to(edt), 0.0)
+    if entropy is not None:
+        ent = entropy.reshape(-1)
+        if validate:
+            checks.finite("entropy", ent.detach()[valid])
+        ent = torch.where(valid, ent.to(edt), 0.0)
+    else:
+        ent = torch.zeros_like(lp, requires_grad=False)
+    loss, metrics = policy_loss(lp, ent, batch, loss_cfg)
+    loss = _explain_missing_grad(loss, {"logprobs": logprobs, "entropy": entropy}, "policy_loss_from_logprobs")
+    return PolicyLossOutput(
+        loss=loss,
+        logprobs=lp.detach().view(lead),
+        entropy=ent.detach().view(lead),
         metrics=metrics,
     )
 

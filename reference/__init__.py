@@ -9,6 +9,6 @@ with what it checks proves nothing.
 """
 
 from .head import logprobs_entropy_ref
-from .loss import ReferenceOutput, repo_loss_ref
+from .loss import ReferenceOutput, policy_loss_ref, repo_loss_ref
 
-__all__ = ["logprobs_entropy_ref", "repo_loss_ref", "ReferenceOutput"]
+__all__ = ["logprobs_entropy_ref", "policy_loss_ref", "repo_loss_ref", "ReferenceOutput"]

@@ -1,5 +1,8 @@
-"""Literal oracle of the REPO / ADAPO policy-gradient loss (SPEC section 2).
+"""Literal oracle of the REPO / ADAPO policy-gradient loss.
 
+``policy_loss_ref`` takes per-token log-probs and entropies (the oracle of
+``fused_pg.policy_loss_from_logprobs``); ``repo_loss_ref`` is the materialised head
+(:func:`logprobs_entropy_ref`) followed by it (the oracle of ``fused_pg.repo_loss``).
 Written for clarity, not speed: per-token Python-level formulas and explicit loops over
 sequences. Masked tokens are excluded from every statistic and contribute nothing.
 """
@@ -25,10 +28,10 @@ class ReferenceOutput:
     metrics: dict[str, Tensor | float] = field(default_factory=dict)
 
 
-def _sequences(hidden: Tensor, cu_seqlens: Tensor | None) -> list[list[int]] | None:
+def _sequences(lead: tuple[int, ...], cu_seqlens: Tensor | None) -> list[list[int]] | None:
     """Flat token indices of each sequence, or None when the layout carries no sequences."""
-    if hidden.dim() == 3:
-        B, T = hidden.shape[:2]
+    if len(lead) == 2:
+        B, T = lead
         return [list(range(b * T, (b + 1) * T)) for b in range(B)]
     if cu_seqlens is None:
         return None
@@ -46,10 +49,42 @@ def repo_loss_ref(
     weight: Tensor,
     targets: Tensor,
     advantages: Tensor,
-    old_logprobs: Tensor,
+    old_logprobs: Tensor | None,
     mask: Tensor | None = None,
     *,
     bias: Tensor | None = None,
+    temperature: float = 1.0,
+    softcap: float | None = None,
+    ignore_index: int = -100,
+    dtype: torch.dtype | None = None,
+    **loss_options,
+) -> ReferenceOutput:
+    """Materialised reference of :func:`fused_pg.repo_loss` (same arguments and meaning):
+    :func:`logprobs_entropy_ref` on the tokens that count, then :func:`policy_loss_ref`.
+
+    All arithmetic happens in ``dtype`` (default: the promoted dtype of hidden and weight).
+    """
+    lead = tuple(targets.shape)
+    D = hidden.shape[-1]
+    y = targets.reshape(-1)
+    valid = y != ignore_index
+    if mask is not None:
+        valid = valid & mask.reshape(-1).bool()
+    cdt = dtype or torch.promote_types(hidden.dtype, weight.dtype)
+    logp, ent = logprobs_entropy_ref(
+        hidden.reshape(-1, D), weight, torch.where(valid, y, ignore_index), bias,
+        temperature=temperature, softcap=softcap, ignore_index=ignore_index, dtype=cdt)
+    return policy_loss_ref(logp.reshape(lead), advantages, old_logprobs, valid.reshape(lead),
+                           entropy=ent.reshape(lead), dtype=cdt, **loss_options)
+
+
+def policy_loss_ref(
+    logprobs: Tensor,
+    advantages: Tensor,
+    old_logprobs: Tensor | None = None,
+    mask: Tensor | None = None,
+    *,
+    entropy: Tensor | None = None,
     ref_logprobs: Tensor | None = None,
     rollout_logprobs: Tensor | None = None,
     cu_seqlens: Tensor | None = None,
@@ -60,48 +95,43 @@ def repo_loss_ref(
     repo: str = "decorrelate",
     repo_coef: float = 1.0,
     repo_center: bool = True,
+    repo_stats=None,
     kl_coef: float = 0.0,
     kl_estimator: str = "k3",
     entropy_coef: float = 0.0,
-    temperature: float = 1.0,
-    softcap: float | None = None,
     aggregation: str = "token-mean",
     num_items_in_batch: float | None = None,
     max_length: int | None = None,
     importance_level: str = "token",
     tis_cap: float | None = None,
     tis_level: str = "token",
-    ignore_index: int = -100,
     dtype: torch.dtype | None = None,
 ) -> ReferenceOutput:
-    """Materialised reference of :func:`fused_pg.repo_loss` (same arguments and meaning).
+    """Literal reference of :func:`fused_pg.policy_loss_from_logprobs` (same arguments).
 
-    All arithmetic happens in ``dtype`` (default: the promoted dtype of hidden and weight).
+    ``logprobs`` ([B, T] or packed [N]) and ``entropy`` are used as given (differentiable);
+    ``old_logprobs=None`` is on-policy. ``repo_stats``, if given, is any object with
+    ``mean_logprob``, ``var_logprob`` and ``cov_adv_logprob`` (whole-batch REPO statistics).
+    All arithmetic happens in ``dtype`` (default: float64 for float64 log-probs, else float32).
     """
-    lead = targets.shape
-    D = hidden.shape[-1]
-    seqs = _sequences(hidden, cu_seqlens)
-    h = hidden.reshape(-1, D)
-    y = targets.reshape(-1)
-    N = y.numel()
-    cdt = dtype or torch.promote_types(hidden.dtype, weight.dtype)
-    dev = hidden.device
+    lead = tuple(logprobs.shape)
+    seqs = _sequences(lead, cu_seqlens)
+    cdt = dtype or (torch.float64 if logprobs.dtype == torch.float64 else torch.float32)
+    dev = logprobs.device
+    N = logprobs.numel()
+    zero = torch.zeros((), dtype=cdt, device=dev)
 
-    valid = y != ignore_index
+    valid = torch.ones(N, dtype=torch.bool, device=dev)
     if mask is not None:
         valid = valid & mask.reshape(-1).bool()
-    y = torch.where(valid, y, ignore_index)
-
-    # --- log-probs and entropy from materialised logits --------------------------------
-    logp, ent = logprobs_entropy_ref(
-        h, weight, y, bias, temperature=temperature, softcap=softcap,
-        ignore_index=ignore_index, dtype=cdt,
-    )
-    old = old_logprobs.reshape(-1).to(cdt)
+    logp = torch.where(valid, logprobs.reshape(-1).to(cdt), 0.0)
+    ent = torch.where(valid, entropy.reshape(-1).to(cdt), 0.0) if entropy is not None \
+        else torch.zeros(N, dtype=cdt, device=dev)
     lpd = logp.detach()
+    old = lpd if old_logprobs is None else old_logprobs.detach().reshape(-1).to(cdt)
 
     # --- advantages: per token, or one per sequence broadcast over its tokens ---------
-    if advantages.shape == lead:
+    if tuple(advantages.shape) == lead:
         A = advantages.reshape(-1).to(cdt)
     else:
         A = torch.zeros(N, dtype=cdt, device=dev)
@@ -115,22 +145,31 @@ def repo_loss_ref(
     # --- REPO: A' = A - zeta * (logp - mu), logp detached -------------------------------
     mean_lp = _masked_mean(lpd, valid)
     mean_A = _masked_mean(A, valid)
-    cov = _masked_mean((A - mean_A) * (lpd - mean_lp), valid)
-    var = _masked_mean((lpd - mean_lp) ** 2, valid)
+    if repo_stats is None:
+        mu_stat = mean_lp
+        cov = _masked_mean((A - mean_A) * (lpd - mean_lp), valid)
+        var = _masked_mean((lpd - mean_lp) ** 2, valid)
+    else:  # statistics of the whole batch, computed elsewhere
+        mu_stat = torch.as_tensor(repo_stats.mean_logprob, dtype=cdt, device=dev)
+        cov = torch.as_tensor(repo_stats.cov_adv_logprob, dtype=cdt, device=dev)
+        var = torch.as_tensor(repo_stats.var_logprob, dtype=cdt, device=dev)
     if repo == "none":
-        zeta = torch.zeros((), dtype=cdt, device=dev)
+        zeta = zero
     elif repo == "fixed":
         zeta = torch.tensor(repo_coef, dtype=cdt, device=dev)
     elif repo == "decorrelate":
         # gamma * Cov(A, logp) / Var(logp): with gamma = 1 the corrected advantage has
         # exactly zero covariance with the log-probability over the batch.
-        zeta = repo_coef * cov / var if var > REPO_VAR_EPS else torch.zeros((), dtype=cdt, device=dev)
+        zeta = repo_coef * cov / var if var > REPO_VAR_EPS else zero
     else:
         raise ValueError(repo)
-    mu = mean_lp if repo_center else torch.zeros((), dtype=cdt, device=dev)
+    mu = mu_stat if repo_center else zero
     A_corr = A - zeta * (lpd - mu) if repo != "none" else A
-    mean_Ac = _masked_mean(A_corr, valid)
-    cov_after = _masked_mean((A_corr - mean_Ac) * (lpd - mean_lp), valid)
+    if repo_stats is None:
+        mean_Ac = _masked_mean(A_corr, valid)
+        cov_after = _masked_mean((A_corr - mean_Ac) * (lpd - mean_lp), valid)
+    else:  # Cov(A - zeta (logp - mu), logp) = Cov(A, logp) - zeta Var(logp), over the whole batch
+        cov_after = cov - zeta * var
     metrics.update(repo_zeta=zeta, adv_logp_cov_before=cov, adv_logp_cov_after=cov_after)
 
     # --- importance ratio --------------------------------------------------------------
@@ -140,17 +179,18 @@ def repo_loss_ref(
         ratio_list: list[Tensor] = [None] * N  # type: ignore[list-item]
         for idx in seqs:
             v = [t for t in idx if valid[t]]
-            seq_lr = sum((lpd[t] - old[t] for t in v), torch.zeros((), dtype=cdt, device=dev)) / max(len(v), 1)
+            seq_lr = sum((lpd[t] - old[t] for t in v), zero) / max(len(v), 1)
             for t in idx:
                 ratio_list[t] = torch.exp(torch.clamp(
                     seq_lr + logp[t] - lpd[t], -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
-        ratio = torch.stack(ratio_list)
+        ratio = torch.stack(ratio_list) if ratio_list else logp * 0
 
     # --- clipped surrogate ---------------------------------------------------------------
     ratio_unclipped = torch.clamp(ratio, max=delta) if delta is not None else ratio
     pg1 = -A_corr * ratio_unclipped
     pg2 = -A_corr * torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high)
     pg = torch.maximum(pg1, pg2)
+    metrics["clip_frac_dual"] = zero
     if dual_clip is not None:
         pg3 = -A_corr * dual_clip
         metrics["clip_frac_dual"] = _masked_mean(((A_corr < 0) & (pg3 < pg)).to(cdt), valid)
@@ -159,6 +199,7 @@ def repo_loss_ref(
     metrics["clip_frac_high"] = _masked_mean(((ratio > 1 + eps_high) & (A_corr > 0)).to(cdt), valid)
 
     # --- truncated importance sampling against the rollout engine's log-probs ---------
+    metrics["tis_weight_mean"] = zero
     if tis_cap is not None:
         rollout = rollout_logprobs.reshape(-1).to(cdt)
         log_w = old - rollout
@@ -167,7 +208,7 @@ def repo_loss_ref(
         else:
             w = torch.zeros(N, dtype=cdt, device=dev)
             for idx in seqs:
-                s = sum((log_w[t] for t in idx if valid[t]), torch.zeros((), dtype=cdt, device=dev))
+                s = sum((log_w[t] for t in idx if valid[t]), zero)
                 for t in idx:
                     w[t] = torch.clamp(torch.exp(s), max=tis_cap)
         pg = pg * w
@@ -176,6 +217,7 @@ def repo_loss_ref(
     loss_tok = pg
 
     # --- KL to the reference policy --------------------------------------------------------
+    metrics["kl_mean"] = zero
     if ref_logprobs is not None:
         ref = ref_logprobs.reshape(-1).to(cdt)
         x = torch.clamp(logp - ref, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)  # log(pi / pi_ref)
@@ -196,8 +238,8 @@ def repo_loss_ref(
             return x.sum() / denom
         if aggregation == "seq-mean-token-sum-norm":
             S = len(seqs)
-            denom = (num_items_in_batch if num_items_in_batch is not None else S)
-            L = max_length if max_length is not None else hidden.shape[1]
+            denom = (num_items_in_batch if num_items_in_batch is not None else max(S, 1))
+            L = max_length if max_length is not None else max(lead[1], 1)
             return x.sum() / (denom * L)
         per_seq = []
         for idx in seqs:
@@ -218,19 +260,18 @@ def repo_loss_ref(
         entropy_mean=_masked_mean(ent.detach(), valid),
         logprob_mean=mean_lp,
         ratio_mean=_masked_mean(ratio.detach(), valid),
-        ratio_max=ratio.detach()[valid].max() if n_tok else torch.zeros((), dtype=cdt, device=dev),
+        ratio_max=ratio.detach()[valid].max() if n_tok else zero,
         approx_kl=_masked_mean(old - lpd, valid),
         pg_loss=aggregate(pg.detach()),
+        n_seqs=torch.tensor(float(sum(int(valid[idx].sum()) > 0 for idx in seqs)) if seqs is not None else 0.0,
+                            dtype=cdt, device=dev),
         eps_low=eps_low,
         eps_high=eps_high,
     )
-    if seqs is not None:
-        metrics["n_seqs"] = torch.tensor(
-            float(sum(int(valid[idx].sum()) > 0 for idx in seqs)), dtype=cdt, device=dev)
 
     return ReferenceOutput(
         loss=loss,
-        logprobs=logp.detach().reshape(lead),
+        logprobs=lpd.reshape(lead),
         entropy=ent.detach().reshape(lead),
         metrics=metrics,
     )

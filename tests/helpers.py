@@ -52,8 +52,7 @@ import torch.nn.functional as F
 from hypothesis import assume, given, note, settings
 from torch import Tensor
 
-import fused_pg.reference.loss as _oracle_loss_module
-from fused_pg.reference import logprobs_entropy_ref, repo_loss_ref
+from fused_pg.reference import logprobs_entropy_ref, policy_loss_ref, repo_loss_ref
 from fused_pg.reference.head import logits_ref
 
 # ---------------------------------------------------------------------------------------------
@@ -679,7 +678,9 @@ def make_loss_inputs(case: LossCase) -> LossInputs:
 
     bounds = [math.log(1 - o["eps_low"]) if o["eps_low"] < 1 else -math.inf, math.log(1 + o["eps_high"])]
     bounds += [math.log(c) for c in (o.get("dual_clip"), o.get("delta")) if c is not None]
-    lr = (2 * torch.rand(N, generator=gen, dtype=f64) - 1) * MAX_LOG_RATIO
+    # log r = logp - old with old <= 0 (old is a log-probability): log r >= logp
+    lr_lo = torch.clamp(lp64, min=-MAX_LOG_RATIO)
+    lr = lr_lo + (MAX_LOG_RATIO - lr_lo) * torch.rand(N, generator=gen, dtype=f64)
     if o["importance_level"] == "token":
         lr = _push_away(lr, bounds)
     else:  # the clip acts on each sequence's mean log-ratio over its valid tokens
@@ -693,10 +694,13 @@ def make_loss_inputs(case: LossCase) -> LossInputs:
 
     ref = None
     if case.with_ref:
-        ref = torch.where(valid, lp64 + (2 * torch.rand(N, generator=gen, dtype=f64) - 1), garbage()).to(pdt).view(lead)
+        ref = torch.clamp(lp64 + (2 * torch.rand(N, generator=gen, dtype=f64) - 1), max=0.0)
+        ref = torch.where(valid, ref, garbage()).to(pdt).view(lead)
     rollout = None
     if case.with_rollout:
-        log_w = 2 * torch.rand(N, generator=gen, dtype=f64) - 1  # old - rollout
+        # log w = old - rollout with rollout <= 0: log w >= old
+        w_lo = torch.clamp(old, min=-1.0)
+        log_w = w_lo + (1.0 - w_lo) * torch.rand(N, generator=gen, dtype=f64)
         cap = [math.log(o["tis_cap"])]
         if o["tis_level"] == "token":
             log_w = _push_away(log_w, cap)
@@ -719,38 +723,32 @@ def make_loss_inputs(case: LossCase) -> LossInputs:
     return LossInputs(hi, advantages, old, mask, ref, rollout, cu, valid, torch.where(valid, lp64, 0.0))
 
 
-def run_oracle_loss(case: LossCase, inp: LossInputs, backend: str | None = None):
-    """The fp64 oracle on exact fp64 copies of the rounded inputs.
+HEAD_OPTIONS = ("temperature", "softcap", "ignore_index")
 
-    Returns (output, grads dict, floors dict): the per-token dL/dlogp and dL/dH needed by
-    :func:`grad_floors` are read off the oracle's own log-prob / entropy tensors (captured by
-    wrapping its head function for the duration of the call; its math is untouched).
+
+def run_oracle_loss(case: LossCase, inp: LossInputs, backend: str | None = None):
+    """The fp64 oracle on exact fp64 copies of the rounded inputs: the materialised head
+    (``logprobs_entropy_ref``) on the tokens that count, then ``policy_loss_ref``.
+
+    Returns (output, grads dict, floors dict); the per-token g = dL/dlogp and e = dL/dH that
+    :func:`grad_floors` needs come from ``torch.autograd.grad`` through the oracle's loss.
     """
     h64, w64, b64 = inp.head.fp64_leaves()
-    captured = []
-
-    def head(*args, **kwargs):
-        lp, ent = logprobs_entropy_ref(*args, **kwargs)
-        lp.retain_grad(), ent.retain_grad()
-        captured.append((lp, ent))
-        return lp, ent
-
-    original = _oracle_loss_module.logprobs_entropy_ref
-    _oracle_loss_module.logprobs_entropy_ref = head
-    try:
-        ref = repo_loss_ref(h64, w64, inp.head.targets, inp.advantages, inp.old_logprobs, inp.mask,
-                            bias=b64, dtype=torch.float64, **inp.tensors(), **case.opts)
-    finally:
-        _oracle_loss_module.logprobs_entropy_ref = original
-    if ref.loss.requires_grad:
-        ref.loss.backward()
-    else:  # the oracle's all-masked seq-mean loss is a constant 0 (no graph): zero gradients
-        assert not bool(inp.valid.any()) and float(ref.loss) == 0.0
+    o = case.opts
+    lead = tuple(inp.head.targets.shape)
+    N = case.head.N
+    y = torch.where(inp.valid, inp.head.targets.reshape(-1), o["ignore_index"])
+    lp, ent = logprobs_entropy_ref(h64.reshape(N, -1), w64, y, b64, temperature=o["temperature"],
+                                   softcap=o["softcap"], ignore_index=o["ignore_index"], dtype=torch.float64)
+    loss_opts = {k: v for k, v in o.items() if k not in HEAD_OPTIONS}
+    ref = policy_loss_ref(lp.view(lead), inp.advantages, inp.old_logprobs, inp.valid.view(lead),
+                          entropy=ent.view(lead), dtype=torch.float64, **inp.tensors(), **loss_opts)
+    g, e = torch.autograd.grad(ref.loss, [lp, ent], retain_graph=True, allow_unused=True)
+    ref.loss.backward()
     grads = {"hidden": h64.grad, "weight": w64.grad, "bias": None if b64 is None else b64.grad}
-    (lp, ent), = captured
     zero = torch.zeros_like(lp)
-    g = lp.grad if lp.grad is not None else zero
-    e = ent.grad if ent.grad is not None else zero
+    g = g if g is not None else zero
+    e = e if e is not None else zero
     with torch.no_grad():
         z = logits_ref(h64, w64, b64, temperature=case.head.temperature, softcap=case.head.softcap)
     floors = grad_floors(h64, w64, g, e, ent.detach(), z, temperature=case.head.temperature,

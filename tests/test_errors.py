@@ -84,9 +84,8 @@ ARG_CASES = [
     ("bias 2-D", {}, dict(bias=torch.zeros(1, V)), ValueError, "bias"),
     ("ref_logprobs shape", {}, dict(ref_logprobs=torch.zeros(B, T + 2)), ValueError, "ref_logprobs"),
     ("rollout_logprobs shape", {}, dict(rollout_logprobs=torch.zeros(T), tis_cap=2.0), ValueError, "rollout_logprobs"),
-    ("empty hidden", dict(hidden=torch.randn(B, 0, D), targets=torch.zeros(B, 0, dtype=torch.long),
-                          advantages=torch.randn(B, 0), old_logprobs=torch.randn(B, 0),
-                          mask=torch.ones(B, 0, dtype=torch.bool)), dict(ref_logprobs=None), ValueError, "hidden"),
+    ("empty vocabulary", dict(weight=torch.randn(0, D)), dict(bias=None), ValueError, "weight"),
+    ("zero hidden size", dict(hidden=torch.randn(B, T, 0), weight=torch.randn(V, 0)), {}, ValueError, "hidden"),
     # --- dtypes and types --------------------------------------------------------------------------
     ("hidden int", dict(hidden=torch.ones(B, T, D, dtype=torch.int32)), {}, TypeError, "hidden"),
     ("hidden complex", dict(hidden=torch.ones(B, T, D, dtype=torch.complex64)), {}, TypeError, "hidden"),

@@ -87,7 +87,7 @@ def _small_batch(dtype=torch.float32, B=3, T=7, D=11, V=37, seed=0):
     y = torch.randint(0, V, (B, T), generator=g)
     adv = torch.randn(B, T, generator=g)
     old = -torch.rand(B, T, generator=g) * 4 - 0.5
-    ref = old + 0.3 * torch.randn(B, T, generator=g)
+    ref = (old + 0.3 * torch.randn(B, T, generator=g)).clamp(max=0.0)
     mask = torch.rand(B, T, generator=g) < 0.8
     return h, W, b, y, adv, old, ref, mask
 
@@ -115,6 +115,32 @@ def test_all_masked_batch_gives_zero_loss_and_zero_grads(backend, aggregation, l
     for t in (h, W, b):
         assert t.grad is not None and (t.grad == 0).all()
     assert (out.logprobs == 0).all() and (out.entropy == 0).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("lead", [(0, 5), (3, 0), (0,)], ids=["B=0", "T=0", "packed-N=0"])
+@pytest.mark.parametrize("aggregation", AGGREGATIONS)
+def test_empty_micro_batch_gives_the_all_masked_result(backend, lead, aggregation):
+    """No token at all (an empty micro-batch is normal in packed training): loss 0, zero
+    gradients, every metric finite, empty_batch = 1 -- not an error."""
+    D, V = 6, 13
+    h = torch.randn(*lead, D, requires_grad=True)
+    W = torch.randn(V, D, requires_grad=True)
+    b = torch.zeros(V, requires_grad=True)
+    kw = dict(bias=b, entropy_coef=0.01, aggregation=aggregation, backend=backend)
+    if len(lead) == 1:
+        kw["cu_seqlens"] = torch.tensor([0, 0])
+        kw["max_length"] = 4 if aggregation == "seq-mean-token-sum-norm" else None
+    elif aggregation == "seq-mean-token-sum-norm" and lead[1] == 0:
+        kw["max_length"] = 4  # T = 0 gives no default length
+    out = fused_pg.repo_loss(h, W, torch.zeros(lead, dtype=torch.long), torch.randn(lead),
+                             -torch.rand(lead), **kw)
+    out.loss.backward()
+    assert out.loss.item() == 0.0 and float(out.metrics["empty_batch"]) == 1.0
+    assert all(math.isfinite(float(v)) for v in out.metrics.values())
+    for t in (h, W, b):
+        assert t.grad is not None and (t.grad == 0).all()
+    assert out.logprobs.shape == lead and out.entropy.shape == lead
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -157,7 +183,9 @@ def test_log_ratio_clamp_matches_reference(backend):
     ref_far = ref - far
     kw = dict(bias=b, ref_logprobs=ref_far, kl_coef=0.2, kl_estimator="k3", repo="none", dual_clip=2.0)
     hh, ww = h.clone().requires_grad_(), W.clone().requires_grad_()
-    out = fused_pg.repo_loss(hh, ww, y, adv, old_far, mask, backend=backend, **kw)
+    # old + 60 is no log-probability (it is > 0): only the clamp's arithmetic is under test here,
+    # so the plausibility check of validate=True is off
+    out = fused_pg.repo_loss(hh, ww, y, adv, old_far, mask, backend=backend, validate=False, **kw)
     out.loss.backward()
     h2, w2 = h.clone().requires_grad_(), W.clone().requires_grad_()
     o = repo_loss_ref(h2, w2, y, adv, old_far, mask, **kw)

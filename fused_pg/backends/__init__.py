@@ -1,0 +1,104 @@
+"""Vocabulary-sweep backends behind one small protocol, and the one place that picks them.
+
+A backend turns flat LM-head inputs into per-token log-probabilities and entropies::
+
+    hidden [N, D], weight [V, D], bias [V] | None, targets [N] int64 (-1: not counted)
+        -> logprobs [N], entropy [N]   (0 where targets < 0)
+
+Two kinds exist:
+
+* **sweep backends** (``"torch"``, ``"triton"``) provide ``forward_sweep`` (online
+  log-sum-exp, entropy and target logit, tile by tile) and ``backward_sweep`` (logits
+  recomputed tile by tile, given the per-token ``g = dL/dlogp`` and ``e = dL/dH``);
+  :class:`fused_pg.head.FusedHead` wires them into autograd.
+* **autograd backends** (``"reference"``) return differentiable outputs themselves.
+
+Capabilities (``fp64``, ``tf32``, the devices a backend runs on) are declared here, next to
+the registry, so argument checks read them instead of chains of special cases.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from dataclasses import dataclass
+from types import ModuleType
+
+import torch
+
+from .. import checks
+from ..config import BACKENDS
+from . import materialized, torch_chunked
+
+
+def interpreting() -> bool:
+    """True when Triton kernels run under ``TRITON_INTERPRET=1`` (CPU tensors)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One backend: its module and what it can do.
+
+    module:   ``fused_pg.backends.<module>``; a sweep backend defines ``forward_sweep`` and
+              ``backward_sweep``, an autograd backend ``logprobs_entropy``.
+    sweeps:   True for a sweep backend (wrapped by ``FusedHead``).
+    fp64:     accepts float64 inputs.
+    tf32:     implements ``precision="tf32"``.
+    skips_invalid_rows: rows with ``targets < 0`` never enter a product inside the backend
+              (so NaN padding rows cannot leak); otherwise the caller zeroes them first.
+    """
+
+    name: str
+    module: str
+    sweeps: bool
+    fp64: bool
+    tf32: bool
+    skips_invalid_rows: bool = False
+
+    def load(self) -> ModuleType:
+        """The implementation module. The Triton one is imported on first use (triton stays an
+        optional dependency); the PyTorch ones are imported with this package, so that
+        ``torch.compile`` traces through them without an import inside the graph."""
+        module = _LOADED.get(self.module)
+        if module is None:
+            try:
+                module = importlib.import_module(f"{__name__}.{self.module}")
+            except ImportError as err:
+                if err.name is None or err.name.split(".")[0] != "triton":
+                    raise
+                raise ImportError(
+                    f"backend={self.name!r} needs the triton package, which is not importable here "
+                    f"({err}); install it with `pip install triton` (Linux), or use backend='torch'"
+                ) from err
+            _LOADED[self.module] = module
+        return module
+
+    def check(self, device: torch.device, dtypes: tuple[torch.dtype, ...], precision: str) -> None:
+        """Refuse, by name, inputs or options this backend cannot honour."""
+        if self.name == "triton" and device.type != "cuda" and not interpreting():
+            raise ValueError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 to run the "
+                             "kernels on CPU, for tests); use backend='torch' on CPU")
+        if not self.fp64 and torch.float64 in dtypes:
+            raise TypeError(f"backend={self.name!r} supports float16, bfloat16 and float32 inputs; "
+                            "use backend='torch' or 'reference' for float64")
+        if precision == "tf32" and not self.tf32:
+            raise ValueError(f"precision='tf32' is only implemented by backend='triton', "
+                             f"not backend={self.name!r}")
+
+
+_LOADED: dict[str, ModuleType] = {"torch_chunked": torch_chunked, "materialized": materialized}
+
+REGISTRY: dict[str, Backend] = {
+    "torch": Backend("torch", "torch_chunked", sweeps=True, fp64=True, tf32=False, skips_invalid_rows=True),
+    "triton": Backend("triton", "triton_fused", sweeps=True, fp64=False, tf32=True),
+    "reference": Backend("reference", "materialized", sweeps=False, fp64=True, tf32=False),
+}
+
+
+def resolve(backend: str, device: torch.device) -> Backend:
+    """The backend for a ``backend=`` argument: ``"auto"`` is triton on CUDA, torch otherwise."""
+    checks.choice("backend", backend, BACKENDS)
+    if backend == "auto":
+        backend = "triton" if device.type == "cuda" else "torch"
+    return REGISTRY[backend]

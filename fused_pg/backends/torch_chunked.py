@@ -22,31 +22,13 @@ import torch
 from torch import Tensor
 
 from ..config import HeadConfig
+from .common import compute_dtype, logits
 
 DEFAULT_TOKEN_CHUNK = 1024
 DEFAULT_VOCAB_CHUNK = 4096  # 16 MiB fp32 tiles: below glibc's 32 MiB mmap threshold
 # log p below this is exp-underflow territory in fp32 and fp64 alike (p = 0 exactly there):
 # clamping -inf to it keeps 0 * log p = 0 without a masked select over the tile
 _LOG_FLOOR = -1e4
-
-
-def _compute_dtype(hidden: Tensor, weight: Tensor) -> torch.dtype:
-    return torch.float64 if torch.float64 in (hidden.dtype, weight.dtype) else torch.float32
-
-
-def _logits(h: Tensor, w: Tensor, b: Tensor | None, cfg: HeadConfig) -> Tensor:
-    """z = softcap((h @ w.T + b) / temperature) for one tile; h, w already in compute dtype.
-
-    -inf logits (tokens excluded by a -inf bias) stay -inf through the soft-cap.
-    """
-    z = h @ w.T
-    if b is not None:
-        z = z + b
-    if cfg.temperature != 1.0:
-        z = z / cfg.temperature
-    if cfg.softcap is not None:
-        z = torch.where(torch.isneginf(z), z, cfg.softcap * torch.tanh(z / cfg.softcap))
-    return z
 
 
 def _tile_stats(z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -93,19 +75,20 @@ def forward_sweep(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: 
     are 0 for ignored tokens.
     """
     N, V = hidden.shape[0], weight.shape[0]
-    cdt = _compute_dtype(hidden, weight)
+    cdt = compute_dtype(hidden, weight)
     n_chunk, v_chunk = _chunks(cfg)
     b = bias.to(cdt) if bias is not None else None
     lse = torch.empty(N, dtype=cdt, device=hidden.device)
     entropy = torch.empty_like(lse)
     target_logit = torch.zeros_like(lse)
     for n0 in range(0, N, n_chunk):
-        h = hidden[n0:n0 + n_chunk].to(cdt)
         y = targets[n0:n0 + n_chunk]
+        # rows that do not count may hold anything (NaN padding): zero them before the product
+        h = torch.where((y >= 0)[:, None], hidden[n0:n0 + n_chunk].to(cdt), 0.0)
         state = None
         for v0 in range(0, V, v_chunk):
             w = weight[v0:v0 + v_chunk].to(cdt)
-            z = _logits(h, w, b[v0:v0 + v_chunk] if b is not None else None, cfg)
+            z = logits(h, w, b[v0:v0 + v_chunk] if b is not None else None, cfg)
             # pick the target logit when it falls in this vocabulary tile
             here = (y >= v0) & (y < v0 + w.shape[0])
             col = torch.where(here, y - v0, 0)
@@ -134,11 +117,12 @@ def backward_sweep(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets:
         softcap: dz/du = 1 - (z / c)^2;   temperature: du/dlogit = 1 / tau
 
     then ``dh = dlogit @ W``, ``dW = dlogit^T @ h``, ``db = sum_t dlogit`` (fp32 accumulators).
-    ``g`` and ``e`` must already be 0 for ignored tokens.
+    ``g`` and ``e`` must already be 0 for ignored tokens; their hidden rows are zeroed, so
+    nothing from a row that does not count reaches ``dW`` or ``db``.
     """
     N, D = hidden.shape
     V = weight.shape[0]
-    cdt = _compute_dtype(hidden, weight)
+    cdt = compute_dtype(hidden, weight)
     n_chunk, v_chunk = _chunks(cfg)
     need_dh, need_dw, need_db = needs
     b = bias.to(cdt) if bias is not None else None
@@ -147,13 +131,13 @@ def backward_sweep(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets:
     d_weight = torch.zeros(V, D, dtype=cdt, device=hidden.device) if need_dw else None
     d_bias = torch.zeros(V, dtype=cdt, device=hidden.device) if need_db else None
     for n0 in range(0, N, n_chunk):
-        h = hidden[n0:n0 + n_chunk].to(cdt)
         y = targets[n0:n0 + n_chunk]
+        h = torch.where((y >= 0)[:, None], hidden[n0:n0 + n_chunk].to(cdt), 0.0)
         g, e = g_all[n0:n0 + n_chunk, None], e_all[n0:n0 + n_chunk, None]
         lse_c, H = lse[n0:n0 + n_chunk, None], entropy[n0:n0 + n_chunk, None]
         for v0 in range(0, V, v_chunk):
             w = weight[v0:v0 + v_chunk].to(cdt)
-            z = _logits(h, w, b[v0:v0 + v_chunk] if b is not None else None, cfg)
+            z = logits(h, w, b[v0:v0 + v_chunk] if b is not None else None, cfg)
             # softcap: dz/du = 1 - (z / c)^2 (0 for excluded tokens), before z is overwritten
             softcap_grad = None
             if cfg.softcap is not None:
