@@ -132,7 +132,7 @@ class Config:
     adapo_low_bounds: tuple[float, float] = (0.0, 0.3)
     target_frac: float = 1.0       # entropy target = target_frac * initial entropy
     # evaluation
-    log_every: int = 10            # curves are stored as means over bins of this many updates
+    log_every: int = 20            # curves are stored as means over bins of this many updates
     eval_every: int = 20           # held-out evaluation period (updates)
     eval_samples: int = 32         # samples per held-out prompt (n of the pass@k estimator)
     ks: tuple[int, ...] = (8, 16)  # pass@k
@@ -182,7 +182,7 @@ def make_methods(cfg: Config) -> dict[str, Method]:
 
 METHOD_NAMES = tuple(make_methods(Config()))
 DEFAULT_METHODS = METHOD_NAMES
-PRECISION_METHODS = ("pg", "repo-decorrelate", "adapo+repo")  # the precision regime's subset
+PRECISION_METHODS = ("pg", "adapo", "repo-decorrelate", "adapo+repo")  # the precision regime's subset
 DEFAULT_MUS = (1, 2, 4)
 PRECISION_MU = 4
 
@@ -623,7 +623,7 @@ def plot_regime(regime: dict, path: Path, compare: dict | None = None) -> bool:
         return False
     cfg = regime["config"]
     panels = [("entropy", "rollout entropy (nats)"), ("reward", "train reward"),
-              ("pass1", "held-out pass@1"), ("pass16", "held-out pass@16"),
+              ("pass1", "held-out pass@1"), ("pass16", "held-out pass@16 (solid) / pass@8 (dotted)"),
               ("distinct", f"distinct correct answers (of {cfg['eval_samples']})"),
               ("clip_frac_high", "clip fraction, high side"), ("clip_frac_low", "clip fraction, low side"),
               ("eps_high", "eps_high (solid) / eps_low (dotted)")]
@@ -637,8 +637,9 @@ def plot_regime(regime: dict, path: Path, compare: dict | None = None) -> bool:
                 ax.plot(xs, mid, ls, color=COLORS.get(name), lw=1.4, label=label)
                 if len(per_seed) > 1 and not compare:
                     ax.fill_between(xs, lo, hi, color=COLORS.get(name), alpha=0.12, lw=0)
-                if key == "eps_high":
-                    xs2, _, mid2, _ = _band(reg, per_seed, "eps_low")
+                twin_key = {"eps_high": "eps_low", "pass16": "pass8"}.get(key)
+                if twin_key:
+                    xs2, _, mid2, _ = _band(reg, per_seed, twin_key)
                     ax.plot(xs2, mid2, ":", color=COLORS.get(name), lw=1.2)
         if key == "entropy":
             ax.axhline(_mean(list(regime["target_entropy"].values())), color="k", ls=":", lw=1)
@@ -649,13 +650,26 @@ def plot_regime(regime: dict, path: Path, compare: dict | None = None) -> bool:
     axes.flat[0].legend(fontsize=7, ncol=1 if not compare else 2)
     prec = (f"{cfg['precision']} (solid) vs {compare['config']['precision']} (dashed)" if compare
             else cfg["precision"])
-    fig.suptitle(f"{regime['name']}: mu = {cfg['mu']} mini-batch updates per rollout, {prec}; "
+    title = f"precision at mu = {cfg['mu']}" if compare else regime["name"]
+    fig.suptitle(f"{title}: mu = {cfg['mu']} mini-batch updates per rollout, {prec}; "
                  f"seeds {regime['seeds']} (mean, band = min-max); V={cfg['vocab']}, "
                  f"{cfg['minibatch_prompts']}x{cfg['group_size']} samples per update", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=72)
     plt.close(fig)
+    _shrink_png(path)
     return True
+
+
+def _shrink_png(path: Path) -> None:
+    """Re-save with a 256-colour palette (about 3x smaller; the committed figures stay small)."""
+    try:
+        from PIL import Image
+    except ImportError:
+        return
+    with Image.open(path) as im:
+        small = im.convert("RGB").quantize(colors=256, method=Image.Quantize.MEDIANCUT)
+    small.save(path, optimize=True)
 
 
 def _band(regime: dict, per_seed: dict, key: str):
@@ -738,6 +752,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--clip-map", action="store_true",
                    help="instead: the clip range's authority over the entropy (fixed ranges and ADAPO "
                         f"variants at mu=4, 1 and 4 epochs, seeds {list(CLIP_MAP_SEEDS)}); writes clip_map.json")
+    p.add_argument("--replot", type=Path, metavar="JSON",
+                   help="instead: redraw the figures of a written entropy_dynamics.json (into its folder)")
     p.add_argument("--no-plot", action="store_true")
     return p.parse_args(argv)
 
@@ -784,6 +800,10 @@ def _machine(threads: int) -> str:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.replot:
+        results = load_results(args.replot)
+        plot_all(results, args.replot.parent)
+        return results
     default_run = (not args.quick and args.mu is None and args.precision is None and args.updates is None
                    and args.seeds is None and args.methods is None and args.lr is None and not args.set)
     out_dir = args.out or Path(DEFAULT_OUT if default_run else LOCAL_OUT)
@@ -826,17 +846,31 @@ def main(argv=None) -> dict:
         torch=torch.__version__, machine=_machine(args.threads))
     (out_dir / "entropy_dynamics.json").write_text(to_json(results))
     if not args.no_plot:
-        regs = results["regimes"]
-        for name, regime in regs.items():
-            if regime["config"]["precision"] == "bf16-logits":
-                continue  # drawn with its bf16-fused twin
-            twin = regs.get(name.replace("bf16-fused", "bf16-logits")) if "bf16-fused" in name else None
-            fname = (f"entropy_dynamics_precision_mu{regime['config']['mu']}.png" if twin
-                     else f"entropy_dynamics_{name}.png")
-            if plot_regime(regime, out_dir / fname, compare=twin):
-                print(f"wrote {out_dir / fname}")
+        plot_all(results, out_dir)
     print(f"wrote {out_dir / 'entropy_dynamics.json'}; wall time {results['wall_time_s']:.1f} s")
     return results
+
+
+def plot_all(results: dict, out_dir: Path) -> None:
+    """One figure per regime; the bf16-logits regime is drawn dashed over its bf16-fused twin."""
+    regs = results["regimes"]
+    for name, regime in regs.items():
+        if regime["config"]["precision"] == "bf16-logits":
+            continue
+        twin = regs.get(name.replace("bf16-fused", "bf16-logits")) if "bf16-fused" in name else None
+        fname = (f"entropy_dynamics_precision_mu{regime['config']['mu']}.png" if twin
+                 else f"entropy_dynamics_{name}.png")
+        if plot_regime(regime, out_dir / fname, compare=twin):
+            print(f"wrote {out_dir / fname}")
+
+
+def load_results(path: Path) -> dict:
+    """An ``entropy_dynamics.json`` with each regime's runs put back in place (for --replot)."""
+    data = json.loads(Path(path).read_text())
+    for key, run in data.pop("runs").items():
+        name, method, seed = key.split("/")
+        data["regimes"][name].setdefault("runs", {}).setdefault(method, {})[seed] = run
+    return data
 
 
 if __name__ == "__main__":

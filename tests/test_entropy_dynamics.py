@@ -117,11 +117,16 @@ def test_main_writes_json_and_one_plot_per_regime(ed, tmp_path):
     data = json.loads((tmp_path / "entropy_dynamics.json").read_text())
     assert data["default_run"] is False and set(data["regimes"]) == {"mu1", "mu2"}
     assert data["regimes"]["mu2"]["methods"] == ["pg", "adapo"]
-    assert len(data["runs"]["mu2/adapo/0"]["curves"]["entropy"]) == 2
+    assert len(data["runs"]["mu2/adapo/0"]["curves"]["entropy"]) == 20 // ed.Config().log_every
     assert results["regimes"]["mu1"]["checks"]
     try:
         import matplotlib  # noqa: F401
     except ImportError:
         return
     for name in ("mu1", "mu2"):
-        assert (tmp_path / f"entropy_dynamics_{name}.png").stat().st_size > 10_000
+        png = tmp_path / f"entropy_dynamics_{name}.png"
+        assert png.stat().st_size > 10_000
+        png.unlink()
+    again = ed.main(["--replot", str(tmp_path / "entropy_dynamics.json")])  # figures from the JSON alone
+    assert set(again["regimes"]["mu2"]["runs"]) == {"pg", "adapo"}
+    assert (tmp_path / "entropy_dynamics_mu2.png").stat().st_size > 10_000
