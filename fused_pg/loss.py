@@ -110,6 +110,7 @@ def repo_loss(
     deterministic: bool = False,
     token_chunk: int | None = None,
     vocab_chunk: int | None = None,
+    compact_rows: bool | None = None,
     validate: bool | None = None,
 ) -> PolicyLossOutput:
     """Entropy-aware clipped policy-gradient loss straight from hidden states.
@@ -159,7 +160,7 @@ def repo_loss(
         max_length:    Dr.GRPO's constant length (default: T of [B, T] inputs).
         importance_level: "token" or "sequence" (GSPO).
         ignore_index:  target id that marks tokens to skip.
-        backend, precision, deterministic, token_chunk, vocab_chunk, validate:
+        backend, precision, deterministic, token_chunk, vocab_chunk, compact_rows, validate:
                        see :func:`fused_logprobs_entropy`. ``validate`` also checks that the
                        log-prob inputs are <= 0 (up to 1e-2) and finite where they count.
 
@@ -179,7 +180,8 @@ def repo_loss(
         entropy_coef=entropy_coef, aggregation=aggregation, max_length=max_length,
         importance_level=importance_level, tis_cap=tis_cap, tis_level=tis_level)
     head_cfg = HeadConfig(temperature=temperature, softcap=softcap, precision=precision,
-                          deterministic=deterministic, token_chunk=token_chunk, vocab_chunk=vocab_chunk)
+                          deterministic=deterministic, token_chunk=token_chunk, vocab_chunk=vocab_chunk,
+                          compact_rows=compact_rows)
     impl = backends.resolve(backend, hidden.device)
     validate = checks.resolve_validate(validate, hidden.device)
     # targets widened to int64 first: a small integer dtype (uint8 wraps -100 to 156) must not
