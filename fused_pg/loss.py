@@ -322,9 +322,12 @@ def adapo_loss(
     """:func:`repo_loss` with the clip range read from an ADAPO controller.
 
     ``eps_high`` (and ``eps_low``) come from ``controller``; passing them as well is an error.
-    With ``update_controller=True`` the controller is fed this step's
-    ``metrics["entropy_mean"]`` before returning (one scalar read from the device); otherwise
-    call ``controller.update(out.metrics["entropy_mean"])`` yourself after the step.
+    With ``update_controller=True`` the controller takes one step from this batch's
+    ``metrics`` before returning (``controller.update(out.metrics)``: one scalar read from the
+    device; a batch with no valid token leaves it unchanged). Otherwise call
+    ``controller.update(out.metrics)`` yourself after the optimizer step -- or, with gradient
+    accumulation, ``controller.observe(out.metrics)`` per micro-batch and ``controller.update()``
+    once per optimizer step (a token-weighted mean over the micro-batches).
     Other keyword arguments are those of :func:`repo_loss` (``repo`` defaults to "decorrelate":
     pass ``repo="none"`` for pure ADAPO).
     """
@@ -336,5 +339,5 @@ def adapo_loss(
     out = repo_loss(hidden, weight, targets, advantages, old_logprobs, mask,
                     eps_low=controller.eps_low, eps_high=controller.eps_high, **kwargs)
     if update_controller:
-        controller.update(out.metrics["entropy_mean"])
+        controller.update(out.metrics)
     return out
