@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from . import backends, checks
+from . import backends, checks, distributed
 from .config import HeadConfig
 
 
@@ -88,12 +88,16 @@ def check_head_values(hidden: Tensor, weight: Tensor, bias: Tensor | None, valid
 
 
 def run_head(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor,
-             cfg: HeadConfig, backend: backends.Backend) -> tuple[Tensor, Tensor]:
+             cfg: HeadConfig, backend: backends.Backend,
+             shard: "distributed.VocabShard | None" = None) -> tuple[Tensor, Tensor]:
     """Flat inputs, hidden [N, D], targets [N] int64 (-1 = not counted) -> (logprobs, entropy).
 
     Rows that do not count never touch an output: they are zeroed before any product (padding
-    rows may hold NaN), which also makes their gradient exactly 0.
+    rows may hold NaN), which also makes their gradient exactly 0. With ``shard`` the weight
+    is one rank's slice of a vocabulary split over a process group (targets stay global ids).
     """
+    if shard is not None:
+        return distributed.run_vocab_parallel_head(hidden, weight, bias, targets, cfg, backend, shard)
     dtypes = (hidden.dtype, weight.dtype) + ((bias.dtype,) if bias is not None else ())
     backend.check(hidden.device, dtypes, cfg.precision)
     impl = backend.load()
@@ -129,6 +133,7 @@ def fused_logprobs_entropy(
     token_chunk: int | None = None,
     vocab_chunk: int | None = None,
     validate: bool | None = None,
+    process_group=None,
 ) -> tuple[Tensor, Tensor]:
     """Log-probability of the sampled tokens and entropy of the next-token distribution.
 
@@ -151,6 +156,10 @@ def fused_logprobs_entropy(
         validate: check values (NaN/Inf, target ids); default True on CPU, False on GPU
                   (value checks synchronise with the device). Unchecked ids outside
                   [0, V) are never read: they do not count (0, no gradient), on every backend.
+        process_group: vocabulary parallelism (see :mod:`fused_pg.distributed`): ``weight``
+                  (and ``bias``) hold this rank's consecutive slice ``[V_r, D]`` of the
+                  vocabulary, in rank order; every rank passes the same hidden and targets
+                  (global ids) and gets the same outputs; d_hidden is summed over the group.
 
     Returns:
         ``(logprobs, entropy)``, fp32 (fp64 for fp64 inputs), shaped like ``targets``, 0 at
@@ -163,11 +172,19 @@ def fused_logprobs_entropy(
     cfg = HeadConfig(temperature=temperature, softcap=softcap, precision=precision,
                      deterministic=deterministic, token_chunk=token_chunk, vocab_chunk=vocab_chunk)
     impl = backends.resolve(backend, hidden.device)
+    shard = None if process_group is None else distributed.VocabShard.of(process_group, weight)
+    if shard is not None:
+        V = shard.vocab_size  # the whole vocabulary (a 0-dim tensor: no host sync)
     wide = targets.long()
     valid = (wide != ignore_index) & (wide >= 0) & (wide < V)
     if checks.resolve_validate(validate, hidden.device):
-        checks.target_ids(wide, wide != ignore_index, V, ignore_index, bias)
-        check_head_values(hidden, weight, bias, valid)
+        if shard is None:
+            checks.target_ids(wide, wide != ignore_index, V, ignore_index, bias)
+            check_head_values(hidden, weight, bias, valid)
+        else:
+            shard.check_values(hidden, weight, bias, wide.reshape(-1), (wide != ignore_index).reshape(-1),
+                               valid.reshape(-1), ignore_index)
     flat = flat_head_targets(wide, valid)
-    logprobs, entropy = run_head(hidden.reshape(targets.numel(), hidden.shape[-1]), weight, bias, flat, cfg, impl)
+    logprobs, entropy = run_head(hidden.reshape(targets.numel(), hidden.shape[-1]), weight, bias, flat, cfg, impl,
+                                 shard=shard)
     return logprobs.view(targets.shape), entropy.view(targets.shape)
