@@ -42,6 +42,7 @@ record, so the communication volume is measured rather than assumed.
 from __future__ import annotations
 
 import os
+import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -137,6 +138,23 @@ def check_group(name: str, group) -> None:
                         f"one from dist.new_group), got {type(group).__name__}")
     if dist.get_rank(group) < 0:
         raise ValueError(f"{name}: this process (global rank {dist.get_rank()}) is not a member of the group")
+
+
+def reject_dtensor(name: str, x) -> None:
+    """A ``DTensor`` (FSDP2's sharded parameter, or a tensor-parallel tensor) is refused by name:
+    the sweeps work on local tensors, and a sharded weight used outside its module's forward
+    would get neither FSDP2's all-gather nor its gradient reduce-scatter."""
+    if x is None or "torch.distributed.tensor" not in sys.modules:
+        return  # no DTensor can exist before that module is imported
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(x, DTensor):
+        raise TypeError(
+            f"{name} is a DTensor (placements {tuple(x.placements)}); fused_pg needs local tensors. "
+            "With FSDP2 (fully_shard), compute the loss inside the forward of the module that owns the "
+            "LM-head weight: FSDP2 then gathers the full weight for the sweep and reduce-scatters its "
+            "gradient (see docs/distributed.md). For a vocabulary split over ranks, pass the local "
+            f"shard ({name}.to_local()) with process_group=.")
 
 
 # ---------------------------------------------------------------------------------------------

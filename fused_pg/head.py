@@ -59,6 +59,8 @@ class FusedHead(torch.autograd.Function):
 
 def check_head_args(hidden, weight, targets, bias, ignore_index) -> tuple[int, int]:
     """Check types and shapes of the LM-head arguments (no value reads); returns (N, V)."""
+    for name, x in (("hidden", hidden), ("weight", weight), ("bias", bias)):
+        distributed.reject_dtensor(name, x)
     checks.tensor("hidden", hidden, dims=(2, 3), floating=True)
     dev = hidden.device
     checks.tensor("weight", weight, dims=(2,), floating=True, device=dev)
