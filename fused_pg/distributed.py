@@ -74,13 +74,15 @@ class CommLog:
     """Records the collectives this module issues while active (``with CommLog() as log:``).
 
     ``calls``: ``(op, payload_bytes)`` per collective, where the payload is this rank's input
-    tensor (``numel * itemsize``; the pickled size for object gathers).
+    tensor (``numel * itemsize``; the pickled size for object gathers); ``seconds``: the
+    wall time spent in each (on GPU: to enqueue it, collectives being asynchronous there).
     """
 
     calls: list = None
+    seconds: list = None
 
     def __post_init__(self):
-        self.calls = []
+        self.calls, self.seconds = [], []
 
     def __enter__(self) -> "CommLog":
         _LOGS.append(self)
@@ -92,10 +94,18 @@ class CommLog:
     def payload_bytes(self, op: str | None = None) -> int:
         return sum(b for o, b in self.calls if op is None or o == op)
 
+    def total_seconds(self) -> float:
+        return sum(self.seconds)
 
-def _record(op: str, nbytes: int) -> None:
+
+@contextmanager
+def _record(op: str, nbytes: int):
+    start = time.perf_counter()
+    yield
+    elapsed = time.perf_counter() - start
     for log in _LOGS:
         log.calls.append((op, nbytes))
+        log.seconds.append(elapsed)
 
 
 def _group_size(group) -> int:
@@ -104,27 +114,28 @@ def _group_size(group) -> int:
 
 def _all_gather(x: Tensor, group) -> Tensor:
     """[*shape] on every rank -> [R, *shape], rank order."""
-    _record("all_gather", x.numel() * x.element_size())
     R = _group_size(group)
     x = x.contiguous()
     out = torch.empty((R * x.shape[0],) + tuple(x.shape[1:]) if x.dim() else (R,),
                       dtype=x.dtype, device=x.device)
+    # torch >= 2.13 names it all_gather_single (all_gather_into_tensor is deprecated there)
     gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-    gather(out, x if x.dim() else x.reshape(1), group=group)
+    with _record("all_gather", x.numel() * x.element_size()):
+        gather(out, x if x.dim() else x.reshape(1), group=group)
     return out.view((R,) + tuple(x.shape))
 
 
 def _all_reduce_sum(x: Tensor, group) -> None:
-    _record("all_reduce", x.numel() * x.element_size())
-    dist.all_reduce(x, op=dist.ReduceOp.SUM, group=group)
+    with _record("all_reduce", x.numel() * x.element_size()):
+        dist.all_reduce(x, op=dist.ReduceOp.SUM, group=group)
 
 
 def _all_gather_object(obj, group) -> list:
     import pickle
 
-    _record("all_gather_object", len(pickle.dumps(obj)))
     out = [None] * _group_size(group)
-    dist.all_gather_object(out, obj, group=group)
+    with _record("all_gather_object", len(pickle.dumps(obj))):
+        dist.all_gather_object(out, obj, group=group)
     return out
 
 
@@ -515,7 +526,7 @@ def _bench_steps(cfg: dict, group) -> dict:
 
     for _ in range(cfg["warmup"]):
         step()
-    times, sent, payload = [], [], []
+    times, sent, payload, comm = [], [], [], []
     for _ in range(cfg["steps"]):
         if group is not None:
             dist.barrier(group)
@@ -526,8 +537,9 @@ def _bench_steps(cfg: dict, group) -> dict:
         times.append(t1 - t0)
         sent.append(w1 - w0)
         payload.append(log.payload_bytes())
-    times.sort()
-    return dict(median_s=times[len(times) // 2], min_s=times[0], bytes_sent=sorted(sent)[len(sent) // 2],
+        comm.append(log.total_seconds())
+    median = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
+    return dict(median_s=median(times), min_s=min(times), comm_median_s=median(comm), bytes_sent=median(sent),
                 payload_bytes=payload[0], collectives=[op for op, _ in log.calls])
 
 
@@ -539,6 +551,7 @@ def measure_vocab_parallel(world_sizes=(1, 2, 4), *, tokens: int = 2048, hidden:
 
     Each world size runs in fresh processes (``fork``), one thread each by default. Returns one
     dict per world size: ``world_size``, ``median_s``/``min_s`` (rank 0's step time),
+    ``comm_median_s`` (rank 0's time inside the collectives, waiting for slower ranks included),
     ``bytes_sent`` (rank 0, measured from ``/proc/self/io``: gloo's TCP writes, Linux only),
     ``payload_bytes`` (rank 0's collective inputs, recorded by :class:`CommLog`),
     ``predicted`` (:func:`vocab_parallel_comm_bytes`), and the shape.

@@ -55,3 +55,19 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _script_worker(rank: int, world: int, code: str, port: int, filename: str) -> None:
+    # what torchrun sets for each process
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    exec(compile(code, filename, "exec"), {"__name__": "__main__"})
+
+
+def run_script(code: str, world: int, filename: str = "<script>") -> None:
+    """Run a script as ``torchrun --nproc-per-node world`` would (environment variables set,
+    ``__name__ == "__main__"``), in forked processes; an exception in any rank fails."""
+    requires_fork()
+    mp.start_processes(_script_worker, args=(world, code, free_port(), filename), nprocs=world,
+                       start_method="fork")

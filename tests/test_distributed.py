@@ -457,7 +457,7 @@ def _comm_log_job(rank, world):
         out = fused_pg.repo_loss(hh, w, y, adv, old, mask, bias=b[a:c], validate=False,
                                  process_group=dist.group.WORLD, **KW)
         out.loss.backward()
-    return dict(calls=log.calls)
+    return log.calls
 
 
 def _logprobs_entropy_job(rank, world):
@@ -624,7 +624,7 @@ def test_collectives_of_a_vocab_parallel_step(world):
     h, W, *_ = _batch(seed=2)
     N, D = h.shape[0] * h.shape[1], h.shape[2]
     for r in res:
-        assert r["comm_log"]["calls"] == [("all_gather", 8), ("all_gather", 3 * N * 4), ("all_reduce", N * D * 4)]
+        assert r["comm_log"] == [("all_gather", 8), ("all_gather", 3 * N * 4), ("all_reduce", N * D * 4)]
     predicted = vocab_parallel_comm_bytes(N, D, world)
     assert predicted["stats_all_gather"] == (world - 1) * 3 * N * 4
     assert predicted["dhidden_all_reduce"] == 2 * (world - 1) * 4 * N * D // world
@@ -749,3 +749,24 @@ def test_metric_reductions_cover_every_metric():
     from fused_pg.distributed import METRIC_REDUCTION
 
     assert set(METRIC_REDUCTION) == set(fused_pg.METRIC_KEYS)
+
+
+def test_measured_communication_matches_the_formula():
+    """measure_vocab_parallel (the benchmark's entry point) on a small head: the bytes gloo sends
+    per step are the predicted ring volume (plus a little framing)."""
+    from fused_pg.distributed import measure_vocab_parallel
+
+    try:
+        with open("/proc/self/io") as f:
+            assert "wchar:" in f.read()
+    except (OSError, AssertionError):
+        pytest.skip("no /proc/self/io write accounting on this system")
+    rows = measure_vocab_parallel((1, 2), tokens=96, hidden=16, vocab=500, steps=2, warmup=1)
+    assert [r["world_size"] for r in rows] == [1, 2]
+    assert rows[0]["bytes_sent"] == 0 and rows[0]["collectives"] == []
+    r = rows[1]
+    assert r["collectives"] == ["all_gather", "all_gather", "all_reduce"]
+    assert r["payload_bytes"] == 8 + 3 * 96 * 4 + 96 * 16 * 4
+    total = r["predicted"]["total"]
+    assert total <= r["bytes_sent"] <= total + 4096, (r["bytes_sent"], total)
+    assert r["median_s"] > 0 and 0 <= r["comm_median_s"] <= r["median_s"]
