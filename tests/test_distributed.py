@@ -770,3 +770,23 @@ def test_measured_communication_matches_the_formula():
     total = r["predicted"]["total"]
     assert total <= r["bytes_sent"] <= total + 4096, (r["bytes_sent"], total)
     assert r["median_s"] > 0 and 0 <= r["comm_median_s"] <= r["median_s"]
+
+
+@pytest.mark.cuda
+def test_nccl_vocab_and_data_parallel():
+    """The same equalities with NCCL, one GPU per rank (2 to 4), Triton and torch backends."""
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    from nccl_jobs import distributed_worker
+
+    n = torch.cuda.device_count()
+    if n < 2:
+        pytest.skip(f"NCCL tests need at least 2 CUDA GPUs; this machine has {n}")
+    if not dist.is_nccl_available():
+        pytest.skip("this torch build has no NCCL")
+    world = min(n, 4)
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.start_processes(distributed_worker, args=(world, f"file://{tmp}/store"), nprocs=world,
+                           start_method="spawn")
