@@ -193,7 +193,8 @@ class VocabShard:
     def of(group, weight: Tensor) -> "VocabShard":
         """Shard layout from one all-gather of the shard sizes (R int64)."""
         check_group("process_group", group)
-        sizes = _all_gather(torch.tensor([weight.shape[0]], dtype=torch.int64, device=weight.device), group)
+        # a fill, not a host-to-device copy: nothing here waits for the device
+        sizes = _all_gather(torch.full((1,), weight.shape[0], dtype=torch.int64, device=weight.device), group)
         sizes = sizes.reshape(-1)
         rank = dist.get_rank(group)
         return VocabShard(group=group, rank=rank, world=sizes.numel(), size=weight.shape[0],
@@ -306,10 +307,10 @@ class VocabParallelHead(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, targets, sweeps, cfg: HeadConfig, group):
         with torch.autocast(hidden.device.type, enabled=False):
             logp_r, entropy_r, lse_r = sweeps.forward_sweep(hidden, weight, bias, targets, cfg)
-        owned = (targets >= 0) & (targets < weight.shape[0])
-        target_logit_r = torch.where(owned, logp_r + lse_r, 0.0)
-        gathered = _all_gather(torch.stack([lse_r, entropy_r, target_logit_r]), group)  # [R, 3, N]
-        lse, entropy, target_logit = merge_shard_stats(*gathered.unbind(1))
+            owned = (targets >= 0) & (targets < weight.shape[0])
+            target_logit_r = torch.where(owned, logp_r + lse_r, 0.0)
+            gathered = _all_gather(torch.stack([lse_r, entropy_r, target_logit_r]), group)  # [R, 3, N]
+            lse, entropy, target_logit = merge_shard_stats(*gathered.unbind(1))
         valid = targets >= 0
         logprobs = torch.where(valid, target_logit - lse, 0.0)
         entropy = torch.where(valid, entropy, 0.0)
@@ -388,7 +389,7 @@ def local_num_items(batch, aggregation: str) -> Tensor:
         return valid.sum().to(torch.float64)
     layout = batch.layout
     if aggregation == "seq-mean-token-sum-norm":
-        return torch.tensor(float(layout.num_seqs), dtype=torch.float64, device=valid.device)
+        return torch.full((), float(layout.num_seqs), dtype=torch.float64, device=valid.device)
     return (layout.seq_sum(valid.to(torch.float64)) > 0).sum().to(torch.float64)
 
 
