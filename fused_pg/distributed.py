@@ -341,27 +341,17 @@ class VocabParallelHead(torch.autograd.Function):
         )
 
 
-def run_vocab_parallel_head(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor,
-                            cfg: HeadConfig, backend: backends.Backend, shard: VocabShard) -> tuple[Tensor, Tensor]:
-    """:func:`fused_pg.head.run_head` for a vocabulary split over ``shard.group``.
+def vocab_parallel_sweep(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, cfg: HeadConfig,
+                         backend: backends.Backend, impl, shard: VocabShard) -> tuple[Tensor, Tensor]:
+    """The sweep of :func:`fused_pg.head.run_head` for a vocabulary split over ``shard.group``.
 
-    hidden [N, D], targets [N] int64 global ids (-1: not counted) -> (logprobs, entropy) [N].
+    hidden [N, D] (N > 0; rows that do not count already zeroed or dropped), targets [N] int64
+    global ids (-1: not counted) -> (logprobs, entropy) [N] of the whole vocabulary.
     """
     if not backend.sweeps:
         raise ValueError(f"process_group needs a sweep backend ('torch' or 'triton'), "
                          f"not backend={backend.name!r}")
-    dtypes = (hidden.dtype, weight.dtype) + ((bias.dtype,) if bias is not None else ())
-    backend.check(hidden.device, dtypes, cfg.precision)
-    impl = backend.load()
-    if hidden.shape[0] == 0:  # the same on every rank: no collective at all
-        anchor = hidden.sum() + weight.sum() + (bias.sum() if bias is not None else 0.0)
-        dtype = backends.common.compute_dtype(hidden, weight)
-        empty = torch.zeros(0, dtype=dtype, device=hidden.device) * anchor.to(dtype)
-        return empty, empty.clone()
-    if not backend.skips_invalid_rows:
-        hidden = torch.where((targets >= 0)[:, None], hidden, 0.0)
-    local = shard.local_targets(targets)
-    return VocabParallelHead.apply(hidden, weight, bias, local, impl, cfg, shard.group)
+    return VocabParallelHead.apply(hidden, weight, bias, shard.local_targets(targets), impl, cfg, shard.group)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -110,6 +110,7 @@ def repo_loss(
     deterministic: bool = False,
     token_chunk: int | None = None,
     vocab_chunk: int | None = None,
+    compact_rows: bool | None = None,
     validate: bool | None = None,
     process_group=None,
     data_parallel_group=None,
@@ -161,7 +162,7 @@ def repo_loss(
         max_length:    Dr.GRPO's constant length (default: T of [B, T] inputs).
         importance_level: "token" or "sequence" (GSPO).
         ignore_index:  target id that marks tokens to skip.
-        backend, precision, deterministic, token_chunk, vocab_chunk, validate:
+        backend, precision, deterministic, token_chunk, vocab_chunk, compact_rows, validate:
                        see :func:`fused_logprobs_entropy`. ``validate`` also checks that the
                        log-prob inputs are <= 0 (up to 1e-2) and finite where they count.
         process_group: vocabulary parallelism: ``weight``/``bias`` are this rank's consecutive
@@ -189,7 +190,8 @@ def repo_loss(
         entropy_coef=entropy_coef, aggregation=aggregation, max_length=max_length,
         importance_level=importance_level, tis_cap=tis_cap, tis_level=tis_level)
     head_cfg = HeadConfig(temperature=temperature, softcap=softcap, precision=precision,
-                          deterministic=deterministic, token_chunk=token_chunk, vocab_chunk=vocab_chunk)
+                          deterministic=deterministic, token_chunk=token_chunk, vocab_chunk=vocab_chunk,
+                          compact_rows=compact_rows)
     impl = backends.resolve(backend, hidden.device)
     validate = checks.resolve_validate(validate, hidden.device)
     shard = None if process_group is None else distributed.VocabShard.of(process_group, weight)

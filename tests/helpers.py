@@ -1,5 +1,5 @@
 """Shared test machinery: the backend list, hypothesis strategies, input builders, the fp64
-oracle runs and the pass rules of SPEC section 5.
+oracle runs and the pass rules below.
 
 Adding a backend to the property tests is one line in ``BACKENDS`` (plus, for a slow one, a
 ``LIMITS`` entry that caps shapes, dtypes and the number of examples), e.g.::
@@ -13,9 +13,9 @@ Pass rules (``Tol`` below; every comparison is against ``fused_pg.reference`` ru
 the *same rounded inputs*, i.e. the low-precision tensors upcast exactly to fp64):
 
 * fp64 inputs: everything (values, metrics, gradients) within ~1e-10 relative.
-* fp32 inputs: logp / entropy ``|d| <= 1e-5 * (1 + |ref|)`` elementwise (SPEC 5).
+* fp32 inputs: logp / entropy ``|d| <= 1e-5 * (1 + |ref|)`` elementwise.
 * bf16 / fp16 inputs (also bf16 hidden with an fp32 weight): logp / entropy
-  ``|d| <= 2e-3`` elementwise (SPEC 5, absolute) AND the *fair low-precision rule*:
+  ``|d| <= 2e-3`` elementwise (absolute) AND the *fair low-precision rule*:
   ``max|d| <= max|d_plain| + 1e-4 * (1 + max|ref|)``, where ``d_plain`` is the error of
   plain PyTorch on the same inputs, ``F.linear(h, W, b)`` in the input dtype followed by
   fp32 temperature / soft-cap / ``log_softmax`` (what a trainer does without a fused head).
@@ -42,6 +42,7 @@ Ill-conditioned examples are skipped with ``assume`` rather than by loosening th
 from __future__ import annotations
 
 import math
+import os
 import random
 from collections import Counter
 from dataclasses import dataclass, field
@@ -257,8 +258,9 @@ def grad_floors(h64: Tensor, W64: Tensor, g: Tensor, e: Tensor, H: Tensor, z: Te
     h = h64.detach().reshape(s.numel(), -1)
     zmax = float(z[torch.isfinite(z)].abs().max()) if torch.isfinite(z).any() else 0.0
     c = 16 * eps * (1 + zmax)
-    if dlogits is not None:  # dL/dz rounded to the 16-bit GEMM operand dtype
-        c += torch.finfo(dlogits).eps / 2
+    if dlogits is not None:  # dL/dz rounded to the 16-bit GEMM operand dtype: half an ulp,
+        # a whole one under the Triton interpreter, which truncates fp32 -> 16-bit on store
+        c += torch.finfo(dlogits).eps / (1 if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0") else 2)
     return {
         "hidden": c * float(s.max()) * float(W64.detach().abs().max()),
         "weight": c * float((s * h.abs().amax(1)).sum()),
@@ -382,6 +384,7 @@ class HeadCase:
     logit_scale: float
     precision: str
     seed: int
+    compact_rows: bool | None = None   # None: the default (on CPU)
 
     @property
     def N(self) -> int:
@@ -390,7 +393,7 @@ class HeadCase:
     def head_kwargs(self, backend: str) -> dict:
         return dict(temperature=self.temperature, softcap=self.softcap, ignore_index=self.ignore_index,
                     backend=backend, precision=self.precision, token_chunk=self.token_chunk,
-                    vocab_chunk=self.vocab_chunk)
+                    vocab_chunk=self.vocab_chunk, compact_rows=self.compact_rows)
 
 
 def _odd_biased(lo: int, hi: int):
@@ -440,6 +443,7 @@ def head_fields(draw, backend: str, lead: tuple[int, ...] | None = None, dtypes=
         logit_scale=rng.choice(LOGIT_SCALES),
         precision=rng.choice(["native", "ieee"]),
         seed=rng.getrandbits(31),
+        compact_rows=rng.choice([None, False]),  # None: compacted on CPU; False: rows zeroed
     )
 
 
@@ -524,7 +528,7 @@ class LossCase:
              f"num_items={'num_items_in_batch' in o}", f"max_length={'max_length' in o}",
              f"adv_per_seq={self.adv_per_seq}", f"entropy_coef!=0={o['entropy_coef'] != 0}",
              f"ignore_frac>0={h.ignore_frac > 0}", f"multi_vocab_chunks={(h.vocab_chunk or h.V) < h.V}",
-             f"multi_token_chunks={(h.token_chunk or h.N) < h.N}"]
+             f"multi_token_chunks={(h.token_chunk or h.N) < h.N}", f"compact_rows={h.compact_rows}"]
         if self.with_ref:
             f.append(f"kl={o['kl_estimator']},coef>0={o['kl_coef'] > 0}")
         if self.with_rollout:
@@ -536,7 +540,7 @@ class LossCase:
     def fused_kwargs(self, backend: str) -> dict:
         h = self.head
         return dict(self.opts, backend=backend, precision=h.precision, deterministic=self.deterministic,
-                    token_chunk=h.token_chunk, vocab_chunk=h.vocab_chunk)
+                    token_chunk=h.token_chunk, vocab_chunk=h.vocab_chunk, compact_rows=h.compact_rows)
 
 
 @st.composite

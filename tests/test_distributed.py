@@ -619,10 +619,11 @@ def test_accumulation_with_group_statistics(world):
 @pytest.mark.parametrize("world", WORLDS)
 def test_collectives_of_a_vocab_parallel_step(world):
     """Forward: one all-gather of the shard sizes, one of [3, N] statistics; backward: one
-    all-reduce of d_hidden. O(N) and O(N D) payloads; nothing of size N x V."""
+    all-reduce of d_hidden. O(N) and O(N D) payloads (N: the tokens that count); nothing of
+    size N x V."""
     res = group_results(world)["per_rank"]
-    h, W, *_ = _batch(seed=2)
-    N, D = h.shape[0] * h.shape[1], h.shape[2]
+    h, W, b, y, adv, old, mask = _batch(seed=2)
+    N, D = int(mask.sum()), h.shape[2]  # compact_rows (default on CPU) sweeps the tokens that count
     for r in res:
         assert r["comm_log"] == [("all_gather", 8), ("all_gather", 3 * N * 4), ("all_reduce", N * D * 4)]
     predicted = vocab_parallel_comm_bytes(N, D, world)

@@ -213,7 +213,8 @@ def test_signatures_of_the_api_and_the_oracle_stay_in_step():
     for name in set(api) & set(ref):
         assert api[name].default == ref[name].default, name
     head_only = {"hidden", "weight", "targets", "bias", "temperature", "softcap", "ignore_index"}
-    fused_only = {"backend", "precision", "deterministic", "token_chunk", "vocab_chunk", "validate", "process_group"}
+    fused_only = {"backend", "precision", "deterministic", "token_chunk", "vocab_chunk", "compact_rows",
+                  "validate", "process_group"}
     repo = set(inspect.signature(fused_pg.repo_loss).parameters)
     assert repo == (set(api) - {"logprobs", "entropy"}) | head_only | fused_only
     ref_head = set(inspect.signature(repo_loss_ref).parameters)
