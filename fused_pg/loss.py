@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from . import backends, checks
+from . import backends, checks, distributed
 from .batch import make_token_batch
 from .config import HeadConfig, LossConfig
 from .control import AdaptiveClip
@@ -112,6 +112,8 @@ def repo_loss(
     vocab_chunk: int | None = None,
     compact_rows: bool | None = None,
     validate: bool | None = None,
+    process_group=None,
+    data_parallel_group=None,
 ) -> PolicyLossOutput:
     """Entropy-aware clipped policy-gradient loss straight from hidden states.
 
@@ -163,6 +165,14 @@ def repo_loss(
         backend, precision, deterministic, token_chunk, vocab_chunk, compact_rows, validate:
                        see :func:`fused_logprobs_entropy`. ``validate`` also checks that the
                        log-prob inputs are <= 0 (up to 1e-2) and finite where they count.
+        process_group: vocabulary parallelism: ``weight``/``bias`` are this rank's consecutive
+                       slice of the vocabulary (rank order); every rank passes the same batch
+                       and gets the same loss (see :mod:`fused_pg.distributed`).
+        data_parallel_group: data parallelism: each rank passes its part of the batch;
+                       ``repo_stats`` and ``num_items_in_batch`` (those not passed) and the
+                       metrics become those of the whole group's batch, and ``loss`` is this
+                       rank's share: the sum over ranks equals one process on the whole batch
+                       (DDP/FSDP average gradients: scale the loss by the group size).
 
     Returns:
         :class:`PolicyLossOutput` with ``loss``, ``logprobs``, ``entropy``, ``metrics``.
@@ -184,6 +194,9 @@ def repo_loss(
                           compact_rows=compact_rows)
     impl = backends.resolve(backend, hidden.device)
     validate = checks.resolve_validate(validate, hidden.device)
+    shard = None if process_group is None else distributed.VocabShard.of(process_group, weight)
+    if shard is not None:
+        V = shard.vocab_size  # the whole vocabulary (a 0-dim tensor: no host sync)
     # targets widened to int64 first: a small integer dtype (uint8 wraps -100 to 156) must not
     # alias a vocabulary id. Unchecked ids outside [0, V) never count (a sync-free guard).
     wide = targets.reshape(-1).long()
@@ -195,12 +208,18 @@ def repo_loss(
         advantages=advantages, old_logprobs=old_logprobs, mask=mask, ref_logprobs=ref_logprobs,
         rollout_logprobs=rollout_logprobs, cu_seqlens=cu_seqlens, num_items_in_batch=num_items_in_batch,
         repo_stats=repo_stats, cfg=loss_cfg, validate=validate, what="the leading shape of hidden")
-    if validate:
+    if validate and shard is None:
         checks.target_ids(wide, batch.valid, V, ignore_index, bias)
         check_head_values(hidden, weight, bias, batch.valid)
+    elif validate:
+        shard.check_values(hidden, weight, bias, wide, batch.valid, batch.valid, ignore_index)
     logprobs, entropy = run_head(hidden.reshape(N, hidden.shape[-1]), weight, bias, flat_head_targets(wide, batch.valid),
-                                 head_cfg, impl)
+                                 head_cfg, impl, shard=shard)
+    if data_parallel_group is not None:
+        batch = distributed.data_parallel_batch(batch, logprobs, loss_cfg.aggregation, data_parallel_group)
     loss, metrics = policy_loss(logprobs, entropy, batch, loss_cfg)
+    if data_parallel_group is not None:
+        metrics = distributed.data_parallel_metrics(metrics, data_parallel_group)
     loss = _explain_missing_grad(loss, {"hidden": hidden, "weight": weight, "bias": bias}, "repo_loss")
     return PolicyLossOutput(
         loss=loss,
@@ -238,6 +257,7 @@ def policy_loss_from_logprobs(
     tis_cap: float | None = None,
     tis_level: str = "token",
     validate: bool | None = None,
+    data_parallel_group=None,
 ) -> PolicyLossOutput:
     """The policy loss of :func:`repo_loss` for callers that already have per-token log-probs.
 
@@ -254,7 +274,7 @@ def policy_loss_from_logprobs(
         entropy:   optional per-token entropies, ``logprobs``' shape, differentiable; needed
                    when ``entropy_coef != 0`` and reported as ``metrics["entropy_mean"]``
                    (0 when not given).
-        other options: exactly those of :func:`repo_loss`.
+        other options: exactly those of :func:`repo_loss` (``data_parallel_group`` included).
 
     Returns:
         :class:`PolicyLossOutput`; ``loss`` is differentiable w.r.t. ``logprobs`` and ``entropy``.
@@ -297,7 +317,11 @@ def policy_loss_from_logprobs(
         ent = torch.where(valid, ent.to(edt), 0.0)
     else:
         ent = torch.zeros_like(lp, requires_grad=False)
+    if data_parallel_group is not None:
+        batch = distributed.data_parallel_batch(batch, lp, loss_cfg.aggregation, data_parallel_group)
     loss, metrics = policy_loss(lp, ent, batch, loss_cfg)
+    if data_parallel_group is not None:
+        metrics = distributed.data_parallel_metrics(metrics, data_parallel_group)
     loss = _explain_missing_grad(loss, {"logprobs": logprobs, "entropy": entropy}, "policy_loss_from_logprobs")
     return PolicyLossOutput(
         loss=loss,
