@@ -331,7 +331,7 @@ COMPILE_S = {"cpu": 20.0, "cuda": 40.0}
 # the GEMM of the rate measurement: at most this many FLOPs, so that it stays short on a CPU;
 # the elementwise pass: this many fp32 values, more than the caches hold (passes over N x V
 # logits run at memory speed)
-CALIBRATION_FLOPS = {"cpu": 2e8, "cuda": 2e11}
+CALIBRATION_FLOPS = {"cpu": 1e9, "cuda": 2e11}
 CALIBRATION_VALUES = {"cpu": 2**24, "cuda": 2**27}
 
 

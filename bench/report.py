@@ -131,6 +131,8 @@ def fmt_ms(stats: dict | None, spread: bool = False) -> str:
 
 
 def fmt_seconds(s: float) -> str:
+    if s < 10:
+        return f"{s:.1f} s"
     if s < 90:
         return f"{s:.0f} s"
     if s < 5400:
