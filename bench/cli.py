@@ -32,7 +32,7 @@ from .config import (CUDA_SUITE, DATA_KINDS, DEFAULT_TARGET_ENTROPY, DTYPES, MOD
                      REPO_MODES, BenchConfig, LossSpec, Shape, default_out_dir, default_suite, device_name,
                      pick_device)
 from .impls import IMPL_HELP, IMPL_KEYS
-from .problem import describe_layout
+from .problem import describe_layout, max_realistic_entropy
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 PROG = "python -m bench"
@@ -200,11 +200,20 @@ def _config(args: argparse.Namespace, p: argparse.ArgumentParser, argv: Sequence
         p.error(f"--eps-low must be < 1, got {args.eps_low}")
     if args.repo == "decorrelate" and args.repo_coef > 1:
         p.error(f"--repo-coef must be in [0, 1] for --repo decorrelate, got {args.repo_coef}")
+    shapes = _shapes(args, suite.dv, suite.ns, p)
+    if args.data == "realistic":
+        from .runner import ACCURACY_SHAPE
+        vs = {s.v for s in shapes} | ({ACCURACY_SHAPE.v} if not args.no_accuracy else set())
+        v = min(vs)
+        if args.target_entropy > max_realistic_entropy(v):
+            where = " (the accuracy check's; --no-accuracy skips it)" if v == ACCURACY_SHAPE.v else ""
+            p.error(f"--target-entropy {args.target_entropy:g} nats is above what realistic data reaches at "
+                    f"V={v}{where}: at most {max_realistic_entropy(v):.2f}")
     precisions = PRECISIONS if args.precision and "all" in args.precision else tuple(args.precision or ("native",))
     loss = LossSpec(repo=args.repo, repo_coef=args.repo_coef, kl_coef=args.kl, entropy_coef=args.entropy_coef,
                     eps_low=args.eps_low, eps_high=args.eps_high)
     return BenchConfig(
-        device=device.type, dtype=args.dtype or suite.dtype, shapes=_shapes(args, suite.dv, suite.ns, p),
+        device=device.type, dtype=args.dtype or suite.dtype, shapes=shapes,
         impls=_impls(args, suite), precisions=tuple(dict.fromkeys(precisions)), loss=loss,
         warmup=args.warmup or suite.warmup, repeats=args.repeats or suite.repeats, seq_len=args.seq_len,
         out_dir=args.out or default_out_dir(device), suite=suite.name, quick=args.quick, plot=not args.no_plot,

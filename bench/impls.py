@@ -242,8 +242,7 @@ def build_impls(key: str, precisions: tuple[str, ...]) -> list[Impl]:
         return [Impl(key, "torch.compile chunked", "baseline", _head_make(compiled_logprobs_entropy),
                      _check_compile)]
     if key == "trl":
-        return [Impl(key, "TRL chunked head", "peer", peers.trl_make, peers.trl_check,
-                     notes=peers.TRL_NOTES)]
+        return [Impl(key, "TRL chunked head", "peer", peers.trl_make, peers.trl_check)]
     if key == "liger-chunked":
         return [Impl(key, "Liger chunked GRPO", "peer", peers.liger_chunked_make, peers.liger_chunked_check,
                      features=frozenset({"kl"}), grads_in_forward=True, gemms=3)]

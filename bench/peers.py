@@ -77,7 +77,6 @@ TRL_MIN_VERSION = (1, 16)
 # the vocabulary chunk add_fused_lm_head passes (trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE in
 # TRL 1.16; read from there when that heavy module is already imported)
 TRL_CHUNK = 32768
-TRL_NOTES: tuple[str, ...] = ()
 
 
 def _version_tuple(text: str) -> tuple[int, ...]:

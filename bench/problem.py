@@ -86,6 +86,12 @@ class Problem:
                 "mean_entropy": self.mean_entropy}
 
 
+def max_realistic_entropy(v: int) -> float:
+    """About the highest mean entropy realistic data reaches at vocabulary ``v``: 90% of the
+    background's (Gaussian logits of std 3 have about ``log V - 4.5`` nats)."""
+    return 0.9 * max(math.log(v) - LOGIT_STD ** 2 / 2, 0.0)
+
+
 def layout(n: int, seq_len: int) -> tuple[int, int]:
     """(B, T) with ``B * T == n`` exactly: T is the largest divisor of ``n`` not above ``seq_len``.
 

@@ -123,6 +123,8 @@ def test_impl_all_and_precision_all():
     (["--dtype", "fp64"], "invalid choice: 'fp64'"),
     (["--data", "spiky"], "invalid choice: 'spiky'"),
     (["--target-entropy", "0"], "expected a finite number > 0"),
+    (["--v", "50000", "--target-entropy", "3"], "above what realistic data reaches at V=1531 (the accuracy check's"),
+    (["--v", "1000", "--no-accuracy", "--target-entropy", "3"], "above what realistic data reaches at V=1000"),
     (["--max-minutes", "0"], "expected a finite number > 0"),
     (["--kl", "-1"], "expected a finite number >= 0"),
     (["--repo-coef", "2"], "--repo-coef must be in [0, 1] for --repo decorrelate"),
