@@ -169,7 +169,7 @@ def flag_notes(case: dict) -> list[str]:
     """Human-readable text of a result's flags."""
     out = []
     if "noisy" in case["flags"]:
-        out.append(f"NOISY: spread {case['fwd_bwd_ms']['spread']:.0%} > {NOISY_SPREAD:.0%}, median uncertain")
+        out.append(f"NOISY: spread {case['fwd_bwd_ms']['spread']:.1%} > {NOISY_SPREAD:.0%}, median uncertain")
     if "below-floor" in case["flags"]:
         out.append(f"BELOW ITS OWN {case['gemms']}-GEMM FLOOR ({case['own_floor_ms']:.1f} ms): "
                    "timing suspect or work skipped")
@@ -224,7 +224,7 @@ def accuracy_rows(report: dict) -> list[list[str]]:
 def data_line(report: dict) -> str:
     """The benchmark data and its measured mean token entropy."""
     cfg, batches = report["config"], report["batches"]
-    kind = (f"realistic logits (target mean entropy {cfg['target_entropy']:.2g} nats)" if cfg["data"] == "realistic"
+    kind = (f"realistic logits (target mean entropy {cfg['target_entropy']:.1f} nats)" if cfg["data"] == "realistic"
             else "flat logits (i.i.d., std 3; uniform targets)")
     if not batches:
         return f"data: {kind}"

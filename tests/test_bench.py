@@ -289,7 +289,7 @@ def test_tiny_cpu_run_writes_table_json_and_png(tiny_run):
     assert "estimate: about" in stdout and "(estimated " in stdout
     assert "[1/6]" in stdout and "[6/6]" in stdout
     assert "4-GEMM floor" in stdout and "Max error vs fp64 reference" in stdout
-    assert "data: realistic logits (target mean entropy 1 nats); mean token entropy" in stdout
+    assert "data: realistic logits (target mean entropy 1.0 nats); mean token entropy" in stdout
     assert "spread" in stdout
     assert "loss check: all 6 runs agree" in stdout
     assert "skipped fused-pg triton: needs a CUDA GPU" in stdout or torch.cuda.is_available()
