@@ -460,18 +460,18 @@ def test_saturated_says_when_the_value_is_pinned_at_the_bound_the_error_pushes_t
     assert 0.1 < c.eps_high < 0.4 and not c.saturated
 
 
-def test_the_readme_adapo_in_practice_example_runs_as_written(capsys):
-    """The README's "ADAPO in practice" code block: gradient accumulation with observe/update,
-    and a resume through from_state_dict."""
+def test_the_adapo_in_practice_example_runs_as_written(capsys):
+    """The "ADAPO in practice" code block of docs/entropy-dynamics.md: gradient accumulation
+    with observe/update, and a resume through from_state_dict."""
     from pathlib import Path
     import re
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    section = readme.split("### ADAPO in practice")[1].split("\n## ")[0]
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "entropy-dynamics.md").read_text()
+    section = doc.split("## ADAPO in practice")[1].split("\n## ")[0]
     blocks = re.findall(r"```python\n(.*?)\n```", section, flags=re.S)
     assert len(blocks) == 1
     namespace: dict = {}
-    exec(compile(blocks[0], "README.md (ADAPO in practice)", "exec"), namespace)
+    exec(compile(blocks[0], "docs/entropy-dynamics.md (ADAPO in practice)", "exec"), namespace)
     ctrl = namespace["ctrl"]
     assert isinstance(ctrl, AdaptiveClip) and ctrl.steps == 3
     assert ctrl.state_dict() == namespace["checkpoint"]["adapo"]
