@@ -110,9 +110,11 @@ columns every step."""
 def policy_loss(logprobs: Tensor, entropy: Tensor, batch: TokenBatch, cfg: LossConfig):
     """Loss and metrics from per-token ``logprobs`` / ``entropy`` ([N], 0 where not valid).
 
-    Returns ``(loss, metrics)``: a scalar with grad to ``logprobs`` and ``entropy``, and a
-    dict with every key of :data:`METRIC_KEYS`: detached 0-dim tensors, and the float
-    hyper-parameters used (``eps_low``, ``eps_high``).
+    Returns ``(loss, metrics, per_token)``: a scalar with grad to ``logprobs`` and ``entropy``;
+    a dict with every key of :data:`METRIC_KEYS`: detached 0-dim tensors, and the float
+    hyper-parameters used (``eps_low``, ``eps_high``); and the detached [N] tensors
+    ``advantages`` (REPO-corrected) and ``ratio`` (the importance ratio before delta and clipping),
+    0 where not valid.
     """
     valid = batch.valid
     layout = batch.layout
@@ -200,7 +202,8 @@ def policy_loss(logprobs: Tensor, entropy: Tensor, batch: TokenBatch, cfg: LossC
         eps_low=cfg.eps_low,
         eps_high=cfg.eps_high,
     )
-    return loss, metrics
+    per_token = dict(advantages=torch.where(valid, adv.detach(), 0.0), ratio=torch.where(valid, r, 0.0))
+    return loss, metrics, per_token
 
 
 def aggregate(loss_tok: Tensor, batch: TokenBatch, mode: str, num_items) -> Tensor:

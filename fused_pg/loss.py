@@ -32,6 +32,10 @@ class PolicyLossOutput:
               shape, detached, 0 where masked.
     entropy:  token entropies, same shape and dtype, detached, 0 where masked (all 0 when
               ``policy_loss_from_logprobs`` got no entropy).
+    advantages: the advantages the loss used (REPO-corrected), per token, same shape and
+              dtype, detached, 0 where masked.
+    ratio:    the importance ratio per token (token or sequence level; before ``delta`` and
+              clipping), same shape and dtype, detached, 0 where masked.
     metrics:  every key of :data:`fused_pg.epilogue.METRIC_KEYS`, always present (0 where an
               option is off): 0-dim tensors (no host sync happens until you read them) and
               the float hyper-parameters used (eps_low, eps_high).
@@ -41,6 +45,8 @@ class PolicyLossOutput:
     logprobs: Tensor
     entropy: Tensor
     metrics: dict[str, Tensor | float] = field(default_factory=dict)
+    advantages: Tensor | None = None
+    ratio: Tensor | None = None
 
 
 class _NoGradientPath(torch.autograd.Function):
@@ -232,13 +238,15 @@ def repo_loss(
         check_head_values(hidden, weight, bias, batch.valid)
     logprobs, entropy = run_head(hidden.reshape(N, hidden.shape[-1]), weight, bias, flat_head_targets(wide, batch.valid),
                                  head_cfg, impl)
-    loss, metrics = policy_loss(logprobs, entropy, batch, loss_cfg)
+    loss, metrics, per_token = policy_loss(logprobs, entropy, batch, loss_cfg)
     loss = _explain_missing_grad(loss, {"hidden": hidden, "weight": weight, "bias": bias}, "repo_loss")
     return PolicyLossOutput(
         loss=loss,
         logprobs=logprobs.detach().view(targets.shape),
         entropy=entropy.detach().view(targets.shape),
         metrics=metrics,
+        advantages=per_token["advantages"].view(targets.shape),
+        ratio=per_token["ratio"].view(targets.shape),
     )
 
 
@@ -339,13 +347,15 @@ def policy_loss_from_logprobs(
         ent = torch.where(valid, ent.to(edt), 0.0)
     else:
         ent = torch.zeros_like(lp, requires_grad=False)
-    loss, metrics = policy_loss(lp, ent, batch, loss_cfg)
+    loss, metrics, per_token = policy_loss(lp, ent, batch, loss_cfg)
     loss = _explain_missing_grad(loss, {"logprobs": logprobs, "entropy": entropy}, "policy_loss_from_logprobs")
     return PolicyLossOutput(
         loss=loss,
         logprobs=lp.detach().view(lead),
         entropy=ent.detach().view(lead),
         metrics=metrics,
+        advantages=per_token["advantages"].view(lead),
+        ratio=per_token["ratio"].view(lead),
     )
 
 

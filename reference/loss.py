@@ -26,6 +26,8 @@ class ReferenceOutput:
     logprobs: Tensor
     entropy: Tensor
     metrics: dict[str, Tensor | float] = field(default_factory=dict)
+    advantages: Tensor | None = None  # REPO-corrected, 0 where masked
+    ratio: Tensor | None = None       # importance ratio before delta and clipping, 0 where masked
 
 
 def _sequences(lead: tuple[int, ...], cu_seqlens: Tensor | None) -> list[list[int]] | None:
@@ -373,4 +375,6 @@ def policy_loss_ref(
         logprobs=lpd.reshape(lead),
         entropy=ent.detach().reshape(lead),
         metrics=metrics,
+        advantages=torch.where(valid, A_corr.detach(), 0.0).reshape(lead),
+        ratio=torch.where(valid, ratio.detach(), 0.0).reshape(lead),
     )

@@ -343,6 +343,15 @@ def check_metrics(ref_metrics: dict, got_metrics: dict, dtype_name: str) -> None
         assert_close(f"metric {k}", rv, gv, atol=tol, rtol=tol, key=dtype_name)
 
 
+def check_per_token(ref, out, dtype_name: str) -> None:
+    """The per-token advantages (REPO-corrected) and importance ratios the loss used."""
+    tol = TOLS[dtype_name].value
+    for name in ("advantages", "ratio"):
+        got = getattr(out, name)
+        assert got is not None and not got.requires_grad and got.shape == ref.logprobs.shape, name
+        assert_close(f"per-token {name}", getattr(ref, name), got, atol=tol, rtol=tol, key=dtype_name)
+
+
 def check_grads(pairs: dict, dtype_name: str, floors: dict | None = None) -> None:
     """``pairs``: name -> (reference fp64 grad, fused grad); the fused grad's dtype picks the rule.
 
@@ -912,6 +921,7 @@ def check_loss_case(case: LossCase, backend: str) -> None:
     check_head_values("logprobs", case.dtype, ref.logprobs, out.logprobs, valid, plain_lp)
     check_head_values("entropy", case.dtype, ref.entropy, out.entropy, valid, plain_ent)
     check_metrics(ref.metrics, out.metrics, case.dtype)
+    check_per_token(ref, out, case.dtype)
     grads = {"hidden": (ref_grads["hidden"], h.grad), "weight": (ref_grads["weight"], w.grad)}
     if b is not None:
         grads["bias"] = (ref_grads["bias"], b.grad)

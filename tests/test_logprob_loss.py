@@ -12,7 +12,7 @@ import torch
 import fused_pg
 from fused_pg.config import PRESET_OPTIONS, PRESETS
 from fused_pg.reference import logprobs_entropy_ref, policy_loss_ref, repo_loss_ref
-from helpers import (BACKENDS, HEAD_OPTIONS, TOLS, assert_close, assert_grad_close, check_metrics,
+from helpers import (BACKENDS, HEAD_OPTIONS, TOLS, assert_close, assert_grad_close, check_metrics, check_per_token,
                      loss_cases, make_loss_inputs, oracle_guards, run_property)
 
 
@@ -44,6 +44,7 @@ def check_logprob_case(case) -> None:
     tol = TOLS[case.dtype]
     assert_close("loss", ref.loss, out.loss, atol=tol.value, rtol=tol.value, key=case.dtype)
     check_metrics(ref.metrics, out.metrics, case.dtype)
+    check_per_token(ref, out, case.dtype)
     assert set(out.metrics) == set(fused_pg.METRIC_KEYS)
     if ref.loss.requires_grad:
         g_ref, e_ref = torch.autograd.grad(ref.loss, [lp_ref, ent_ref], allow_unused=True)
