@@ -180,13 +180,15 @@ class LossConfig:
         """Resolve ``preset`` and :class:`Default` markers, then validate.
 
         An option passed as a plain value (``None`` included) is used as is. An option left at
-        its :class:`Default` marker takes the preset's value when ``preset`` names one that sets
+        its :class:`Default` marker, or not passed at all, takes the preset's value when ``preset`` names one that sets
         it, else the marker's library default. A preset's ``max_length`` only applies when some
         term uses ``"seq-mean-token-sum-norm"``.
         """
         if preset is not None:
             choice("preset", preset, tuple(PRESETS))
         table = PRESETS[preset] if preset is not None else {}
+        defaults = {f.name: f.default for f in fields(cls)}
+        options = {**{k: Default(defaults[k]) for k in PRESET_OPTIONS if k not in options}, **options}
         resolved = {k: v for k, v in options.items() if not isinstance(v, Default)}
         deferred = []
         for k, v in options.items():
