@@ -138,9 +138,9 @@ class LossConfig:
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731
-        for f in fields(self):
-            if isinstance(getattr(self, f.name), Default):
-                raise TypeError(f"{f.name}: unresolved Default marker; build LossConfig with from_options()")
+        for name in _LOSS_DEFAULTS:
+            if isinstance(getattr(self, name), Default):
+                raise TypeError(f"{name}: unresolved Default marker; build LossConfig with from_options()")
         set_("eps_low", real("eps_low", self.eps_low, lo=0.0, hi=1.0, hi_open=True))
         set_("eps_high", real("eps_high", self.eps_high, lo=0.0))
         if self.dual_clip is not None:
@@ -187,8 +187,7 @@ class LossConfig:
         if preset is not None:
             choice("preset", preset, tuple(PRESETS))
         table = PRESETS[preset] if preset is not None else {}
-        defaults = {f.name: f.default for f in fields(cls)}
-        options = {**{k: Default(defaults[k]) for k in PRESET_OPTIONS if k not in options}, **options}
+        options = {**{k: Default(_LOSS_DEFAULTS[k]) for k in PRESET_OPTIONS if k not in options}, **options}
         resolved = {k: v for k, v in options.items() if not isinstance(v, Default)}
         deferred = []
         for k, v in options.items():
@@ -233,3 +232,6 @@ class LossConfig:
             or self.importance_level == "sequence"
             or (self.tis_cap is not None and self.tis_level == "sequence")
         )
+
+
+_LOSS_DEFAULTS = {f.name: f.default for f in fields(LossConfig)}  # (computed once: torch.compile traces lookups)
