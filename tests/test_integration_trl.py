@@ -238,6 +238,29 @@ def test_two_steps_bf16_default_head_no_less_accurate(loss_type, level, tmp_path
         loss_err_vs_fp32_stock=loss_stock, loss_err_vs_fp32_fused=loss_fused)
 
 
+def test_peft_lora_matches_stock_trl(tmp_path, model_dir, tokenizer, dataset):
+    """With a PEFT adapter TRL patches the base model's forward and disables the adapter for the
+    reference log-probs: the fused path runs through the PeftModel and matches stock TRL."""
+    peft = pytest.importorskip("peft", reason="peft is not installed")
+    args = config(tmp_path, "dapo", beta=0.04)
+    runs = []
+    for fused in (False, True):
+        recorder = GradRecorder()
+        cls = recording(GRPOTrainer if fused else trl.GRPOTrainer)
+        extra = dict(fused_pg=FusedPGOptions(repo="none")) if fused else {}
+        trainer = cls(model=model_dir, reward_funcs=reward, args=args, train_dataset=dataset, processing_class=tokenizer,
+                      callbacks=[recorder], peft_config=peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]),
+                      **extra)
+        trainer.recorded, trainer.entropies = [], []
+        trainer.train()
+        runs.append((trainer, recorder.grads))
+    assert type(runs[1][0].model).__name__.startswith("Peft")
+    assert "fused_pg/n_tokens" in runs[1][0].state.log_history[0]
+    rec = compare_runs("fp32 dapo with a LoRA adapter", *runs)
+    assert all("lora" in n for n in runs[0][1][0])  # only the adapter trains
+    assert rec["step2"][0] <= 1e-6
+
+
 # ---------------------------------------------------------------------------------------------
 # every option TRL's loss reads, on identical inputs
 # ---------------------------------------------------------------------------------------------
