@@ -96,7 +96,8 @@ def test_repo_none_is_openrlhfs_policy_loss(correction, loss_type, token_level_l
               policy_loss_type=loss_type, is_correction_level=level, is_correction_mode=mode,
               is_correction_gating=gating, is_correction_threshold=list(thr))
     # GSPO: advantages constant over each sequence (where fused-pg's GSPO-token form is GSPO)
-    logp, old, rollout, adv, mask = batch(seed=len(str(correction)) + 3 * token_level_loss, per_seq_adv=loss_type == "gspo")
+    logp, old, rollout, adv, mask = batch(seed=len(str(correction)) + 3 * token_level_loss,
+                                          per_seq_adv=loss_type == "gspo")
     ref = run(openrlhf_loss.PolicyLoss(**kw), logp, old, adv, mask, rollout, **INFOS[info])
     got = run(PolicyLoss(**kw, repo="none"), logp, old, adv, mask, rollout, **INFOS[info])
     # OpenRLHF's per-sample mean divides by n + 1e-8: a relative difference of ~1e-8 / n

@@ -248,9 +248,9 @@ def test_peft_lora_matches_stock_trl(tmp_path, model_dir, tokenizer, dataset):
         recorder = GradRecorder()
         cls = recording(GRPOTrainer if fused else trl.GRPOTrainer)
         extra = dict(fused_pg=FusedPGOptions(repo="none")) if fused else {}
-        trainer = cls(model=model_dir, reward_funcs=reward, args=args, train_dataset=dataset, processing_class=tokenizer,
-                      callbacks=[recorder], peft_config=peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]),
-                      **extra)
+        trainer = cls(model=model_dir, reward_funcs=reward, args=args, train_dataset=dataset,
+                      processing_class=tokenizer, callbacks=[recorder],
+                      peft_config=peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]), **extra)
         trainer.recorded, trainer.entropies = [], []
         trainer.train()
         runs.append((trainer, recorder.grads))

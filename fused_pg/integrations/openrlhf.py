@@ -97,7 +97,8 @@ class PolicyLoss(nn.Module):
         if is_correction_gating not in {"ratio", "binary_kl", "tv"}:
             raise ValueError(f"is_correction_gating must be ratio/binary_kl/tv, got {is_correction_gating}")
         if is_correction_mode == "clip" and (is_correction_level == "seq" or is_correction_gating != "ratio"):
-            raise ValueError("is_correction_mode=clip requires is_correction_level=token and is_correction_gating=ratio")
+            raise ValueError("is_correction_mode=clip requires is_correction_level=token and "
+                             "is_correction_gating=ratio")
         if is_correction_gating != "ratio" and is_correction_level != "off" and is_correction_threshold[0] > 0:
             raise ValueError(f"is_correction_gating={is_correction_gating} takes an upper bound only (a single delta)")
         if (controller is None) != (update_every is None):
