@@ -1,5 +1,12 @@
 """Adapters for peer libraries, imported lazily: a missing peer is skipped with its reason.
 
+* ``trl``: TRL's own chunked fused LM head (TRL >= 1.16: ``trl.kernels.ChunkedLogProbFunction``,
+  what ``trl.trainer.utils.add_fused_lm_head`` patches into a model's forward). Per-token
+  log-probs and entropy without materialising logits: cuBLAS GEMMs on
+  ``[4096, 32768]`` logit tiles folded by a Triton kernel (torch ops off GPU), backward
+  recomputes each tile (entropy gradient included). Called as ``add_fused_lm_head`` calls it:
+  the same vocabulary chunk and, where TRL uses Triton, only the unmasked rows. fused-pg's
+  epilogue adds the policy loss (REPO, KL and the entropy bonus included).
 * ``liger-chunked``: Liger-Kernel's ``LigerFusedLinearGRPOLoss`` (``liger_kernel.chunked_loss``):
   chunks of sequences, logits per chunk, gradients computed *during the forward* and
   handed over in backward. Computes the DAPO-normalised clipped loss (+ k3 KL), no entropy,
@@ -12,24 +19,26 @@
   ``-logp`` per token without materialising logits; fused-pg's epilogue adds the policy loss
   (REPO and KL included, no entropy). ``impl="cce"`` (Triton) on CUDA, ``"torch_compile"`` on CPU.
 
-Install them with ``pip install liger-kernel cut-cross-entropy`` (both are pure Python).
+Install them with ``pip install trl liger-kernel cut-cross-entropy`` (none is a dependency of
+fused-pg; liger-kernel and cut-cross-entropy are pure Python; trl pulls transformers).
 """
 
 from __future__ import annotations
 
 import importlib
 import importlib.util
+import sys
 
 import torch
 from torch import Tensor
 
 from .config import LossSpec
-from .epilogue import loss_from_logprobs
-from .problem import Problem
+from .problem import Problem, StepOutput, loss_from_logprobs
 
 LIGER = "liger_kernel"
 CCE = "cut_cross_entropy"
-PIP_NAMES = {LIGER: "liger-kernel", CCE: "cut-cross-entropy"}
+TRL = "trl"
+PIP_NAMES = {LIGER: "liger-kernel", CCE: "cut-cross-entropy", TRL: "trl"}
 
 
 def missing(module: str) -> str | None:
@@ -62,6 +71,66 @@ def _import_error(module: str, attr_path: str) -> str | None:
     return None
 
 
+# --- TRL: chunked fused LM head ------------------------------------------------------------------
+
+TRL_MIN_VERSION = (1, 16)
+# the vocabulary chunk add_fused_lm_head passes (trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE in
+# TRL 1.16; read from there when that heavy module is already imported)
+TRL_CHUNK = 32768
+
+
+def _version_tuple(text: str) -> tuple[int, ...]:
+    parts = []
+    for piece in text.split(".")[:2]:
+        digits = "".join(ch for ch in piece if ch.isdigit())
+        parts.append(int(digits) if digits else 0)
+    return tuple(parts)
+
+
+def trl_check(device: torch.device, dtype: torch.dtype) -> str | None:
+    reason = missing(TRL)
+    if reason:
+        return reason
+    installed = version(TRL)
+    if installed and _version_tuple(installed) < TRL_MIN_VERSION:
+        return (f"trl {installed} has no chunked fused LM head (needs trl >= "
+                f"{'.'.join(map(str, TRL_MIN_VERSION))})")
+    return _import_error(TRL, "trl.kernels.ChunkedLogProbFunction")
+
+
+def _trl_compacts(device: torch.device) -> bool:
+    """Whether TRL sweeps only the unmasked rows on ``device`` (it does where it uses Triton)."""
+    try:
+        from trl.kernels.chunked_logprob import _use_triton
+        return bool(_use_triton(device))
+    except Exception:  # noqa: BLE001 -- private helper moved: TRL's rule as of 1.16
+        return device.type in ("cuda", "xpu")
+
+
+def trl_make(problem: Problem, spec: LossSpec):
+    from trl.kernels import ChunkedLogProbFunction
+
+    utils = sys.modules.get("trl.trainer.utils")
+    chunk = getattr(utils, "_CHUNKED_LOGPROB_CHUNK_SIZE", TRL_CHUNK)
+    compact = _trl_compacts(problem.hidden.device)
+    mask = problem.mask
+    rows = int(mask.sum()) if compact else None
+    D = problem.shape.d
+
+    def step() -> StepOutput:
+        if compact:
+            h, y = problem.hidden[mask], problem.targets[mask]
+        else:
+            h, y = problem.hidden.reshape(-1, D), problem.targets.reshape(-1)
+        logp, ent, *_ = ChunkedLogProbFunction.apply(h, problem.weight, None, y, 1.0, chunk, None, 1.0,
+                                                     ("entropy",))
+        if compact:  # as add_fused_lm_head: zeros at the masked positions
+            logp = logp.new_zeros(mask.shape).masked_scatter(mask, logp)
+            ent = ent.new_zeros(mask.shape).masked_scatter(mask, ent)
+        return StepOutput(loss_from_logprobs(problem, spec, logp, ent), logp, ent, rows=rows)
+    return step
+
+
 # --- Liger-Kernel: chunked fused-linear GRPO loss ---------------------------------------------
 
 def liger_chunked_check(device: torch.device, dtype: torch.dtype) -> str | None:
@@ -70,8 +139,6 @@ def liger_chunked_check(device: torch.device, dtype: torch.dtype) -> str | None:
 
 def liger_chunked_make(problem: Problem, spec: LossSpec):
     from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
-
-    from .impls import StepOutput
 
     use_ref = spec.kl_coef > 0
     loss_fn = LigerFusedLinearGRPOLoss(
@@ -99,8 +166,6 @@ def liger_triton_check(device: torch.device, dtype: torch.dtype) -> str | None:
 def liger_triton_make(problem: Problem, spec: LossSpec):
     from liger_kernel.transformers.grpo_loss import triton_grpo_loss
 
-    from .impls import StepOutput
-
     mask = problem.mask
     maskf = mask.to(torch.float32)
     pad = problem.hidden.new_zeros(problem.num_seqs, 1, problem.shape.d)
@@ -127,8 +192,6 @@ def cce_check(device: torch.device, dtype: torch.dtype) -> str | None:
 
 def cce_make(problem: Problem, spec: LossSpec):
     from cut_cross_entropy import linear_cross_entropy
-
-    from .impls import StepOutput
 
     impl = "cce" if problem.hidden.is_cuda else "torch_compile"
     targets = torch.where(problem.mask, problem.targets, -100)

@@ -1,6 +1,6 @@
-"""Runs a :class:`~bench.config.BenchConfig`: accuracy check, then per shape the GEMM floor
-and every implementation (loss check, warm-up, memory, timing). Returns the report dict
-that :mod:`bench.report` prints and writes.
+"""Runs a :class:`~bench.config.BenchConfig`: the accuracy check, then per shape the batch, the
+GEMM floor and every implementation (loss check, warm-up, memory, timing). Returns the report
+dict that :mod:`bench.report` prints and writes.
 
 Per implementation and shape:
 
@@ -8,13 +8,22 @@ Per implementation and shape:
    time is reported as ``first_call_s``) gives the loss, which is compared with fused-pg's
    torch backend on the same inputs and the same loss options (the *loss check*);
 2. the remaining warm-up iterations;
-3. peak memory above the inputs (:mod:`bench.memory`): on CPU in one extra untimed
-   iteration, on CUDA over the timed iterations;
-4. ``repeats`` timed iterations (:mod:`bench.timing`).
+3. ``repeats`` timed iterations, over which the peak memory above the inputs is taken; the
+   row is flagged ``noisy`` when the spread of its forward+backward times exceeds
+   :data:`bench.measure.NOISY_SPREAD`, and ``below-floor`` when its median beats its own GEMM
+   floor (a timing to distrust, or an implementation skipping work).
+
+Accuracy: on one small shape (:data:`ACCURACY_SHAPE`, inputs of a normal batch in the
+benchmark dtype and device), each implementation's loss, log-probs, entropies and gradients
+against the fp64 oracle (:func:`fused_pg.reference.repo_loss_ref`) run on the *same rounded
+values* on the CPU, for the loss it actually computes (:meth:`bench.impls.Impl.effective_loss`):
+``loss_abs``, ``logprobs_max_abs`` and ``entropy_max_abs`` over valid tokens (when exposed),
+``grad_hidden_max_rel`` and ``grad_weight_max_rel`` (``max |g - g_ref| / max |g_ref|``).
 
 Failures do not stop the run: a CUDA out-of-memory is recorded as ``oom``, any other
 exception as ``error`` with its message, and an implementation that cannot run here
-(missing peer, no GPU) as ``skipped`` with its reason.
+(missing peer, no GPU) as ``skipped`` with its reason. Ctrl-C stops it: the report then holds
+the rows finished so far and ``interrupted: true``.
 """
 
 from __future__ import annotations
@@ -25,16 +34,14 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+from torch import Tensor
 
-import fused_pg
+from fused_pg.reference import repo_loss_ref
 
-from . import accuracy, env, memory
-from .config import BenchConfig, LossSpec, Shape
-from .floor import Floor, flops, measure_floor
-from .impls import Impl, build_impls
+from . import measure, report as report_mod
+from .config import BenchConfig, LossSpec, Shape, device_name, pick_device
+from .impls import Impl, build_impls, fused_loss
 from .problem import Problem, make_problem
-from .report import SCHEMA
-from .timing import StepTimes, synchronize, time_fwd_bwd, timer_name
 
 Log = Callable[..., None]
 
@@ -43,6 +50,9 @@ LOSS_TOL = {"fp32": 1e-4, "bf16": 5e-3, "fp16": 5e-3}
 # on CPU, skip a materialising implementation whose logits would take more than this share
 # of the available memory (an OOM on CPU kills the process instead of raising)
 CPU_MEMORY_SHARE = 0.7
+# odd V: not a multiple of any tile size, exercises the masked tails
+ACCURACY_SHAPE = Shape(n=256, d=64, v=1531)
+ACCURACY_SEQ_LEN = 64
 
 
 @dataclass
@@ -59,27 +69,38 @@ class CaseResult:
     anchor_loss: float | None = None
     loss_ok: bool | None = None
     first_call_s: float | None = None
-    times: StepTimes | None = None
+    times: measure.StepTimes | None = None
     peak_bytes: int | None = None
+    rows: int | None = None             # hidden rows swept, when fewer than N
 
-    def as_dict(self, floor: Floor | None, tol: float) -> dict:
+    def as_dict(self, floor: measure.Floor | None, tol: float) -> dict:
+        notes = list(self.notes)
+        if self.rows is not None:
+            notes.append(f"sweeps only the {self.rows} unmasked of {self.shape.n} rows")
         d = {
             "impl": self.impl.name, "key": self.impl.key, "label": self.impl.display,
             "family": self.impl.family, "precision": self.impl.precision,
             "n": self.shape.n, "d": self.shape.d, "v": self.shape.v,
-            "status": self.status, "reason": self.reason, "notes": list(self.notes),
+            "status": self.status, "reason": self.reason, "notes": notes,
             "computes": self.loss_spec.as_dict(), "grads_in_forward": self.impl.grads_in_forward,
             "loss": self.loss, "anchor_loss": self.anchor_loss, "loss_ok": self.loss_ok, "loss_tol": tol,
             "first_call_s": self.first_call_s, "peak_mem_bytes": self.peak_bytes,
             "fwd_ms": None, "bwd_ms": None, "fwd_bwd_ms": None, "tflops": None, "floor_ratio": None,
+            "gemms": self.impl.gemms, "rows_swept": self.rows if self.rows is not None else self.shape.n,
+            "own_floor_ms": None, "flags": [],
         }
         if self.times is not None:
             t = {"fwd": self.times.fwd, "bwd": self.times.bwd, "fwd_bwd": self.times.fwd_bwd}
             d.update(fwd_ms=t["fwd"].as_dict(), bwd_ms=t["bwd"].as_dict(), fwd_bwd_ms=t["fwd_bwd"].as_dict())
-            fl = flops(self.shape)
+            fl = measure.flops(self.shape)
             d["tflops"] = {k: fl[k] / (s.median * 1e-3) / 1e12 if s.median > 0 else None for k, s in t.items()}
+            if self.times.fwd_bwd.spread > measure.NOISY_SPREAD:
+                d["flags"].append("noisy")
             if floor is not None:
                 d["floor_ratio"] = {k: s.median / floor.ms[k] for k, s in t.items()}
+                d["own_floor_ms"] = floor.gemms_ms(self.impl.gemms) * d["rows_swept"] / self.shape.n
+                if self.times.fwd_bwd.median < d["own_floor_ms"]:
+                    d["flags"].append("below-floor")
         return d
 
 
@@ -98,7 +119,7 @@ class Progress:
         self.log(f" {text}  ({time.perf_counter() - self.t0:.0f} s elapsed)", flush=True)
 
 
-def resolve_impls(cfg: BenchConfig, device: torch.device, log: Log) -> tuple[list[Impl], list[dict]]:
+def resolve_impls(cfg: BenchConfig, device: torch.device) -> tuple[list[Impl], list[dict]]:
     """The implementations that can run here, and the skipped ones with their reasons."""
     runnable, skipped = [], []
     for key in cfg.impls:
@@ -108,8 +129,19 @@ def resolve_impls(cfg: BenchConfig, device: torch.device, log: Log) -> tuple[lis
                 runnable.append(impl)
             else:
                 skipped.append({"impl": impl.name, "label": impl.display, "reason": reason})
-                log(f"skip {impl.display}: {reason}", flush=True)
     return runnable, skipped
+
+
+def estimate(cfg: BenchConfig, device: torch.device, impls: list[Impl]) -> dict:
+    """:func:`bench.measure.estimate_run` for this configuration, with rates measured here."""
+    rates = {(s.d, s.v): None for s in cfg.shapes}
+    for d, v in rates:
+        rates[(d, v)] = measure.measure_rates(device, cfg.torch_dtype, d, v)
+    est = measure.estimate_run(cfg.shapes, [i.key for i in impls], rates, device_type=device.type,
+                               warmup=cfg.warmup, repeats=cfg.repeats, accuracy=cfg.accuracy)
+    est["memory_bytes"] = max((measure.memory_needed(s, cfg.torch_dtype) for s in cfg.shapes), default=0)
+    est["available_bytes"] = measure.available_bytes(device)
+    return est
 
 
 def _free(device: torch.device) -> None:
@@ -136,13 +168,7 @@ class Anchors:
         key = (problem.shape, spec)
         if key not in self._values:
             with torch.no_grad():
-                out = fused_pg.repo_loss(
-                    problem.hidden, problem.weight, problem.targets, problem.advantages,
-                    problem.old_logprobs, problem.mask, ref_logprobs=problem.ref_logprobs,
-                    eps_low=spec.eps_low, eps_high=spec.eps_high, repo=spec.repo, repo_coef=spec.repo_coef,
-                    kl_coef=spec.kl_coef, kl_estimator="k3", entropy_coef=spec.entropy_coef,
-                    backend="torch", validate=False)
-            self._values[key] = float(out.loss)
+                self._values[key] = float(fused_loss(problem, spec, "torch").loss)
         return self._values[key]
 
 
@@ -158,7 +184,7 @@ def run_case(impl: Impl, problem: Problem, spec: LossSpec, cfg: BenchConfig, dev
     res = CaseResult(impl, problem.shape, eff, notes)
     if device.type == "cpu" and impl.logits_bytes_per_nv:
         need = impl.logits_bytes_per_nv * problem.shape.n * problem.shape.v
-        avail = memory.available_bytes(device)
+        avail = measure.available_bytes(device)
         if avail is not None and need > CPU_MEMORY_SHARE * avail:
             res.status = "skipped"
             res.reason = f"needs ~{need / 2**30:.1f} GiB of logits, {avail / 2**30:.1f} GiB available"
@@ -171,9 +197,9 @@ def run_case(impl: Impl, problem: Problem, spec: LossSpec, cfg: BenchConfig, dev
         t0 = time.perf_counter()
         out = step()
         grads = torch.autograd.grad(out.loss, inputs)
-        synchronize(device)
+        measure.synchronize(device)
         res.first_call_s = time.perf_counter() - t0
-        res.loss = float(out.loss.detach())
+        res.loss, res.rows = float(out.loss.detach()), out.rows
         del out, grads
         if impl.key == "fused-torch" and impl.precision == "native":
             anchors.seed(problem.shape, eff, res.loss)
@@ -182,14 +208,10 @@ def run_case(impl: Impl, problem: Problem, spec: LossSpec, cfg: BenchConfig, dev
         # 2. warm-up
         for _ in range(cfg.warmup - 1):
             _iteration(step, inputs)
-        # 3-4. memory and timing
-        if device.type == "cuda":
-            with memory.PeakMemory(device) as pm:
-                res.times = time_fwd_bwd(step, lambda o: torch.autograd.grad(o.loss, inputs), device, cfg.repeats)
-        else:
-            with memory.PeakMemory(device) as pm:
-                _iteration(step, inputs)
-            res.times = time_fwd_bwd(step, lambda o: torch.autograd.grad(o.loss, inputs), device, cfg.repeats)
+        # 3. memory and timing, over the same timed iterations
+        backward = lambda o: torch.autograd.grad(o.loss, inputs)  # noqa: E731
+        with measure.PeakMemory(device) as pm:
+            res.times = measure.time_fwd_bwd(step, backward, device, cfg.repeats)
         res.peak_bytes = pm.peak_bytes
     except torch.cuda.OutOfMemoryError as exc:
         res.status, res.reason = "oom", _first_line(exc)
@@ -200,12 +222,61 @@ def run_case(impl: Impl, problem: Problem, spec: LossSpec, cfg: BenchConfig, dev
     return res
 
 
+# --- accuracy against the fp64 oracle --------------------------------------------------------------
+
+@dataclass(frozen=True)
+class RefOutputs:
+    loss: float
+    logprobs: Tensor      # [B, T] fp64, CPU
+    entropy: Tensor
+    grad_hidden: Tensor   # [B, T, D]
+    grad_weight: Tensor   # [V, D]
+
+
+def reference_outputs(problem: Problem, spec: LossSpec) -> RefOutputs:
+    """fp64 oracle on the problem's (rounded) inputs, on the CPU."""
+    cpu = lambda t: None if t is None else t.detach().cpu()  # noqa: E731
+    h = problem.hidden.detach().cpu().double().requires_grad_(True)
+    w = problem.weight.detach().cpu().double().requires_grad_(True)
+    out = repo_loss_ref(h, w, cpu(problem.targets), cpu(problem.advantages), cpu(problem.old_logprobs),
+                        cpu(problem.mask), ref_logprobs=cpu(problem.ref_logprobs), dtype=torch.float64,
+                        **spec.kwargs())
+    gh, gw = torch.autograd.grad(out.loss, [h, w])
+    return RefOutputs(float(out.loss.detach()), out.logprobs.detach(), out.entropy.detach(), gh, gw)
+
+
+def _max_rel(got: Tensor, ref: Tensor) -> float:
+    return float((got.detach().cpu().double() - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
+
+
+def _max_abs_valid(got: Tensor | None, ref: Tensor, valid: Tensor) -> float | None:
+    if got is None:
+        return None
+    diff = (got.detach().cpu().double().reshape(ref.shape) - ref).abs()
+    return float(diff[valid].max())
+
+
+def impl_errors(impl: Impl, problem: Problem, spec: LossSpec, ref: RefOutputs) -> dict:
+    """Errors of one implementation (``spec`` is already its effective loss)."""
+    out = impl.make(problem, spec)()
+    gh, gw = torch.autograd.grad(out.loss, problem.grad_inputs())
+    valid = problem.mask.cpu()
+    return {
+        "loss_abs": abs(float(out.loss.detach()) - ref.loss),
+        "logprobs_max_abs": _max_abs_valid(out.logprobs, ref.logprobs, valid),
+        "entropy_max_abs": _max_abs_valid(out.entropy, ref.entropy, valid),
+        "grad_hidden_max_rel": _max_rel(gh, ref.grad_hidden),
+        "grad_weight_max_rel": _max_rel(gw, ref.grad_weight),
+    }
+
+
 def run_accuracy(impls: list[Impl], cfg: BenchConfig, device: torch.device, log: Log) -> dict:
-    """Max errors vs the fp64 reference on :data:`bench.accuracy.ACCURACY_SHAPE`."""
-    problem = accuracy.accuracy_problem(cfg.torch_dtype, device, cfg.loss, cfg.seed)
-    refs: dict[LossSpec, accuracy.RefOutputs] = {}
+    """Max errors vs the fp64 reference on :data:`ACCURACY_SHAPE`."""
+    problem = make_problem(ACCURACY_SHAPE, cfg.torch_dtype, device, cfg.loss, seq_len=ACCURACY_SEQ_LEN,
+                           seed=cfg.seed + 1, data=cfg.data, target_entropy=cfg.target_entropy)
+    refs: dict[LossSpec, RefOutputs] = {}
     rows = []
-    log(f"accuracy vs fp64 reference ({accuracy.ACCURACY_SHAPE}, {cfg.dtype}) ...", end="", flush=True)
+    log(f"accuracy vs fp64 reference ({ACCURACY_SHAPE}, {cfg.dtype}) ...", end="", flush=True)
     for impl in impls:
         eff, notes = impl.effective_loss(cfg.loss)
         row = {"impl": impl.name, "label": impl.display, "notes": list(notes), "status": "ok", "reason": None,
@@ -213,15 +284,16 @@ def run_accuracy(impls: list[Impl], cfg: BenchConfig, device: torch.device, log:
                "grad_hidden_max_rel": None, "grad_weight_max_rel": None}
         try:
             if eff not in refs:
-                refs[eff] = accuracy.reference_outputs(problem, eff)
-            row.update(accuracy.impl_errors(impl, problem, eff, refs[eff]))
+                refs[eff] = reference_outputs(problem, eff)
+            row.update(impl_errors(impl, problem, eff, refs[eff]))
         except Exception as exc:  # noqa: BLE001 -- recorded, the run goes on
             row["status"], row["reason"] = "error", _first_line(exc)
         rows.append(row)
         _free(device)
     log(" done", flush=True)
-    shape = accuracy.ACCURACY_SHAPE
-    return {"shape": {"n": shape.n, "d": shape.d, "v": shape.v}, "dtype": cfg.dtype, "results": rows}
+    shape = ACCURACY_SHAPE
+    return {"shape": {"n": shape.n, "d": shape.d, "v": shape.v}, "dtype": cfg.dtype,
+            "mean_entropy": problem.mean_entropy, "results": rows}
 
 
 def loss_check_summary(cases: list[dict]) -> dict:
@@ -237,39 +309,58 @@ def loss_check_summary(cases: list[dict]) -> dict:
     }
 
 
-def run(cfg: BenchConfig, log: Log = print) -> dict:
-    """Run the whole benchmark; returns the report (see :mod:`bench.report` for its schema)."""
-    device = env.pick_device(cfg.device)
+# --- the whole run ----------------------------------------------------------------------------------
+
+def run(cfg: BenchConfig, log: Log = print, *, impls: list[Impl] | None = None,
+        skipped: list[dict] | None = None, est: dict | None = None) -> dict:
+    """Run the whole benchmark; returns the report (see :mod:`bench.report` for its schema).
+
+    ``impls``/``skipped`` come from :func:`resolve_impls` when not given; ``est`` (from
+    :func:`estimate`) is recorded as given. A KeyboardInterrupt ends the run early: the report
+    then holds what finished, with ``interrupted: true``.
+    """
+    device = pick_device(cfg.device)
     started = time.perf_counter()
-    log(f"fused-pg bench: {env.device_name(device)}, {cfg.dtype}, loss: {cfg.loss.describe()}")
-    log(f"timer: {timer_name(device)}; memory: {memory.method(device)}", flush=True)
-    impls, skipped = resolve_impls(cfg, device, log)
+    if impls is None:
+        impls, skipped = resolve_impls(cfg, device)
+        for s in skipped:
+            log(f"skip {s['label']}: {s['reason']}", flush=True)
+    log(f"fused-pg bench: {device_name(device)}, {cfg.dtype}, loss: {cfg.loss.describe()}")
+    log(f"timer: {measure.timer_name(device)}; memory: {measure.memory_method(device)}", flush=True)
     report = {
-        "schema": SCHEMA, "device": env.device_info(device), "versions": env.versions(), "git": env.git_commit(),
-        "created": env.now_iso(), "config": cfg.as_dict(), "timer": timer_name(device),
-        "memory_method": memory.method(device), "skipped": skipped,
+        "schema": report_mod.SCHEMA, "device": report_mod.device_info(device), "versions": report_mod.versions(),
+        "git": report_mod.git_commit(), "created": report_mod.now_iso(), "config": cfg.as_dict(),
+        "timer": measure.timer_name(device), "memory_method": measure.memory_method(device),
+        "skipped": list(skipped or []), "estimate": est, "accuracy": None, "batches": [], "floors": [],
+        "results": [], "interrupted": False,
     }
-    report["accuracy"] = run_accuracy(impls, cfg, device, log) if cfg.accuracy and impls else None
     anchors = Anchors()
     progress = Progress(len(cfg.shapes) * len(impls), log)
-    floors, cases = [], []
     tol = LOSS_TOL[cfg.dtype]
-    for shape in cfg.shapes:
-        log(f"{shape}: inputs and GEMM floor ...", end="", flush=True)
-        problem = make_problem(shape, cfg.torch_dtype, device, cfg.loss, seq_len=cfg.seq_len, seed=cfg.seed)
-        floor = measure_floor(problem.hidden, problem.weight, warmup=1, repeats=max(3, cfg.repeats))
-        floors.append(floor.as_dict())
-        log(f" 4-GEMM floor {floor.ms['fwd_bwd']:.1f} ms ({floor.tflops():.2f} TFLOP/s)", flush=True)
-        for impl in impls:
-            progress.start(f"{impl.display:<28} {shape}")
-            res = run_case(impl, problem, cfg.loss, cfg, device, anchors)
-            case = res.as_dict(floor, tol)
-            cases.append(case)
-            progress.finish(_case_line(case))
-        del problem
-        _free(device)
-    report.update(floors=floors, results=cases, loss_check=loss_check_summary(cases),
-                  wall_s=time.perf_counter() - started)
+    try:
+        if cfg.accuracy and impls:
+            report["accuracy"] = run_accuracy(impls, cfg, device, log)
+        for shape in cfg.shapes:
+            log(f"{shape}: inputs and GEMM floor ...", end="", flush=True)
+            problem = make_problem(shape, cfg.torch_dtype, device, cfg.loss, seq_len=cfg.seq_len, seed=cfg.seed,
+                                   data=cfg.data, target_entropy=cfg.target_entropy)
+            floor = measure.measure_floor(problem.hidden, problem.weight, warmup=1, repeats=max(3, cfg.repeats))
+            report["batches"].append(problem.info())
+            report["floors"].append(floor.as_dict())
+            log(f" {problem.num_seqs} x {problem.seq_len} tokens, mean entropy {problem.mean_entropy:.2f} nats;"
+                f" 4-GEMM floor {floor.ms['fwd_bwd']:.1f} ms ({floor.tflops():.2f} TFLOP/s)", flush=True)
+            for impl in impls:
+                progress.start(f"{impl.display:<28} {shape}")
+                res = run_case(impl, problem, cfg.loss, cfg, device, anchors)
+                case = res.as_dict(floor, tol)
+                report["results"].append(case)
+                progress.finish(_case_line(case))
+            del problem
+            _free(device)
+    except KeyboardInterrupt:
+        report["interrupted"] = True
+        log("\ninterrupted (Ctrl-C): reporting the rows finished so far", flush=True)
+    report.update(loss_check=loss_check_summary(report["results"]), wall_s=time.perf_counter() - started)
     return report
 
 
@@ -279,4 +370,5 @@ def _case_line(case: dict) -> str:
     mem = case["peak_mem_bytes"]
     mem_txt = f", peak {mem / 2**20:.0f} MiB" if mem is not None else ""
     check = "" if case["loss_ok"] else "  LOSS MISMATCH"
-    return f"fwd+bwd {case['fwd_bwd_ms']['median']:.1f} ms{mem_txt}{check}"
+    flags = "".join(f"  [{f}]" for f in case["flags"])
+    return f"fwd+bwd {case['fwd_bwd_ms']['median']:.1f} ms{mem_txt}{check}{flags}"

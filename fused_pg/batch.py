@@ -63,8 +63,8 @@ class TokenBatch:
     max_length: int | None            # Dr.GRPO's constant length (resolved)
     repo_stats: RepoStats | None      # whole-batch REPO statistics (None: this batch's own)
     weights: Tensor | None = None     # per-token weights of the policy term
-    kl_num_items_in_batch: Tensor | float | None = None       # normaliser of the KL term (resolved)
-    entropy_num_items_in_batch: Tensor | float | None = None  # normaliser of the entropy term (resolved)
+    kl_num_items_in_batch: Tensor | float | None = None       # the KL term's own normaliser, if given
+    entropy_num_items_in_batch: Tensor | float | None = None  # the entropy term's own normaliser, if given
 
 
 def make_token_batch(
@@ -184,13 +184,8 @@ def make_token_batch(
         return checks.real(name, value, lo=0.0, lo_open=True)
 
     num_items_in_batch = normaliser("num_items_in_batch", num_items_in_batch)
-    # a term aggregated like the policy term shares its normaliser unless given its own
     kl_num_items_in_batch = normaliser("kl_num_items_in_batch", kl_num_items_in_batch)
-    if kl_num_items_in_batch is None and cfg.kl_aggregation is None:
-        kl_num_items_in_batch = num_items_in_batch
     entropy_num_items_in_batch = normaliser("entropy_num_items_in_batch", entropy_num_items_in_batch)
-    if entropy_num_items_in_batch is None and cfg.entropy_aggregation is None:
-        entropy_num_items_in_batch = num_items_in_batch
 
     # --- validity and value checks -----------------------------------------------------------
     valid = torch.ones(N, dtype=torch.bool, device=device) if counted is None else counted.reshape(-1)

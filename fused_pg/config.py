@@ -35,6 +35,8 @@ class HeadConfig:
                    sweeps never use atomics in any mode).
     token_chunk, vocab_chunk: tile of logits a chunked sweep holds at once (None: backend
                    default).
+    compact_rows:  sweep only the rows that count (one host sync for their number); None:
+                   on CPU only.
     """
 
     temperature: float = 1.0
@@ -43,8 +45,11 @@ class HeadConfig:
     deterministic: bool = False
     token_chunk: int | None = None
     vocab_chunk: int | None = None
+    compact_rows: bool | None = None
 
     def __post_init__(self):
+        if self.compact_rows is not None:
+            boolean("compact_rows", self.compact_rows)
         object.__setattr__(self, "temperature", real("temperature", self.temperature, lo=0.0, lo_open=True))
         if self.softcap is not None:
             object.__setattr__(self, "softcap", real("softcap", self.softcap, lo=0.0, lo_open=True))

@@ -164,18 +164,23 @@ def policy_loss(logprobs: Tensor, entropy: Tensor, batch: TokenBatch, cfg: LossC
         pg = pg * batch.weights
 
     # 5. the three terms, each aggregated with its own normaliser ------------------------------
+    # (a term aggregated like the policy term shares its normaliser unless given its own)
+    def items(own, term_aggregation):
+        return own if own is not None else (batch.num_items_in_batch if term_aggregation is None else None)
+
     loss = aggregate(pg, batch, cfg.aggregation, batch.num_items_in_batch)
     kl_mean = kl_loss = zero
     if batch.ref_logprobs is not None:
         kl = kl_penalty(logprobs, batch.ref_logprobs, cfg.kl_estimator, cfg.kl_clamp)
         if cfg.kl_ratio_weight:
             kl = kl * ratio
-        kl_term = aggregate(kl, batch, cfg.kl_mode, batch.kl_num_items_in_batch)
+        kl_term = aggregate(kl, batch, cfg.kl_mode, items(batch.kl_num_items_in_batch, cfg.kl_aggregation))
         if cfg.kl_coef > 0:
             loss = loss + cfg.kl_coef * kl_term
         kl_mean = mean(kl.detach())
         kl_loss = kl_term.detach()
-    entropy_term = aggregate(entropy, batch, cfg.entropy_mode, batch.entropy_num_items_in_batch)
+    entropy_term = aggregate(entropy, batch, cfg.entropy_mode,
+                             items(batch.entropy_num_items_in_batch, cfg.entropy_aggregation))
     if cfg.entropy_coef != 0:
         loss = loss - cfg.entropy_coef * entropy_term
 

@@ -16,7 +16,8 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from . import backends, checks
+from . import backends, checks, distributed
+from .backends.common import compute_dtype
 from .config import HeadConfig
 
 
@@ -59,6 +60,8 @@ class FusedHead(torch.autograd.Function):
 
 def check_head_args(hidden, weight, targets, bias, ignore_index) -> tuple[int, int]:
     """Check types and shapes of the LM-head arguments (no value reads); returns (N, V)."""
+    for name, x in (("hidden", hidden), ("weight", weight), ("bias", bias)):
+        distributed.reject_dtensor(name, x)
     checks.tensor("hidden", hidden, dims=(2, 3), floating=True)
     dev = hidden.device
     checks.tensor("weight", weight, dims=(2,), floating=True, device=dev)
@@ -87,26 +90,55 @@ def check_head_values(hidden: Tensor, weight: Tensor, bias: Tensor | None, valid
         checks.bias_values(bias)
 
 
-def run_head(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor,
-             cfg: HeadConfig, backend: backends.Backend) -> tuple[Tensor, Tensor]:
-    """Flat inputs, hidden [N, D], targets [N] int64 (-1 = not counted) -> (logprobs, entropy).
-
-    Rows that do not count never touch an output: they are zeroed before any product (padding
-    rows may hold NaN), which also makes their gradient exactly 0.
-    """
-    dtypes = (hidden.dtype, weight.dtype) + ((bias.dtype,) if bias is not None else ())
-    backend.check(hidden.device, dtypes, cfg.precision)
-    impl = backend.load()
-    if hidden.shape[0] == 0:  # an empty micro-batch: nothing to sweep, zero gradients
+def _sweep(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, cfg: HeadConfig,
+           backend: backends.Backend,
+           shard: "distributed.VocabShard | None" = None) -> tuple[Tensor, Tensor]:
+    if hidden.shape[0] == 0:  # nothing to sweep: empty outputs, still connected (zero gradients)
         anchor = hidden.sum() + weight.sum() + (bias.sum() if bias is not None else 0.0)
-        dtype = backends.common.compute_dtype(hidden, weight)
+        dtype = compute_dtype(hidden, weight)
         empty = torch.zeros(0, dtype=dtype, device=hidden.device) * anchor.to(dtype)
         return empty, empty.clone()
     if not backend.skips_invalid_rows:
         hidden = torch.where((targets >= 0)[:, None], hidden, 0.0)
+    impl = backend.load()
+    if shard is not None:
+        return distributed.vocab_parallel_sweep(hidden, weight, bias, targets, cfg, backend, impl, shard)
     if not backend.sweeps:
         return impl.logprobs_entropy(hidden, weight, bias, targets, cfg)
     return FusedHead.apply(hidden, weight, bias, targets, impl, cfg)
+
+
+def compacts_rows(cfg: HeadConfig, device: torch.device) -> bool:
+    """Whether the sweep gathers the rows that count first (``cfg.compact_rows``; by default on
+    CPU, where counting them costs nothing, and not on CUDA, where it synchronises)."""
+    if torch.compiler.is_compiling():  # a data-dependent row count would break the graph
+        return False
+    return cfg.compact_rows if cfg.compact_rows is not None else device.type == "cpu"
+
+
+def run_head(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor,
+             cfg: HeadConfig, backend: backends.Backend,
+             shard: "distributed.VocabShard | None" = None) -> tuple[Tensor, Tensor]:
+    """Flat inputs, hidden [N, D], targets [N] int64 (-1 = not counted) -> (logprobs, entropy).
+
+    Rows that do not count never touch an output: either only the rows that count are swept
+    (``compact_rows``: padded and packed batches are often 30-70% masked, and those rows then
+    cost nothing), or they are zeroed before any product (padding rows may hold NaN); their
+    outputs are 0 and their gradient exactly 0 either way. With ``shard`` the weight is one
+    rank's slice of a vocabulary split over a process group (targets stay global ids; every
+    rank has the same targets, so compaction keeps the same rows everywhere).
+    """
+    dtypes = (hidden.dtype, weight.dtype) + ((bias.dtype,) if bias is not None else ())
+    backend.check(hidden.device, dtypes, cfg.precision)
+    N = hidden.shape[0]
+    if N and compacts_rows(cfg, hidden.device):
+        rows = (targets >= 0).nonzero().squeeze(1)  # the one host sync of compaction
+        if rows.numel() < N:
+            logprobs, entropy = _sweep(hidden.index_select(0, rows), weight, bias,
+                                       targets.index_select(0, rows), cfg, backend, shard)
+            zeros = logprobs.new_zeros(N)
+            return zeros.index_copy(0, rows, logprobs), zeros.index_copy(0, rows, entropy)
+    return _sweep(hidden, weight, bias, targets, cfg, backend, shard)
 
 
 def flat_head_targets(targets: Tensor, valid: Tensor) -> Tensor:
@@ -128,7 +160,9 @@ def fused_logprobs_entropy(
     deterministic: bool = False,
     token_chunk: int | None = None,
     vocab_chunk: int | None = None,
+    compact_rows: bool | None = None,
     validate: bool | None = None,
+    process_group=None,
 ) -> tuple[Tensor, Tensor]:
     """Log-probability of the sampled tokens and entropy of the next-token distribution.
 
@@ -148,9 +182,16 @@ def fused_logprobs_entropy(
         precision: "native" | "tf32" | "ieee", dot-product precision (see HeadConfig).
         deterministic: bitwise reproducible kernels (fixed configs, no autotuning).
         token_chunk, vocab_chunk: logits tile of the chunked sweeps (None: default).
+        compact_rows: sweep only the tokens that count (gathered first; needs one host sync
+                 for their number). Default: True on CPU, False on CUDA (no sync: rows that
+                 do not count are zeroed and swept).
         validate: check values (NaN/Inf, target ids); default True on CPU, False on GPU
                   (value checks synchronise with the device). Unchecked ids outside
                   [0, V) are never read: they do not count (0, no gradient), on every backend.
+        process_group: vocabulary parallelism (see :mod:`fused_pg.distributed`): ``weight``
+                  (and ``bias``) hold this rank's consecutive slice ``[V_r, D]`` of the
+                  vocabulary, in rank order; every rank passes the same hidden and targets
+                  (global ids) and gets the same outputs; d_hidden is summed over the group.
 
     Returns:
         ``(logprobs, entropy)``, fp32 (fp64 for fp64 inputs), shaped like ``targets``, 0 at
@@ -161,13 +202,22 @@ def fused_logprobs_entropy(
     """
     _, V = check_head_args(hidden, weight, targets, bias, ignore_index)
     cfg = HeadConfig(temperature=temperature, softcap=softcap, precision=precision,
-                     deterministic=deterministic, token_chunk=token_chunk, vocab_chunk=vocab_chunk)
+                     deterministic=deterministic, token_chunk=token_chunk, vocab_chunk=vocab_chunk,
+                     compact_rows=compact_rows)
     impl = backends.resolve(backend, hidden.device)
+    shard = None if process_group is None else distributed.VocabShard.of(process_group, weight)
+    if shard is not None:
+        V = shard.vocab_size  # the whole vocabulary (a 0-dim tensor: no host sync)
     wide = targets.long()
     valid = (wide != ignore_index) & (wide >= 0) & (wide < V)
     if checks.resolve_validate(validate, hidden.device):
-        checks.target_ids(wide, wide != ignore_index, V, ignore_index, bias)
-        check_head_values(hidden, weight, bias, valid)
+        if shard is None:
+            checks.target_ids(wide, wide != ignore_index, V, ignore_index, bias)
+            check_head_values(hidden, weight, bias, valid)
+        else:
+            shard.check_values(hidden, weight, bias, wide.reshape(-1), (wide != ignore_index).reshape(-1),
+                               valid.reshape(-1), ignore_index)
     flat = flat_head_targets(wide, valid)
-    logprobs, entropy = run_head(hidden.reshape(targets.numel(), hidden.shape[-1]), weight, bias, flat, cfg, impl)
+    logprobs, entropy = run_head(hidden.reshape(targets.numel(), hidden.shape[-1]), weight, bias, flat, cfg, impl,
+                                 shard=shard)
     return logprobs.view(targets.shape), entropy.view(targets.shape)

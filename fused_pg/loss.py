@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from . import backends, checks
+from . import backends, checks, distributed
 from .batch import make_token_batch
 from .config import Default, HeadConfig, LossConfig
 from .control import AdaptiveClip
@@ -124,7 +124,10 @@ def repo_loss(
     deterministic: bool = False,
     token_chunk: int | None = None,
     vocab_chunk: int | None = None,
+    compact_rows: bool | None = None,
     validate: bool | None = None,
+    process_group=None,
+    data_parallel_group=None,
 ) -> PolicyLossOutput:
     """Entropy-aware clipped policy-gradient loss straight from hidden states.
 
@@ -196,9 +199,17 @@ def repo_loss(
         max_length:    Dr.GRPO's constant length (default: T of [B, T] inputs).
         importance_level: "token" or "sequence" (GSPO).
         ignore_index:  target id that marks tokens to skip.
-        backend, precision, deterministic, token_chunk, vocab_chunk, validate:
+        backend, precision, deterministic, token_chunk, vocab_chunk, compact_rows, validate:
                        see :func:`fused_logprobs_entropy`. ``validate`` also checks that the
                        log-prob inputs are <= 0 (up to 1e-2) and finite where they count.
+        process_group: vocabulary parallelism: ``weight``/``bias`` are this rank's consecutive
+                       slice of the vocabulary (rank order); every rank passes the same batch
+                       and gets the same loss (see :mod:`fused_pg.distributed`).
+        data_parallel_group: data parallelism: each rank passes its part of the batch;
+                       ``repo_stats`` and ``num_items_in_batch`` (those not passed) and the
+                       metrics become those of the whole group's batch, and ``loss`` is this
+                       rank's share: the sum over ranks equals one process on the whole batch
+                       (DDP/FSDP average gradients: scale the loss by the group size).
 
     Returns:
         :class:`PolicyLossOutput` with ``loss``, ``logprobs``, ``entropy``, ``metrics``.
@@ -217,9 +228,13 @@ def repo_loss(
         entropy_coef=entropy_coef, entropy_aggregation=entropy_aggregation, aggregation=aggregation,
         max_length=max_length, importance_level=importance_level, tis_cap=tis_cap, tis_level=tis_level)
     head_cfg = HeadConfig(temperature=temperature, softcap=softcap, precision=precision,
-                          deterministic=deterministic, token_chunk=token_chunk, vocab_chunk=vocab_chunk)
+                          deterministic=deterministic, token_chunk=token_chunk, vocab_chunk=vocab_chunk,
+                          compact_rows=compact_rows)
     impl = backends.resolve(backend, hidden.device)
     validate = checks.resolve_validate(validate, hidden.device)
+    shard = None if process_group is None else distributed.VocabShard.of(process_group, weight)
+    if shard is not None:
+        V = shard.vocab_size  # the whole vocabulary (a 0-dim tensor: no host sync)
     # targets widened to int64 first: a small integer dtype (uint8 wraps -100 to 156) must not
     # alias a vocabulary id. Unchecked ids outside [0, V) never count (a sync-free guard).
     wide = targets.reshape(-1).long()
@@ -233,12 +248,18 @@ def repo_loss(
         repo_stats=repo_stats, cfg=loss_cfg, validate=validate, what="the leading shape of hidden",
         weights=weights, kl_num_items_in_batch=kl_num_items_in_batch,
         entropy_num_items_in_batch=entropy_num_items_in_batch)
-    if validate:
+    if validate and shard is None:
         checks.target_ids(wide, batch.valid, V, ignore_index, bias)
         check_head_values(hidden, weight, bias, batch.valid)
+    elif validate:
+        shard.check_values(hidden, weight, bias, wide, batch.valid, batch.valid, ignore_index)
     logprobs, entropy = run_head(hidden.reshape(N, hidden.shape[-1]), weight, bias, flat_head_targets(wide, batch.valid),
-                                 head_cfg, impl)
+                                 head_cfg, impl, shard=shard)
+    if data_parallel_group is not None:
+        batch = distributed.data_parallel_batch(batch, logprobs, loss_cfg, data_parallel_group)
     loss, metrics, per_token = policy_loss(logprobs, entropy, batch, loss_cfg)
+    if data_parallel_group is not None:
+        metrics = distributed.data_parallel_metrics(metrics, data_parallel_group)
     loss = _explain_missing_grad(loss, {"hidden": hidden, "weight": weight, "bias": bias}, "repo_loss")
     return PolicyLossOutput(
         loss=loss,
@@ -286,6 +307,7 @@ def policy_loss_from_logprobs(
     tis_cap: float | None = None,
     tis_level: str = "token",
     validate: bool | None = None,
+    data_parallel_group=None,
 ) -> PolicyLossOutput:
     """The policy loss of :func:`repo_loss` for callers that already have per-token log-probs.
 
@@ -302,7 +324,7 @@ def policy_loss_from_logprobs(
         entropy:   optional per-token entropies, ``logprobs``' shape, differentiable; needed
                    when ``entropy_coef != 0`` and reported as ``metrics["entropy_mean"]``
                    (0 when not given).
-        other options: exactly those of :func:`repo_loss`.
+        other options: exactly those of :func:`repo_loss` (``data_parallel_group`` included).
 
     Returns:
         :class:`PolicyLossOutput`; ``loss`` is differentiable w.r.t. ``logprobs`` and ``entropy``.
@@ -347,7 +369,11 @@ def policy_loss_from_logprobs(
         ent = torch.where(valid, ent.to(edt), 0.0)
     else:
         ent = torch.zeros_like(lp, requires_grad=False)
+    if data_parallel_group is not None:
+        batch = distributed.data_parallel_batch(batch, lp, loss_cfg, data_parallel_group)
     loss, metrics, per_token = policy_loss(lp, ent, batch, loss_cfg)
+    if data_parallel_group is not None:
+        metrics = distributed.data_parallel_metrics(metrics, data_parallel_group)
     loss = _explain_missing_grad(loss, {"logprobs": logprobs, "entropy": entropy}, "policy_loss_from_logprobs")
     return PolicyLossOutput(
         loss=loss,
@@ -374,9 +400,12 @@ def adapo_loss(
     """:func:`repo_loss` with the clip range read from an ADAPO controller.
 
     ``eps_high`` (and ``eps_low``) come from ``controller``; passing them as well is an error.
-    With ``update_controller=True`` the controller is fed this step's
-    ``metrics["entropy_mean"]`` before returning (one scalar read from the device); otherwise
-    call ``controller.update(out.metrics["entropy_mean"])`` yourself after the step.
+    With ``update_controller=True`` the controller takes one step from this batch's
+    ``metrics`` before returning (``controller.update(out.metrics)``: one scalar read from the
+    device; a batch with no valid token leaves it unchanged). Otherwise call
+    ``controller.update(out.metrics)`` yourself after the optimizer step -- or, with gradient
+    accumulation, ``controller.observe(out.metrics)`` per micro-batch and ``controller.update()``
+    once per optimizer step (a token-weighted mean over the micro-batches).
     Other keyword arguments are those of :func:`repo_loss` (``repo`` defaults to "decorrelate":
     pass ``repo="none"`` for pure ADAPO).
     """
@@ -388,5 +417,5 @@ def adapo_loss(
     out = repo_loss(hidden, weight, targets, advantages, old_logprobs, mask,
                     eps_low=controller.eps_low, eps_high=controller.eps_high, **kwargs)
     if update_controller:
-        controller.update(out.metrics["entropy_mean"])
+        controller.update(out.metrics)
     return out

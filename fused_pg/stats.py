@@ -104,9 +104,16 @@ class RepoStats:
     def to(self, device) -> "RepoStats":
         return RepoStats.from_tensor(self.as_tensor().to(device))
 
+    def all_reduce(self, process_group) -> "RepoStats":
+        """Statistics of the union of every rank's tokens in ``process_group`` (a data-parallel
+        group), identical on every rank: one all-gather of the [5] vectors, merged in rank order."""
+        from .distributed import all_reduce_repo_stats
+
+        return all_reduce_repo_stats(self, process_group)
+
 
 def repo_statistics(logprobs: Tensor, advantages: Tensor, mask: Tensor | None = None, *,
-                    cu_seqlens: Tensor | None = None) -> RepoStats:
+                    cu_seqlens: Tensor | None = None, process_group=None) -> RepoStats:
     """REPO statistics of one (micro-)batch, to merge and pass as ``repo_stats=``.
 
     Args:
@@ -117,6 +124,8 @@ def repo_statistics(logprobs: Tensor, advantages: Tensor, mask: Tensor | None = 
         advantages: the same shape, or one per sequence ([B], or [S] with ``cu_seqlens``).
         mask:       1/True for tokens that count (the same mask the loss gets; tokens whose
                     target is the loss's ``ignore_index`` must be masked out here too).
+        process_group: a data-parallel group: the statistics of every rank's tokens together
+                    (:meth:`RepoStats.all_reduce`), the same on every rank.
 
     Example (gradient accumulation over micro-batches that together form one batch)::
 
@@ -143,4 +152,5 @@ def repo_statistics(logprobs: Tensor, advantages: Tensor, mask: Tensor | None = 
         checks.tensor("mask", mask, device=logprobs.device)
         checks.shape("mask", mask, lead, "the shape of logprobs")
         valid = mask.bool()
-    return RepoStats.of(logprobs.reshape(-1), adv, valid.reshape(-1))
+    stats = RepoStats.of(logprobs.reshape(-1), adv, valid.reshape(-1))
+    return stats if process_group is None else stats.all_reduce(process_group)

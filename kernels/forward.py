@@ -1,6 +1,6 @@
 """Forward vocabulary sweep: log-sum-exp, entropy and target logit per token.
 
-Memory: the kernel keeps one [BLOCK_N, BLOCK_V] tile of logits in registers and four fp32
+Memory: each program keeps one [BLOCK_N, BLOCK_V] tile of logits in registers and four fp32
 running statistics per token; global memory holds only [SPLITS, N] partial states and the
 [N] outputs. Nothing of size N x V exists at any point.
 
@@ -11,8 +11,10 @@ so the entropy never cancels against m)::
     rescale to m' >= m:   s' = a s,   t' = a (t + s (m - m')),   a = e^(m - m')
     lse = m + log s,    H = log s - t / s,    logp = z_y - lse
 
-Grid: (token blocks, vocabulary splits). Small token counts also split the vocabulary so
-the GPU fills up; a second tiny kernel merges the splits in a fixed order (deterministic).
+Launch: a 1-D grid of (token block, vocabulary split) programs in the grouped order of
+``utils.grouped_tile``: GROUP_N token blocks x all splits per group, token block fastest.
+Each program sweeps its split's vocabulary tiles; a second tiny kernel merges the splits in
+a fixed order (deterministic). How many splits: see ``num_vocab_splits``.
 """
 
 from __future__ import annotations
@@ -21,13 +23,20 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import autotune_requested, interpreting, logits_tile
+from .configs import default_config
+from .env import interpreting
+from .launch import Tunable, launch
+from .utils import grouped_tile, logits_tile
 
 # ---------------------------------------------------------------------------------------
 # kernels
 # ---------------------------------------------------------------------------------------
 
 
+@triton.heuristics({
+    "HAS_BIAS": lambda args: args["bias_ptr"] is not None,
+    "HAS_SOFTCAP": lambda args: args["softcap"] is not None,
+})
 @triton.jit
 def _fwd_split_kernel(
     # pointers
@@ -36,17 +45,19 @@ def _fwd_split_kernel(
     # sizes
     N, V, D, SPLITS,
     # strides
-    stride_hn, stride_hd, stride_wv, stride_wd,
+    stride_hn, stride_hd, stride_wv, stride_wd, stride_b,
     # scalars
     inv_temperature, softcap,
     # meta
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+    UPCAST_OPERANDS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_N: tl.constexpr,
 ):
-    """Partial (m, s, t, z_y) of BLOCK_N tokens over one vocabulary split."""
-    pid_n = tl.program_id(0)
-    pid_s = tl.program_id(1)
+    """Partial (m, s, t, z_y) of BLOCK_N tokens over one vocabulary split.
+
+    hidden [N, D], weight [V, D], bias [V] (any strides); targets [N] contiguous int64.
+    """
+    pid_n, pid_s = grouped_tile(tl.program_id(0), tl.cdiv(N, BLOCK_N), SPLITS, GROUP_N)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     y = tl.load(targets_ptr + offs_n, mask=mask_n, other=-1)
@@ -64,8 +75,8 @@ def _fwd_split_kernel(
         offs_v = v0 + tl.arange(0, BLOCK_V)
         # ---- 1. logits tile (fp32) --------------------------------------------------------
         z = logits_tile(hidden_ptr, weight_ptr, bias_ptr, offs_n, offs_v, N, V, D,
-                        stride_hn, stride_hd, stride_wv, stride_wd, inv_temperature, softcap,
-                        HAS_BIAS, HAS_SOFTCAP, DOT_FP32, INPUT_PRECISION,
+                        stride_hn, stride_hd, stride_wv, stride_wd, stride_b, inv_temperature, softcap,
+                        HAS_BIAS, HAS_SOFTCAP, UPCAST_OPERANDS, INPUT_PRECISION,
                         BLOCK_N, BLOCK_V, BLOCK_D)  # [BLOCK_N, BLOCK_V]
         # ---- 2. online softmax statistics ---------------------------------------------------
         m_new = tl.maximum(m_i, tl.max(z, 1))
@@ -79,7 +90,8 @@ def _fwd_split_kernel(
         # ---- 3. target logit, if it lives in this tile --------------------------------------
         z_y += tl.sum(tl.where(offs_v[None, :] == y[:, None], z, 0.0), 1)
 
-    offs = pid_s * N + offs_n
+    # ---- 4. partial state of this (token block, split) ----------------------------------------
+    offs = pid_s.to(tl.int64) * N + offs_n  # SPLITS * N may pass 2^31 for very long batches
     tl.store(max_ptr + offs, m_i, mask=mask_n)
     tl.store(sumexp_ptr + offs, s_i, mask=mask_n)
     tl.store(sumexpz_ptr + offs, t_i, mask=mask_n)
@@ -99,22 +111,27 @@ def _fwd_combine_kernel(
     """Merge the SPLITS partial states of each token, in split order; 0 for ignored tokens."""
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
+    # ---- 1. the common maximum -------------------------------------------------------------
     m = tl.full((BLOCK_N,), float("-inf"), tl.float32)
     for k in range(0, SPLITS):
-        m = tl.maximum(m, tl.load(max_ptr + k * N + offs_n, mask=mask_n, other=float("-inf")))
+        offs = tl.cast(k, tl.int64) * N + offs_n  # SPLITS * N may pass 2^31 (k: a Python int when interpreted)
+        m = tl.maximum(m, tl.load(max_ptr + offs, mask=mask_n, other=float("-inf")))
     m = tl.where(m == float("-inf"), 0.0, m)
+    # ---- 2. rescale and sum the splits:  s = sum_k e^(m_k - m) s_k,  t likewise ----------------
     s = tl.zeros((BLOCK_N,), tl.float32)
     t = tl.zeros((BLOCK_N,), tl.float32)
     z_y = tl.zeros((BLOCK_N,), tl.float32)
     for k in range(0, SPLITS):
-        m_k = tl.load(max_ptr + k * N + offs_n, mask=mask_n, other=0.0)
-        s_k = tl.load(sumexp_ptr + k * N + offs_n, mask=mask_n, other=0.0)
-        t_k = tl.load(sumexpz_ptr + k * N + offs_n, mask=mask_n, other=0.0)
+        offs = tl.cast(k, tl.int64) * N + offs_n  # SPLITS * N may pass 2^31 (k: a Python int when interpreted)
+        m_k = tl.load(max_ptr + offs, mask=mask_n, other=0.0)
+        s_k = tl.load(sumexp_ptr + offs, mask=mask_n, other=0.0)
+        t_k = tl.load(sumexpz_ptr + offs, mask=mask_n, other=0.0)
         shift = tl.where(s_k > 0, m_k - m, 0.0)  # empty splits (s_k = 0) contribute nothing
         scale = tl.where(s_k > 0, tl.exp(shift), 0.0)
         s += scale * s_k
         t += scale * (t_k + s_k * shift)
-        z_y += tl.load(target_logit_ptr + k * N + offs_n, mask=mask_n, other=0.0)
+        z_y += tl.load(target_logit_ptr + offs, mask=mask_n, other=0.0)
+    # ---- 3. lse = m + log s,  H = log s - t / s,  logp = z_y - lse ----------------------------
     log_s = tl.log(tl.where(mask_n, s, 1.0))
     lse = m + log_s
     entropy = log_s - t / tl.where(mask_n, s, 1.0)
@@ -124,32 +141,12 @@ def _fwd_combine_kernel(
     tl.store(lse_ptr + offs_n, lse, mask=mask_n)
 
 
-# ---------------------------------------------------------------------------------------
-# configs
-# ---------------------------------------------------------------------------------------
-
-# Documented default (used unless FUSED_PG_AUTOTUNE=1): 128 x 128 logits tile, K step 64.
-DEFAULT_CONFIG = dict(BLOCK_N=128, BLOCK_V=128, BLOCK_D=64, num_warps=8, num_stages=3)
-# Under the interpreter cost scales with program count x loop trips: few, large tiles.
-INTERPRETER_CONFIG = dict(BLOCK_N=32, BLOCK_V=64, BLOCK_D=32, num_warps=4, num_stages=1)
-
-
-def get_fwd_configs() -> list[triton.Config]:
-    """Search space of FUSED_PG_AUTOTUNE=1 (Hopper/Ampere-sized GEMM tiles)."""
-    return [
-        triton.Config(dict(BLOCK_N=bn, BLOCK_V=bv, BLOCK_D=bd), num_warps=w, num_stages=s)
-        for bn, bv, bd, w, s in [
-            (128, 128, 64, 8, 3), (128, 128, 64, 4, 4), (128, 256, 64, 8, 3),
-            (256, 128, 64, 8, 3), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4),
-            (128, 128, 128, 8, 2), (64, 256, 64, 8, 3),
-        ]
-    ]
-
-
-# Autotuned twin of the split kernel (FUSED_PG_AUTOTUNE=1). It overwrites its outputs, so
-# benchmarking configs needs no reset. Keyed on the shapes that change the best tile.
-_fwd_split_kernel_tuned = triton.autotune(configs=get_fwd_configs(), key=["V", "D", "SPLITS"])(
-    _fwd_split_kernel)
+# Autotuned on request (FUSED_PG_AUTOTUNE=1): it overwrites its outputs, so trials need no
+# reset. Keyed on the shapes that change the best tile.
+FWD_SPLIT = Tunable(_fwd_split_kernel, kind="fwd", key=("V", "D", "SPLITS"))
+FWD_COMBINE = Tunable(_fwd_combine_kernel)
+COMBINE_BLOCK = 128
+INTERPRETER_COMBINE_BLOCK = 64
 
 
 # ---------------------------------------------------------------------------------------
@@ -157,60 +154,85 @@ _fwd_split_kernel_tuned = triton.autotune(configs=get_fwd_configs(), key=["V", "
 # ---------------------------------------------------------------------------------------
 
 
-def num_vocab_splits(N: int, V: int, block_n: int, block_v: int, device: torch.device) -> int:
-    """Vocabulary splits so that (token blocks x splits) gives ~2 waves of programs."""
+def resident_programs(device: torch.device) -> int:
+    """Programs of the sweep's tile that run at the same time: one per SM (a 128 x 256 tile
+    with 4 stages takes most of an SM's shared memory). The interpreter pretends 4 SMs so
+    that small problems still take the split-and-merge path."""
     if device.type == "cuda":
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-    else:
-        sms = 4  # interpreter: still exercise the split-and-merge path on tiny problems
-    token_blocks = triton.cdiv(N, block_n)
-    return max(1, min(triton.cdiv(2 * sms, token_blocks), triton.cdiv(V, block_v)))
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+def num_vocab_splits(N: int, V: int, config: dict, programs: int) -> int:
+    """Vocabulary splits of the forward grid, chosen for L2 reuse and enough parallelism.
+
+    Per vocabulary tile a program reads its [BLOCK_N, D] hidden tile (1 MiB at BLOCK_N=128,
+    D=4096, bf16) and one [BLOCK_V, D] weight tile. In the grouped order the ``programs``
+    resident programs cover GROUP_N token blocks x (programs / GROUP_N) splits, provided a
+    group holds that many, i.e. SPLITS >= programs / GROUP_N. Then the resident programs share
+    GROUP_N hidden tiles, each read by programs / GROUP_N of them and kept in L2 for their whole
+    sweep, and programs / GROUP_N weight tiles per step, each read by GROUP_N of them (H100:
+    8 + 17 x 2 MiB, inside its 50 MB L2; ~1000 flop per byte from memory where the tensor
+    cores need ~210). With fewer splits the resident set spreads over programs / SPLITS token
+    blocks, whose hidden tiles no longer fit L2 and are streamed again for every vocabulary
+    tile -- the token-block-fastest grid measured at 2.4x a GEMM. At least 2 * programs
+    programs in all (two waves) for short batches; at most one split per vocabulary tile.
+    """
+    token_blocks = triton.cdiv(N, config["BLOCK_N"])
+    vocab_tiles = triton.cdiv(V, config["BLOCK_V"])
+    splits = max(triton.cdiv(2 * programs, token_blocks), triton.cdiv(programs, config["GROUP_N"]))
+    return max(1, min(splits, vocab_tiles))
 
 
 def logprobs_entropy_fwd(
     hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor, *,
-    inv_temperature: float, softcap: float | None, dot_fp32: bool, input_precision: str,
-    deterministic: bool,
+    inv_temperature: float, softcap: float | None, upcast_operands: bool, input_precision: str,
+    deterministic: bool, config: dict | None = None, splits: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Forward sweep: check, allocate, launch.
 
-    hidden [N, D], weight [V, D], bias [V] or None, targets [N] int64 (-1: ignored).
-    Returns (logprobs, entropy, lse), fp32 [N]; logprobs and entropy are 0 at ignored tokens.
+    Args:
+        hidden [N, D], weight [V, D], bias [V] or None: any strides (expanded and offset
+            views included); targets [N] integer (-1: ignored), made contiguous here (O(N)).
+        upcast_operands: multiply as fp32 (mixed dtypes, tf32/ieee, bf16 under the interpreter).
+        config: pins the tile config (default: ``kernels.configs`` table, or autotuned when
+            FUSED_PG_AUTOTUNE=1); splits: pins the vocabulary split count.
+    Returns:
+        (logprobs, entropy, lse), fp32 [N]; logprobs and entropy are 0 at ignored tokens.
     """
     N, D = hidden.shape
     V = weight.shape[0]
     dev = hidden.device
-    tune = autotune_requested() and not deterministic
-    config = INTERPRETER_CONFIG if interpreting() else DEFAULT_CONFIG
-    # splits depend only on the default tile, so the partial buffers are known before tuning
-    splits = num_vocab_splits(N, V, config["BLOCK_N"], config["BLOCK_V"], dev)
+    targets = targets.contiguous()
+    pinned = config is not None
+    operands = torch.float32 if upcast_operands else hidden.dtype
+    if config is None:
+        config = default_config("fwd", dev, operands, D, V, interpreting())
+    # the split count follows the default (or pinned) config even when autotuning picks the
+    # tile, so that the partial buffers are allocated before the launch
+    if splits is None:
+        splits = num_vocab_splits(N, V, config, resident_programs(dev))
     partial = torch.empty(4, splits, N, dtype=torch.float32, device=dev)
     args = dict(
-        hidden_ptr=hidden, weight_ptr=weight, bias_ptr=bias if bias is not None else hidden,
-        targets_ptr=targets,
+        hidden_ptr=hidden, weight_ptr=weight, bias_ptr=bias, targets_ptr=targets,
         max_ptr=partial[0], sumexp_ptr=partial[1], sumexpz_ptr=partial[2], target_logit_ptr=partial[3],
         N=N, V=V, D=D, SPLITS=splits,
         stride_hn=hidden.stride(0), stride_hd=hidden.stride(1),
         stride_wv=weight.stride(0), stride_wd=weight.stride(1),
-        inv_temperature=inv_temperature, softcap=softcap if softcap is not None else 1.0,
-        HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None,
-        DOT_FP32=dot_fp32, INPUT_PRECISION=input_precision,
+        stride_b=bias.stride(0) if bias is not None else 0,
+        inv_temperature=inv_temperature, softcap=softcap,
+        UPCAST_OPERANDS=upcast_operands, INPUT_PRECISION=input_precision,
     )
-    if tune:
-        grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), splits)  # noqa: E731
-        _fwd_split_kernel_tuned[grid](**args)
-    else:
-        grid = (triton.cdiv(N, config["BLOCK_N"]), splits)
-        _fwd_split_kernel[grid](**args, **config)
+    launch(FWD_SPLIT, lambda meta: (triton.cdiv(N, meta["BLOCK_N"]) * splits,), args,
+           config=config, deterministic=deterministic, pinned=pinned)
 
     logprobs = torch.empty(N, dtype=torch.float32, device=dev)
     entropy = torch.empty_like(logprobs)
     lse = torch.empty_like(logprobs)
-    block = 128 if not interpreting() else 64
-    _fwd_combine_kernel[(triton.cdiv(N, block),)](
+    block = INTERPRETER_COMBINE_BLOCK if interpreting() else COMBINE_BLOCK
+    launch(FWD_COMBINE, lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),), dict(
         max_ptr=partial[0], sumexp_ptr=partial[1], sumexpz_ptr=partial[2],
         target_logit_ptr=partial[3], targets_ptr=targets,
-        logprobs_ptr=logprobs, entropy_ptr=entropy, lse_ptr=lse,
-        N=N, SPLITS=splits, BLOCK_N=block,
-    )
+        logprobs_ptr=logprobs, entropy_ptr=entropy, lse_ptr=lse, N=N, SPLITS=splits,
+    ), config=dict(BLOCK_N=block, num_warps=4, num_stages=1), deterministic=True)
     return logprobs, entropy, lse

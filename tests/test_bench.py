@@ -1,17 +1,22 @@
-"""Tests of the benchmark CLI (``python -m bench``): arguments, JSON schema, tiny CPU runs.
+"""Tests of the benchmark CLI (``python -m bench``): arguments, JSON schema, tiny CPU runs, and
+each behaviour of the command line (estimate and refusal, Ctrl-C, exit codes, flags, odd N,
+the plot, realistic data, the console entry point, ``--tune``).
 
-Benchmarks are not timed tests: nothing here asserts a speed. The runs use tiny shapes;
-the whole file takes well under a minute on 2 cores (the torch.compile test is the
-largest part: one compile of one small graph).
+Benchmarks are not timed tests: nothing here asserts a speed. The runs use tiny shapes; the
+whole file takes about a minute on 2 cores (the torch.compile test is the largest part: one
+compile of one small graph).
 """
 
 from __future__ import annotations
 
 import copy
+import io
 import json
 import os
 import runpy
 import sys
+import types
+from contextlib import redirect_stdout
 
 import pytest
 import torch
@@ -21,8 +26,8 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
 
-from bench import cli, peers, report  # noqa: E402
-from bench.config import MODEL_PRESETS, PRECISIONS, Shape  # noqa: E402
+from bench import cli, impls, measure, peers, problem, report, runner  # noqa: E402
+from bench.config import MODEL_PRESETS, PRECISIONS, LossSpec, Shape  # noqa: E402
 from bench.impls import IMPL_KEYS, build_impls  # noqa: E402
 
 needs_no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU defaults and CPU skip reasons")
@@ -39,13 +44,22 @@ def parse_error(argv: list[str], capsys) -> str:
     return capsys.readouterr().err
 
 
-def run_main(argv: list[str], capsys) -> tuple[str, dict]:
+def run_main(argv: list[str], capsys, status: int = 0) -> tuple[str, dict]:
     """``python -m bench argv`` in this process; returns (stdout, the JSON it wrote)."""
     out_dir = argv[argv.index("--out") + 1]
-    assert cli.main(argv) == 0
+    assert cli.main(argv) == status
     stdout = capsys.readouterr().out
     with open(os.path.join(out_dir, report.JSON_NAME)) as f:
         return stdout, json.load(f)
+
+
+def replace_impl(monkeypatch, key: str, make) -> None:
+    """Make ``--impl key`` build one implementation whose steps come from ``make(problem, spec)``."""
+    def build(k, precisions):
+        if k == key:
+            return [impls.Impl(key, f"patched {key}", "baseline", make, impls._always)]
+        return build_impls(k, precisions)
+    monkeypatch.setattr("bench.runner.build_impls", build)
 
 
 # --- argument handling ---------------------------------------------------------------------------
@@ -61,20 +75,33 @@ def test_explicit_shapes_and_loss_options():
     cfg = cli.config_from_args(["--device", "cpu", "--n", "2048,1024,2048", "--d", "64", "--v", "1000,3000",
                                 "--repo", "none", "--kl", "0.04", "--entropy-coef", "0", "--dtype", "bf16",
                                 "--impl", "naive,fused-torch,naive", "--repeats", "7", "--warmup", "2",
-                                "--out", "somewhere"])
+                                "--data", "flat", "--out", "somewhere"])
     assert cfg.shapes == (Shape(1024, 64, 1000), Shape(2048, 64, 1000), Shape(1024, 64, 3000), Shape(2048, 64, 3000))
     assert (cfg.loss.repo, cfg.loss.kl_coef, cfg.loss.entropy_coef) == ("none", 0.04, 0.0)
-    assert (cfg.dtype, cfg.impls, cfg.repeats, cfg.warmup, cfg.out_dir) == (
-        "bf16", ("naive", "fused-torch"), 7, 2, "somewhere")
+    assert (cfg.dtype, cfg.impls, cfg.repeats, cfg.warmup, cfg.out_dir, cfg.data) == (
+        "bf16", ("naive", "fused-torch"), 7, 2, "somewhere", "flat")
+
+
+def test_one_loss_keyword_mapping_with_fused_pg_option_names():
+    spec = LossSpec(repo="fixed", repo_coef=0.3, kl_coef=0.1)
+    import inspect
+
+    import fused_pg
+    from fused_pg.reference import policy_loss_ref  # repo_loss_ref forwards its options to it
+    for fn in (fused_pg.repo_loss, fused_pg.policy_loss_from_logprobs, policy_loss_ref):
+        assert set(spec.kwargs()) <= set(inspect.signature(fn).parameters), fn.__name__
+    with pytest.raises(ValueError, match="kl_estimator must be one of"):
+        LossSpec(kl_estimator="k9")
 
 
 @needs_no_cuda
 def test_cpu_defaults_and_quick():
     cfg = cli.config_from_args([])
     assert (cfg.device, cfg.dtype, cfg.suite, cfg.impls) == ("cpu", "fp32", "cpu", ("fused-torch", "naive"))
+    assert cfg.data == "realistic" and cfg.repeats >= 5
     assert os.path.join("results", "local") in cfg.out_dir
     quick = cli.config_from_args(["--quick"])
-    assert quick.suite == "cpu-quick" and quick.quick
+    assert quick.suite == "cpu-quick" and quick.quick and quick.repeats >= 5  # a stable median of >= 5
     assert sum(s.n for s in quick.shapes) < sum(s.n for s in cfg.shapes)
 
 
@@ -91,10 +118,14 @@ def test_impl_all_and_precision_all():
     (["--n", "0"], "expected a positive integer, got '0'"),
     (["--n", "1k"], "expected a positive integer, got '1k'"),
     (["--n", ","], "expected a comma-separated list of token counts"),
-    (["--n", "1500", "--seq-len", "1024"], "N=1500 is not a multiple of the sequence length 1024"),
     (["--impl", "fused-cuda"], "unknown implementation 'fused-cuda'"),
     (["--precision", "fp8"], "unknown precision 'fp8'"),
     (["--dtype", "fp64"], "invalid choice: 'fp64'"),
+    (["--data", "spiky"], "invalid choice: 'spiky'"),
+    (["--target-entropy", "0"], "expected a finite number > 0"),
+    (["--v", "50000", "--target-entropy", "3"], "above what realistic data reaches at V=1531 (the accuracy check's"),
+    (["--v", "1000", "--no-accuracy", "--target-entropy", "3"], "above what realistic data reaches at V=1000"),
+    (["--max-minutes", "0"], "expected a finite number > 0"),
     (["--kl", "-1"], "expected a finite number >= 0"),
     (["--repo-coef", "2"], "--repo-coef must be in [0, 1] for --repo decorrelate"),
     (["--eps-low", "1.5"], "--eps-low must be < 1"),
@@ -119,16 +150,127 @@ def test_list_and_module_entry_point(capsys, monkeypatch):
     assert all(key in out for key in IMPL_KEYS)
 
 
+def test_console_script_entry_point(capsys, monkeypatch):
+    """``fused-pg-bench`` = ``bench.cli:console``: the same CLI, named after the script."""
+    monkeypatch.setattr(sys, "argv", ["fused-pg-bench", "--list"])
+    assert cli.console() == 0
+    assert "qwen3-8b" in capsys.readouterr().out
+    monkeypatch.setattr(sys, "argv", ["fused-pg-bench", "--help"])
+    with pytest.raises(SystemExit) as exc:
+        cli.console()
+    assert exc.value.code == 0
+    help_text = capsys.readouterr().out
+    assert help_text.startswith("usage: fused-pg-bench") and "fused-pg-bench --quick" in help_text
+
+
+# --- n not a multiple of the sequence length -----------------------------------------------------
+
+def test_layout_keeps_n_exact_and_says_how():
+    assert problem.layout(4096, 1024) == (4, 1024)
+    assert problem.layout(1500, 1024) == (2, 750)
+    assert problem.layout(512, 1024) == (1, 512)
+    assert problem.layout(1031, 1024) == (1031, 1)  # prime: exact N, one-token sequences
+    assert problem.describe_layout(4096, 1024) is None
+    assert problem.describe_layout(1500, 1024) == "N=1500: 2 sequences of 750 tokens (--seq-len 1024 does not divide 1500)"
+    assert "1 sequence of 512 tokens" in problem.describe_layout(512, 1024)
+    cfg = cli.config_from_args(["--device", "cpu", "--n", "1500", "--seq-len", "1024"])
+    assert cfg.shapes[0].n == 1500
+
+
+# --- realistic benchmark data ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("target", [0.3, 1.0, 2.0])
+def test_realistic_data_has_the_target_mean_entropy(target):
+    """Mean token entropy over valid tokens within +-20% of the target (RL policies: 0.3-2 nats)."""
+    p = problem.make_problem(Shape(2048, 64, 4096), torch.float32, "cpu", LossSpec(), seq_len=256,
+                             target_entropy=target)
+    assert p.data == "realistic"
+    assert 0.8 * target <= p.mean_entropy <= 1.2 * target, p.mean_entropy
+    # targets are sampled from the policy: their mean log-prob is close to minus the entropy
+    assert abs(float(p.old_logprobs[p.mask].mean()) + target) < 0.5 * target + 0.1
+    assert p.hidden.shape == (8, 256, 64) and p.hidden.requires_grad
+
+
+def test_flat_data_keeps_several_nats():
+    p = problem.make_problem(Shape(512, 64, 4096), torch.float32, "cpu", LossSpec(), seq_len=256, data="flat")
+    assert p.mean_entropy > 3.0  # about log V - 4.5 = 3.8 nats
+    with pytest.raises(ValueError, match="more than this vocabulary reaches"):
+        problem.make_problem(Shape(64, 16, 50), torch.float32, "cpu", LossSpec(), seq_len=64, target_entropy=5.0)
+
+
+# --- timing statistics and row flags --------------------------------------------------------------
+
+def _floor(ms: float) -> measure.Floor:
+    one = measure.Stats.of([ms])
+    return measure.Floor(Shape(128, 32, 1000), one, one, one)
+
+
+def _times(samples: list[float]) -> measure.StepTimes:
+    s = measure.Stats.of(samples)
+    return measure.StepTimes(s, s, s)
+
+
+def test_spread_and_flags():
+    assert measure.Stats.of([10.0, 10.0, 10.0, 10.0, 50.0]).spread == 0.0  # one outlier: median holds
+    assert measure.Stats.of([10.0, 10.0, 10.0, 20.0, 30.0]).spread == pytest.approx(1.0)
+    impl = build_impls("naive", ("native",))[0]          # keeps its logits: 3 GEMMs
+    assert impl.gemms == 3 and build_impls("fused-torch", ("native",))[0].gemms == 4
+    res = runner.CaseResult(impl, Shape(128, 32, 1000), LossSpec(), (), loss=1.0, anchor_loss=1.0, loss_ok=True)
+    res.times = _times([100.0, 101.0, 102.0, 100.0, 101.0])
+    assert res.as_dict(_floor(10.0), 1e-4)["flags"] == []
+    res.times = _times([100.0, 100.0, 150.0, 200.0, 250.0])
+    assert res.as_dict(_floor(10.0), 1e-4)["flags"] == ["noisy"]
+    res.times = _times([25.0, 25.0, 25.0])               # own floor: 3 x 10 ms
+    case = res.as_dict(_floor(10.0), 1e-4)
+    assert case["flags"] == ["below-floor"] and case["own_floor_ms"] == pytest.approx(30.0)
+    assert case["floor_ratio"]["fwd_bwd"] == pytest.approx(25.0 / 40.0)
+    assert "BELOW ITS OWN 3-GEMM FLOOR (30.0 ms)" in report.flag_notes(case)[0]
+    res.rows = 64                                        # swept only half of the rows
+    assert res.as_dict(_floor(10.0), 1e-4)["flags"] == []
+
+
+# --- the estimate and the refusal -----------------------------------------------------------------
+
+def test_estimate_grows_with_the_shapes():
+    rates = {(64, 16384): measure.Rates(gemm_flops=5e10, elementwise=1e9, latency=1e-4)}
+    small = measure.estimate_run([Shape(1024, 64, 16384)], ["fused-torch"], rates, device_type="cpu",
+                                 warmup=1, repeats=5)
+    big = measure.estimate_run([Shape(4096, 64, 16384)], ["fused-torch", "naive"], rates, device_type="cpu",
+                               warmup=1, repeats=5)
+    assert 0 < small["seconds"] < big["seconds"] and big["per_shape"][0]["gemm_s"] == pytest.approx(2 * 4096 * 64 * 16384 / 5e10)
+
+
+@needs_no_cuda
+def test_hours_long_shapes_are_refused_with_an_estimate(tmp_path, capsys):
+    """The README's GPU example on a CPU: refused in seconds, with the estimate and --yes named."""
+    status = cli.main(["--model", "qwen3-8b", "--n", "16384", "--dtype", "bf16", "--impl", "fused-torch",
+                       "--out", str(tmp_path)])
+    out, err = capsys.readouterr()
+    assert status == cli.EXIT_USAGE
+    assert "estimate: about" in out and (" min " in out or " h " in out)
+    assert "refusing to start: estimated run time about" in err and "--yes" in err
+    assert not os.path.exists(os.path.join(tmp_path, report.JSON_NAME))
+
+
+@needs_no_cuda
+def test_impl_that_cannot_run_here_exits_nonzero(tmp_path, capsys):
+    status = cli.main(["--device", "cpu", *TINY, "--impl", "fused-triton,liger-triton", "--out", str(tmp_path)])
+    captured = capsys.readouterr()
+    assert status == cli.EXIT_USAGE
+    assert "skip fused-pg triton: needs a CUDA GPU" in captured.out
+    assert "nothing to run on CPU" in captured.err
+    assert not os.path.exists(os.path.join(tmp_path, report.JSON_NAME))
+
+
 # --- end to end on the CPU, and the JSON schema ---------------------------------------------------
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    """One tiny run of the CPU default implementations (shared by the tests below)."""
+    """One tiny run of the CPU default implementations (shared by the tests below). N=96 does
+    not split into 64-token sequences: it runs as 2 x 48."""
     out_dir = str(tmp_path_factory.mktemp("bench"))
-    argv = ["--device", "cpu", *TINY[2:], "--n", "128,256", "--impl", "fused-torch,naive,reference,fused-triton",
+    argv = ["--device", "cpu", *TINY[2:], "--n", "96,256", "--impl", "fused-torch,naive,reference,fused-triton",
             "--out", out_dir]
-    import io
-    from contextlib import redirect_stdout
     buf = io.StringIO()
     with redirect_stdout(buf):
         assert cli.main(argv) == 0
@@ -143,32 +285,48 @@ def test_tiny_cpu_run_writes_table_json_and_png(tiny_run):
         assert os.path.getsize(os.path.join(out_dir, name)) > 0, name
     with open(os.path.join(out_dir, report.PLOT_NAME), "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
-    # progress, tables and the loss check are printed
+    # estimate, progress, tables, the data's entropy and the loss check are printed
+    assert "estimate: about" in stdout and "(estimated " in stdout
     assert "[1/6]" in stdout and "[6/6]" in stdout
     assert "4-GEMM floor" in stdout and "Max error vs fp64 reference" in stdout
+    assert "data: realistic logits (target mean entropy 1.0 nats); mean token entropy" in stdout
+    assert "spread" in stdout
     assert "loss check: all 6 runs agree" in stdout
     assert "skipped fused-pg triton: needs a CUDA GPU" in stdout or torch.cuda.is_available()
     with open(os.path.join(out_dir, report.TABLE_NAME)) as f:
-        assert "| fused-pg torch | 128 | 32 | 1000 |" in f.read()
+        assert "| fused-pg torch | 256 | 32 | 1000 |" in f.read()
+
+
+def test_n_not_a_multiple_of_the_sequence_length_is_reported_truly(tiny_run):
+    _, stdout, data = tiny_run
+    assert "note: N=96: 2 sequences of 48 tokens (--seq-len 64 does not divide 96)" in stdout
+    assert "64 tokens per sequence (N=96: 2 x 48)" in stdout
+    batches = {b["n"]: (b["seqs"], b["seq_len"]) for b in data["batches"]}
+    assert batches == {96: (2, 48), 256: (4, 64)}
+    assert {(r["n"], r["rows_swept"]) for r in data["results"]} == {(96, 96), (256, 256)}
 
 
 def test_json_schema_and_contents(tiny_run):
     _, _, data = tiny_run
     report.validate(data)
-    assert data["schema"] == report.SCHEMA
+    assert data["schema"] == report.SCHEMA and data["interrupted"] is False
     assert data["device"]["type"] == "cpu" and data["device"]["name"]
-    assert data["versions"]["torch"] == torch.__version__ and "triton" in data["versions"]
+    assert data["versions"]["torch"] == torch.__version__ and "triton" in data["versions"] and "trl" in data["versions"]
     assert "commit" in data["git"] and data["created"][:2] == "20"
     assert data["timer"] == "time.perf_counter"
+    assert data["estimate"]["seconds"] > 0 and data["estimate"]["gemm_tflops"]
     assert {s["impl"] for s in data["skipped"]} == {"fused-triton"}
-    assert [(f["n"], f["d"], f["v"]) for f in data["floors"]] == [(128, 32, 1000), (256, 32, 1000)]
+    assert [(f["n"], f["d"], f["v"]) for f in data["floors"]] == [(96, 32, 1000), (256, 32, 1000)]
+    for b in data["batches"]:
+        assert b["data"] == "realistic" and 0.5 < b["mean_entropy"] < 1.5
     assert len(data["results"]) == 6
     for r in data["results"]:
         assert r["status"] == "ok", r
         assert r["loss_ok"] is True
         assert len(r["fwd_bwd_ms"]["samples"]) == 2
         assert r["fwd_bwd_ms"]["min"] <= r["fwd_bwd_ms"]["median"] <= r["fwd_bwd_ms"]["max"]
-        assert r["tflops"]["fwd_bwd"] > 0 and r["floor_ratio"]["fwd_bwd"] > 0
+        assert r["fwd_bwd_ms"]["spread"] >= 0 and set(r["flags"]) <= set(report.FLAGS)
+        assert r["tflops"]["fwd_bwd"] > 0 and r["floor_ratio"]["fwd_bwd"] > 0 and r["own_floor_ms"] > 0
         assert r["peak_mem_bytes"] is None or r["peak_mem_bytes"] >= 0
     acc = {r["impl"]: r for r in data["accuracy"]["results"]}
     assert set(acc) == {"fused-torch", "naive", "reference"}
@@ -193,38 +351,128 @@ def test_schema_violations_are_named(tiny_run):
     broken["results"][1].update(status="error", reason=None)
     with pytest.raises(ValueError, match="no reason"):
         report.validate(broken)
+    broken = copy.deepcopy(data)
+    broken["results"][0]["flags"] = ["slow"]
+    with pytest.raises(ValueError, match=r"results\[0\].flags has unknown \['slow'\]"):
+        report.validate(broken)
+
+
+def test_plot_has_log_ticks_and_one_floor_line(tiny_run):
+    _, _, data = tiny_run
+    fig = report.make_figure(data)
+    ax = fig.axes[0]                                    # time panel of the only (D, V)
+    (floor_line,) = [ln for ln in ax.get_lines() if ln.get_label() == report.FLOOR_LABEL]
+    assert list(floor_line.get_xdata()) == [96, 256]   # one point per N, measured once per shape
+    assert list(floor_line.get_ydata()) == [f["floor_ms"]["fwd_bwd"] for f in data["floors"]]
+    assert floor_line.get_marker() == "_"
+    lo, hi = ax.get_ylim()
+    majors = [t for t in ax.get_yticks() if lo <= t <= hi]
+    minors = [t for t in ax.yaxis.get_minorticklocs() if lo <= t <= hi]
+    assert all(abs(torch.log10(torch.tensor(t)).item() % 1) < 1e-9 for t in ax.get_yticks())  # decades
+    assert minors and all(abs(torch.log10(torch.tensor(t)).item() % 1) > 1e-6 for t in minors)  # between
+    labels = [t.get_text() for t in ax.get_yticklabels(minor=True) + ax.get_yticklabels() if t.get_text()]
+    assert len(labels) >= 2, (majors, minors, labels)
+    assert report.log_labels(100, 500) == tuple(float(m) for m in range(1, 10))
+    assert report.log_labels(1, 500) == (1.0, 2.0, 5.0) and report.log_labels(1, 1e5) == (1.0,)
+    import matplotlib.pyplot as plt
+    plt.close(fig)
 
 
 def test_failures_are_recorded_not_raised(tmp_path, capsys, monkeypatch):
     """An implementation that raises is reported as an error with its message; the run goes on."""
-    from bench import impls
-
     def broken(problem, spec):
         def step():
             raise RuntimeError("kernel exploded")
         return step
-    def build(key, precisions):
-        if key == "naive":
-            return [impls.Impl("naive", "broken impl", "baseline", broken, impls._always)]
-        return impls.build_impls(key, precisions)
-    monkeypatch.setattr("bench.runner.build_impls", build)
+    replace_impl(monkeypatch, "naive", broken)
     stdout, data = run_main(["--device", "cpu", *TINY, "--impl", "fused-torch,naive", "--no-accuracy",
                              "--no-plot", "--out", str(tmp_path)], capsys)
     statuses = {r["label"]: (r["status"], r["reason"]) for r in data["results"]}
-    assert statuses["broken impl"] == ("error", "RuntimeError: kernel exploded")
+    assert statuses["patched naive"] == ("error", "RuntimeError: kernel exploded")
     assert statuses["fused-pg torch"][0] == "ok"
     assert "ERROR: RuntimeError: kernel exploded" in stdout
+
+
+def test_ctrl_c_writes_the_rows_finished_so_far(tmp_path, capsys, monkeypatch):
+    """A KeyboardInterrupt in the second shape: rows of the first are printed and written,
+    the exit status is 130. The run was over --max-minutes, so --yes is what let it start."""
+    def interrupted_at_256(problem, spec):
+        step = impls._head_make(impls.naive_logprobs_entropy)(problem, spec)
+        def wrapped():
+            if problem.shape.n == 256:
+                raise KeyboardInterrupt
+            return step()
+        return wrapped
+    replace_impl(monkeypatch, "naive", interrupted_at_256)
+    argv = ["--device", "cpu", *TINY, "--n", "128,256", "--impl", "fused-torch,naive", "--no-accuracy",
+            "--max-minutes", "1e-6", "--yes", "--out", str(tmp_path)]
+    stdout, data = run_main(argv, capsys, status=cli.EXIT_INTERRUPTED)
+    assert data["interrupted"] is True
+    assert [(r["impl"], r["n"]) for r in data["results"]] == [("fused-torch", 128), ("naive", 128),
+                                                               ("fused-torch", 256)]
+    assert "interrupted (Ctrl-C): reporting the rows finished so far" in stdout
+    assert "INTERRUPTED (Ctrl-C)" in stdout and "wrote" in stdout
+    with open(os.path.join(tmp_path, report.TABLE_NAME)) as f:
+        assert "INTERRUPTED (Ctrl-C)" in f.read()
+    assert os.path.exists(os.path.join(tmp_path, report.PLOT_NAME))
+
+
+@needs_no_cuda
+def test_max_minutes_refuses_without_yes(tmp_path, capsys):
+    assert cli.main(["--device", "cpu", *TINY, "--impl", "fused-torch", "--max-minutes", "1e-6",
+                     "--out", str(tmp_path)]) == cli.EXIT_USAGE
+    assert "above --max-minutes 1e-06" in capsys.readouterr().err
+
+
+# --- --tune ---------------------------------------------------------------------------------------
+
+@needs_no_cuda
+def test_tune_needs_a_gpu(capsys):
+    assert cli.main(["--tune"]) == cli.EXIT_USAGE
+    assert "--tune needs a CUDA GPU" in capsys.readouterr().err
+
+
+def _fake_gpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr("bench.cli.device_name", lambda device: "Fake GPU")
+
+
+def test_tune_says_when_the_tuning_module_is_absent(capsys, monkeypatch):
+    _fake_gpu(monkeypatch)
+    monkeypatch.setitem(sys.modules, "fused_pg.kernels.tuning", None)  # import fails
+    monkeypatch.delattr("fused_pg.kernels.tuning", raising=False)
+    assert cli.main(["--tune"]) == cli.EXIT_FAILED
+    assert "fused_pg.kernels.tuning.sweep) is not available in this install" in capsys.readouterr().err
+
+
+def test_tune_calls_the_sweep_and_prints_table_rows(tmp_path, capsys, monkeypatch):
+    _fake_gpu(monkeypatch)
+    calls = []
+
+    def sweep(kind, shape, dtype, device="cuda", *, verbose=True):
+        calls.append((kind, shape, dtype, torch.device(device).type))
+        return [types.SimpleNamespace(kind=kind, ms=1.0)]
+    fake = types.SimpleNamespace(sweep=sweep, KINDS=("fwd", "dlogits"), format_row=lambda t: f"Row({t.kind!r})")
+    monkeypatch.setitem(sys.modules, "fused_pg.kernels.tuning", fake)
+    monkeypatch.delattr("fused_pg.kernels.tuning", raising=False)
+    assert cli.main(["--tune", "--model", "llama3-8b", "--out", str(tmp_path)]) == cli.EXIT_OK
+    assert calls == [("fwd", (16384, 4096, 128256), torch.bfloat16, "cuda"),
+                     ("dlogits", (16384, 4096, 128256), torch.bfloat16, "cuda")]
+    out = capsys.readouterr().out
+    assert "Row('fwd')\nRow('dlogits')" in out
+    with open(os.path.join(tmp_path, "tune.json")) as f:
+        assert json.load(f)["rows"] == ["Row('fwd')", "Row('dlogits')"]
 
 
 # --- peers and torch.compile ------------------------------------------------------------------------
 
 def test_peers_run_or_are_skipped_with_reason(tmp_path, capsys):
     """Real adapters, no mocks: each peer runs (and matches fused-pg's loss) or says why not."""
-    stdout, data = run_main(["--device", "cpu", *TINY, "--impl", "liger-chunked,cce,liger-triton",
+    stdout, data = run_main(["--device", "cpu", *TINY, "--impl", "trl,liger-chunked,cce,liger-triton",
                              "--no-plot", "--out", str(tmp_path)], capsys)
     ran = {r["impl"]: r for r in data["results"]}
     skipped = {s["impl"]: s["reason"] for s in data["skipped"]}
-    for key, module in (("liger-chunked", peers.LIGER), ("cce", peers.CCE)):
+    for key, module in (("trl", peers.TRL), ("liger-chunked", peers.LIGER), ("cce", peers.CCE)):
         reason = peers.missing(module)
         if reason:
             assert skipped[key] == reason and f"is not installed (pip install {peers.PIP_NAMES[module]})" in reason
@@ -232,6 +480,10 @@ def test_peers_run_or_are_skipped_with_reason(tmp_path, capsys):
         else:
             assert ran[key]["status"] == "ok" and ran[key]["loss_ok"] is True, ran[key]
     assert "no entropy" in ran.get("cce", {"notes": ["no entropy"]})["notes"]
+    if "trl" in ran:  # TRL's head computes the entropy (and its gradient): the full loss
+        assert ran["trl"]["notes"] == [] and ran["trl"]["computes"]["entropy_coef"] > 0
+        (acc,) = [r for r in data["accuracy"]["results"] if r["impl"] == "trl"]
+        assert acc["entropy_max_abs"] < 1e-4 and acc["grad_hidden_max_rel"] < 1e-4
     if not torch.cuda.is_available():
         assert "needs a CUDA GPU" in skipped["liger-triton"]
 

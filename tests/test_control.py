@@ -250,3 +250,229 @@ def test_controller_closes_the_loop_on_a_toy_policy():
         opt.step()
         seen.append(ctrl.eps_high)
     assert all(b >= a for a, b in zip(seen, seen[1:])) and seen[-1] == 0.4
+
+
+# --- empty micro-batches, gradient accumulation (issue 10 item 7, issue 11 item 6) ----------------
+
+CONTROLLERS = [
+    lambda: AdaptiveClip(target_entropy=0.8, eps_low=0.2, eps_high=0.28, rate=0.07, smoothing=0.5,
+                         adapt_low=True, low_ratio=0.7),
+    lambda: AdaptiveRepoCoef(target_entropy=0.8, repo_coef=0.4, rate=0.3, smoothing=0.2),
+]
+CONTROLLER_IDS = ["AdaptiveClip", "AdaptiveRepoCoef"]
+
+
+def _empty_metrics():
+    h, W, y, adv, old, mask = _batch(seed=1)
+    return repo_loss(h, W, y, adv, old, torch.zeros_like(mask), repo="none").metrics
+
+
+@pytest.mark.parametrize("make", CONTROLLERS, ids=CONTROLLER_IDS)
+def test_an_empty_batch_leaves_the_controller_unchanged(make):
+    """An all-masked micro-batch reports entropy_mean 0 with n_tokens 0: feeding it must not
+    count as a measurement of zero entropy (it used to move eps_high 0.28 -> 0.31)."""
+    metrics = _empty_metrics()
+    assert float(metrics["n_tokens"]) == 0
+    c = make()
+    c.update(1.1)  # some history first, so an unchanged smoothed entropy is visible too
+    before = c.state_dict()
+    assert c.update(metrics) == 0.0
+    assert c.update(0.0, n_tokens=0) == 0.0
+    assert c.update(torch.tensor(0.0), n_tokens=torch.tensor(0.0)) == 0.0
+    c.observe(metrics)
+    assert c.update() == 0.0
+    assert c.update() == 0.0  # nothing observed at all: no step either
+    assert c.state_dict() == before
+
+
+def test_adapo_loss_update_controller_skips_an_empty_batch():
+    h, W, y, adv, old, mask = _batch(seed=2)
+    ctrl = AdaptiveClip(target_entropy=5.0, eps_high=0.28, rate=0.05, bounds=(0.1, 0.9))
+    before = ctrl.state_dict()
+    out = adapo_loss(h, W, y, adv, old, torch.zeros_like(mask), controller=ctrl, update_controller=True,
+                     repo="none")
+    assert float(out.metrics["n_tokens"]) == 0 and float(out.loss.detach()) == 0.0
+    assert ctrl.state_dict() == before and ctrl.eps_high == 0.28
+
+
+@pytest.mark.parametrize("make", CONTROLLERS, ids=CONTROLLER_IDS)
+def test_observe_per_micro_batch_update_per_step_is_token_weighted(make):
+    """Gradient accumulation: observe() every micro-batch, update() once per optimizer step.
+    The controller then sees the token-weighted mean entropy of the whole step's batch, the
+    same number one big batch reports, and makes exactly one step."""
+    h, W, y, adv, old, mask = _batch(seed=4, B=6, T=9)
+    mask[4:] = False  # the last micro-batch is all padding
+    mask[2, 3:] = False  # micro-batches of unequal token counts
+    whole = repo_loss(h, W, y, adv, old, mask, repo="none").metrics
+    accumulated, one_batch, by_hand = make(), make(), make()
+    entropies, counts = [], []
+    for sl in (slice(0, 1), slice(1, 4), slice(4, 6)):
+        m = repo_loss(h[sl], W, y[sl], adv[sl], old[sl], mask[sl], repo="none").metrics
+        accumulated.observe(m)  # tensors are kept as they are: no host sync per micro-batch
+        entropies.append(float(m["entropy_mean"]))
+        counts.append(float(m["n_tokens"]))
+    assert accumulated.steps == 0  # observing alone never moves the controller
+    change = accumulated.update()
+    assert accumulated.steps == 1 and change != 0.0
+    one_batch.update(whole)
+    weighted = sum(e * n for e, n in zip(entropies, counts)) / sum(counts)
+    by_hand.update(weighted)
+    assert weighted == pytest.approx(float(whole["entropy_mean"]), rel=1e-6)
+    assert accumulated.value == pytest.approx(one_batch.value, rel=1e-6)
+    assert accumulated.value == pytest.approx(by_hand.value, rel=1e-12)
+    assert accumulated.entropy_ema == pytest.approx(by_hand.entropy_ema, rel=1e-12)
+    # the observations were consumed: the next update() without new ones does nothing
+    assert accumulated.update() == 0.0 and accumulated.steps == 1
+
+
+def test_update_with_a_value_closes_the_step_over_pending_observations():
+    a = AdaptiveClip(target_entropy=1.0, rate=0.1)
+    b = AdaptiveClip(target_entropy=1.0, rate=0.1)
+    a.observe(0.4, n_tokens=30)
+    a.update(1.0, n_tokens=10)  # = observe(1.0, 10) then update()
+    b.update((0.4 * 30 + 1.0 * 10) / 40)
+    assert a.eps_high == pytest.approx(b.eps_high) and a.steps == b.steps == 1
+
+
+@pytest.mark.parametrize("bad,error,match", [
+    (dict(entropy=math.nan), ValueError, "entropy"),
+    (dict(entropy=0.5, n_tokens=-1), ValueError, "n_tokens"),
+    (dict(entropy=0.5, n_tokens=math.inf), ValueError, "n_tokens"),
+    (dict(entropy={"n_tokens": 3}), ValueError, "entropy_mean"),
+    (dict(entropy="0.5"), TypeError, "entropy"),
+    (dict(entropy={"entropy_mean": 0.5, "n_tokens": 3}, n_tokens=3), TypeError, "n_tokens"),
+])
+def test_observe_rejects_bad_measurements(bad, error, match):
+    c = AdaptiveClip(target_entropy=1.0)
+    before = c.state_dict()
+    with pytest.raises(error, match=match):
+        c.observe(**bad)
+        c.update()
+    assert c.state_dict() == before and c.update() == 0.0
+
+
+def test_a_non_finite_tensor_observation_fails_at_update_and_is_dropped():
+    c = AdaptiveClip(target_entropy=1.0)
+    before = c.state_dict()
+    c.observe(torch.tensor(math.nan), n_tokens=torch.tensor(5.0))  # checked at the sync point
+    with pytest.raises(ValueError, match="entropy"):
+        c.update()
+    assert c.state_dict() == before  # nothing assigned; the bad observations are discarded
+    assert c.update() == 0.0
+
+
+# --- state_dict / load_state_dict / from_state_dict (issue 10 item 8, issue 11 item 6) ------------
+
+@pytest.mark.parametrize("make", CONTROLLERS, ids=CONTROLLER_IDS)
+def test_from_state_dict_needs_no_constructor_arguments(make):
+    a = make()
+    for h in (0.3, 1.2, 0.7):
+        a.update(h)
+    a.observe(0.9, n_tokens=12)  # a checkpoint taken mid-accumulation keeps its observations
+    state = json.loads(json.dumps(a.state_dict()))
+    b = type(a).from_state_dict(state)
+    assert type(b) is type(a) and b.state_dict() == a.state_dict()
+    c = fused_pg.EntropyController.from_state_dict(state)  # the base class picks the class
+    assert type(c) is type(a) and c.state_dict() == a.state_dict()
+    for h in (0.1, 2.0):
+        assert a.update(h) == b.update(h) == c.update(h)
+
+
+def _clip_state():
+    c = AdaptiveClip(target_entropy=0.8, eps_low=0.2, eps_high=0.3, rate=0.07, adapt_low=True,
+                     bounds=(0.1, 0.5), low_bounds=(0.05, 0.3))
+    c.update(0.5)
+    return c.state_dict()
+
+
+BAD_STATES = [
+    ("missing key", lambda s: {k: v for k, v in s.items() if k != "entropy_ema"}, ValueError, "missing.*entropy_ema"),
+    ("missing late key", lambda s: {k: v for k, v in s.items() if k != "low_bounds"}, ValueError, "low_bounds"),
+    ("unknown key", lambda s: {**s, "eps_hihg": 0.3}, ValueError, "unknown.*eps_hihg"),
+    ("eps_high above bounds", lambda s: {**s, "value": 0.9}, ValueError, "eps_high"),
+    ("eps_high below bounds", lambda s: {**s, "value": 0.01}, ValueError, "eps_high"),
+    ("eps_low outside low_bounds", lambda s: {**s, "eps_low": 0.35}, ValueError, "eps_low"),
+    ("eps_low >= 1", lambda s: {**s, "eps_low": 1.0, "adapt_low": False}, ValueError, "eps_low"),
+    ("NaN entropy_ema", lambda s: {**s, "entropy_ema": math.nan}, ValueError, "entropy_ema"),
+    ("inf entropy_ema", lambda s: {**s, "entropy_ema": math.inf}, ValueError, "entropy_ema"),
+    ("string entropy_ema", lambda s: {**s, "entropy_ema": "0.5"}, TypeError, "entropy_ema"),
+    ("NaN target", lambda s: {**s, "target_entropy": math.nan}, ValueError, "target_entropy"),
+    ("negative rate", lambda s: {**s, "rate": -0.1}, ValueError, "rate"),
+    ("bad bounds", lambda s: {**s, "bounds": [0.5, 0.1]}, ValueError, "bounds"),
+    ("negative steps", lambda s: {**s, "steps": -1}, ValueError, "steps"),
+    ("fractional steps", lambda s: {**s, "steps": 1.5}, ValueError, "steps"),
+    ("string adapt_low", lambda s: {**s, "adapt_low": "false"}, TypeError, "adapt_low"),
+    ("negative pending tokens", lambda s: {**s, "pending_tokens": -2.0}, ValueError, "pending_tokens"),
+    ("NaN pending sum", lambda s: {**s, "pending_entropy_sum": math.nan}, ValueError, "pending_entropy_sum"),
+    ("another controller", lambda s: {**s, "controller": "AdaptiveRepoCoef"}, ValueError, "AdaptiveRepoCoef"),
+    ("no controller name", lambda s: {k: v for k, v in s.items() if k != "controller"}, ValueError, "controller"),
+    ("not a mapping", lambda s: list(s.items()), TypeError, "state"),
+]
+
+
+@pytest.mark.parametrize("name,corrupt,error,match", BAD_STATES, ids=[b[0] for b in BAD_STATES])
+def test_load_state_dict_validates_everything_before_assigning_anything(name, corrupt, error, match):
+    target = AdaptiveClip(target_entropy=2.0, eps_low=0.1, eps_high=0.4, rate=0.01, adapt_low=True,
+                          bounds=(0.1, 0.5), low_bounds=(0.05, 0.3))
+    target.update(1.0)
+    before = target.state_dict()
+    with pytest.raises(error, match=match):
+        target.load_state_dict(corrupt(_clip_state()))
+    assert target.state_dict() == before  # atomic: a failed load changes nothing
+    with pytest.raises(error, match=match):
+        AdaptiveClip.from_state_dict(corrupt(_clip_state()))
+
+
+def test_loading_another_controllers_state_fails_both_ways():
+    clip, coef = AdaptiveClip(target_entropy=1.0), AdaptiveRepoCoef(target_entropy=1.0, repo_coef=0.5)
+    clip_before, coef_before = clip.state_dict(), coef.state_dict()
+    with pytest.raises(ValueError, match="AdaptiveRepoCoef"):
+        clip.load_state_dict(coef.state_dict())
+    with pytest.raises(ValueError, match="AdaptiveClip"):
+        coef.load_state_dict(clip.state_dict())
+    assert clip.state_dict() == clip_before and coef.state_dict() == coef_before
+
+
+def test_repo_coef_state_outside_bounds_is_rejected():
+    c = AdaptiveRepoCoef(target_entropy=1.0, repo_coef=0.5)
+    state = {**c.state_dict(), "value": 1.5}
+    with pytest.raises(ValueError, match="repo_coef"):
+        c.load_state_dict(state)
+    assert c.repo_coef == 0.5
+
+
+def test_adapt_low_must_be_a_bool():
+    with pytest.raises(TypeError, match="adapt_low"):
+        AdaptiveClip(target_entropy=1.0, adapt_low="no")
+
+
+def test_saturated_says_when_the_value_is_pinned_at_the_bound_the_error_pushes_toward():
+    c = AdaptiveClip(target_entropy=1.0, eps_high=0.3, bounds=(0.1, 0.4), rate=0.5)
+    assert not c.saturated  # no measurement yet
+    c.update(0.5)  # below target: eps_high rises to its upper bound
+    assert c.eps_high == 0.4 and c.saturated
+    c.update(1.5)  # above target: it comes down, off the bound
+    assert c.eps_high < 0.4 and not c.saturated
+    for _ in range(5):
+        c.update(3.0)
+    assert c.eps_high == 0.1 and c.saturated
+    c.update(0.9)  # off the lower bound again: the error now pushes up
+    assert 0.1 < c.eps_high < 0.4 and not c.saturated
+
+
+def test_the_readme_adapo_in_practice_example_runs_as_written(capsys):
+    """The README's "ADAPO in practice" code block: gradient accumulation with observe/update,
+    and a resume through from_state_dict."""
+    from pathlib import Path
+    import re
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("### ADAPO in practice")[1].split("\n## ")[0]
+    blocks = re.findall(r"```python\n(.*?)\n```", section, flags=re.S)
+    assert len(blocks) == 1
+    namespace: dict = {}
+    exec(compile(blocks[0], "README.md (ADAPO in practice)", "exec"), namespace)
+    ctrl = namespace["ctrl"]
+    assert isinstance(ctrl, AdaptiveClip) and ctrl.steps == 3
+    assert ctrl.state_dict() == namespace["checkpoint"]["adapo"]
+    assert len(capsys.readouterr().out.splitlines()) == 3

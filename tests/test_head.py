@@ -284,7 +284,7 @@ def test_dtype_table_is_complete():
 def test_low_precision_gradients_accumulate_in_fp32(backend, dtype, shape):
     """dW / db sum over all tokens and dh over all vocabulary chunks: with same-signed
     contributions (identical tokens, one target) a bf16/fp16 accumulator loses a relative
-    ~2^-9 per addition and drifts by far more than one final rounding (SPEC: accumulate in fp32)."""
+    ~2^-9 per addition and drifts by far more than one final rounding (hence: accumulate in fp32)."""
     big = limits(backend).accumulation_size
     N, D, V = (big, 16, 64) if shape == "many-token-chunks" else (16, 16, 2 * big)
     g = torch.Generator().manual_seed(0)

@@ -210,7 +210,8 @@ def test_signatures_of_the_api_and_the_oracle_stay_in_step():
     (minus the log-prob inputs) plus the head's, and repo_loss_ref forwards every loss option."""
     api = inspect.signature(fused_pg.policy_loss_from_logprobs).parameters
     ref = inspect.signature(policy_loss_ref).parameters
-    assert set(api) - {"validate"} == set(ref) - {"dtype"}
+    distributed = {"data_parallel_group"}  # the oracle is one process: no process groups
+    assert set(api) - {"validate"} - distributed == set(ref) - {"dtype"}
 
     def marked(d):  # a preset-able option's default is a Default marker holding the library default
         return type(d).__name__ == "Default"
@@ -228,7 +229,8 @@ def test_signatures_of_the_api_and_the_oracle_stay_in_step():
         for n in presettable & set(sig):
             assert marked(sig[n].default) and sig[n].default.value == api[n].default.value, (fn.__name__, n)
     head_only = {"hidden", "weight", "targets", "bias", "temperature", "softcap", "ignore_index"}
-    fused_only = {"backend", "precision", "deterministic", "token_chunk", "vocab_chunk", "validate"}
+    fused_only = {"backend", "precision", "deterministic", "token_chunk", "vocab_chunk", "compact_rows",
+                  "validate", "process_group"}
     repo = set(inspect.signature(fused_pg.repo_loss).parameters)
     assert repo == (set(api) - {"logprobs", "entropy"}) | head_only | fused_only
     ref_head = set(inspect.signature(repo_loss_ref).parameters)

@@ -1,6 +1,6 @@
 """repo_loss against the fp64 oracle (fused_pg.reference), and the loss-level invariants.
 
-The property test draws every option of SPEC section 3 at once (see helpers.loss_cases):
+The property test draws every option of ``repo_loss`` at once (see helpers.loss_cases):
 dense [B, T] and packed [N] (+ cu_seqlens, empty sequences included) layouts, fp64 / fp32 /
 bf16 / fp16 / bf16-hidden-with-fp32-weight inputs, masks (random, empty rows, all masked),
 ignore_index targets, bias with -inf entries, temperature, soft-cap, REPO none / fixed /

@@ -8,7 +8,7 @@ statistics). ``peak above inputs = VmHWM - VmRSS before the run``. glibc's mmap 
 pinned (see ``peak_memory``) so that freed tiles go back to the system and the high-water mark
 tracks live memory.
 
-The acceptance measurement (issue 3: N=4096, D=256, V=32768, fp32, default chunks, at least
+The acceptance measurement (N=4096, D=256, V=32768, fp32, default chunks, at least
 3x below the materialising reference) is printed; run with ``-s`` to see the numbers. It is
 marked ``slow`` (it runs ~100 GFLOP per backend: ~20-50 s on 2 cores) and runs by default;
 ``-m "not slow"`` leaves it out.

@@ -156,3 +156,19 @@ def test_masked_nan_hidden_matches_the_oracle_on_clean_rows():
     assert_close("loss", ref.loss, out.loss, atol=1e-5, rtol=1e-5)
     assert_grad_close("grad weight", WW.grad, dW, cos_min=0.9999, rel_max=1e-4)
     assert_grad_close("grad bias", bb.grad, db, cos_min=0.9999, rel_max=1e-4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_compacted_and_zeroed_rows_agree(backend):
+    """Sweeping only the rows that count (compact_rows=True) and sweeping every row with the
+    others zeroed (False) give the same loss and gradients, NaN padding or not."""
+    h, W, b, y, adv, old, mask = _batch(6)
+    mask[1] = False
+    dirty = h.clone()
+    dirty[~mask] = math.nan
+    a, a_g = _run(backend, dirty, W, b, y, adv, old, mask, compact_rows=True)
+    c, c_g = _run(backend, dirty, W, b, y, adv, old, mask, compact_rows=False)
+    assert_close("loss compacted vs zeroed", c.loss, a.loss, atol=1e-6, rtol=1e-6)
+    assert torch.equal(a.logprobs == 0, c.logprobs == 0)
+    for name, x, z in zip(("hidden", "weight", "bias"), c_g, a_g):
+        assert_grad_close(f"grad {name} compacted vs zeroed", x.double(), z, cos_min=1 - 1e-9, rel_max=1e-5)

@@ -5,6 +5,11 @@ A backend turns flat LM-head inputs into per-token log-probabilities and entropi
     hidden [N, D], weight [V, D], bias [V] | None, targets [N] int64 (-1: not counted)
         -> logprobs [N], entropy [N]   (0 where targets < 0)
 
+A target ``>= V`` means "the row counts, its target logit is not in this weight" (one rank's
+slice of a vocabulary-parallel head, :data:`fused_pg.distributed.OFF_SHARD`): entropy and
+log-sum-exp are those of this weight's rows, the log-prob is ``-lse``, and the backward sweep
+has no one-hot term for the row.
+
 Two kinds exist:
 
 * **sweep backends** (``"torch"``, ``"triton"``) provide ``forward_sweep`` (online
@@ -20,7 +25,6 @@ the registry, so argument checks read them instead of chains of special cases.
 from __future__ import annotations
 
 import importlib
-import os
 from dataclasses import dataclass
 from types import ModuleType
 
@@ -28,12 +32,8 @@ import torch
 
 from .. import checks
 from ..config import BACKENDS
+from ..kernels.env import interpreting  # triton-free: decides before any Triton code loads
 from . import materialized, torch_chunked
-
-
-def interpreting() -> bool:
-    """True when Triton kernels run under ``TRITON_INTERPRET=1`` (CPU tensors)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 @dataclass(frozen=True)

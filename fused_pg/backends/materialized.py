@@ -49,8 +49,9 @@ class _WithoutAutocast(torch.autograd.Function):
         grads = iter(())
         if wanted:
             with torch.autocast(grad_logprobs.device.type, enabled=False):
+                # retain_graph: the outer graph may be differentiated again (gradcheck does)
                 grads = iter(torch.autograd.grad(ctx.outputs, wanted, (grad_logprobs, grad_entropy),
-                                                 allow_unused=True))
+                                                 allow_unused=True, retain_graph=True))
         out = [next(grads) if x is not None and x.requires_grad else None for x in ctx.leaves]
         return (*out, None, None)
 

@@ -12,13 +12,13 @@ from torch import Tensor
 from ..config import HeadConfig
 from ..kernels.backward import logprobs_entropy_bwd
 from ..kernels.forward import logprobs_entropy_fwd
-from ..kernels.utils import interpreting
+from ..kernels.env import interpreting
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
 def dot_mode(hidden: Tensor, weight: Tensor, cfg: HeadConfig) -> tuple[bool, str, torch.dtype]:
-    """(dot_fp32, input_precision, operand_dtype) of the head's GEMMs.
+    """(upcast_operands, input_precision, operand_dtype) of the head's GEMMs.
 
     native: 16-bit operands stay 16-bit when hidden and weight agree (tensor cores, fp32
             accumulation); otherwise both are promoted to fp32 and multiplied as IEEE fp32.
@@ -40,19 +40,19 @@ def _scalars(cfg: HeadConfig) -> dict:
 
 def forward_sweep(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor,
                   cfg: HeadConfig) -> tuple[Tensor, Tensor, Tensor]:
-    dot_fp32, input_precision, _ = dot_mode(hidden, weight, cfg)
+    upcast_operands, input_precision, _ = dot_mode(hidden, weight, cfg)
     return logprobs_entropy_fwd(
-        hidden, weight, bias, targets, dot_fp32=dot_fp32, input_precision=input_precision,
+        hidden, weight, bias, targets, upcast_operands=upcast_operands, input_precision=input_precision,
         deterministic=cfg.deterministic, **_scalars(cfg))
 
 
 def backward_sweep(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor,
                    lse: Tensor, entropy: Tensor, grad_logprobs: Tensor, grad_entropy: Tensor,
                    cfg: HeadConfig, needs: tuple[bool, bool, bool]):
-    dot_fp32, input_precision, operand_dtype = dot_mode(hidden, weight, cfg)
+    upcast_operands, input_precision, operand_dtype = dot_mode(hidden, weight, cfg)
     return logprobs_entropy_bwd(
         hidden, weight, bias, targets, lse, entropy,
         grad_logprobs.float().contiguous(), grad_entropy.float().contiguous(),
-        dot_fp32=dot_fp32, input_precision=input_precision, operand_dtype=operand_dtype,
+        upcast_operands=upcast_operands, input_precision=input_precision, operand_dtype=operand_dtype,
         deterministic=cfg.deterministic, needs=needs,
         token_chunk=cfg.token_chunk, vocab_chunk=cfg.vocab_chunk, **_scalars(cfg))

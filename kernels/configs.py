@@ -1,0 +1,168 @@
+"""Tile configs of the Triton kernels: the default table per GPU family, the interpreter's
+configs and the autotune search spaces. Pure Python (no triton import): readable and testable
+anywhere.
+
+A config is one dict of meta-parameters plus ``num_warps`` / ``num_stages``:
+
+    fwd, dlogits:  BLOCK_N (tokens) x BLOCK_V (vocabulary) logits tile, BLOCK_D (hidden) step,
+                   GROUP_N token blocks per launch group (see ``utils.grouped_tile``)
+    matmul:        BLOCK_M x BLOCK_N output tile, BLOCK_K step, GROUP_M row blocks per group
+
+``TABLE`` holds one ``Row`` per measured point: GPU family, kernel, GEMM operand dtype and the
+(D, V) shape it was measured at. ``lookup`` takes the family's rows of that kernel and dtype
+(the ``fallback`` family's when it has none) and returns the config of the row nearest in
+(log2 D, log2 V). New rows come from ``kernels.tuning.sweep`` (``format_row`` prints them in
+this format). Where nothing was measured the rows keep the tile the kernels used before this
+table existed, and say so.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+KINDS = ("fwd", "dlogits", "matmul")
+FAMILIES = ("sm90", "sm80", "fallback")
+DTYPES = ("bf16", "fp16", "fp32")
+LAUNCH_KEYS = ("num_warps", "num_stages")
+META_KEYS = {
+    "fwd": ("BLOCK_N", "BLOCK_V", "BLOCK_D", "GROUP_N"),
+    "dlogits": ("BLOCK_N", "BLOCK_V", "BLOCK_D", "GROUP_N"),
+    "matmul": ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M"),
+}
+
+
+@dataclass(frozen=True)
+class Row:
+    """One measured (or explicitly unmeasured) default: where it applies and where it is from."""
+
+    family: str     # "sm90" (Hopper), "sm80" (A100), "fallback" (every other device)
+    kind: str       # "fwd" | "dlogits" | "matmul"
+    dtype: str      # GEMM operands as the kernel multiplies them: "bf16" | "fp16" | "fp32"
+    D: int          # head shape the row was measured at (nearest row wins); the matmul is
+    V: int          # looked up with D = its output width and V = its reduction length
+    config: dict
+    source: str = ""
+
+
+def sweep_config(bn, bv, bd, group, warps, stages) -> dict:
+    return dict(BLOCK_N=bn, BLOCK_V=bv, BLOCK_D=bd, GROUP_N=group, num_warps=warps, num_stages=stages)
+
+
+def matmul_config(bm, bn, bk, group, warps, stages) -> dict:
+    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=group, num_warps=warps, num_stages=stages)
+
+
+# The tile the sweeps and the matmul used before this table (measured on an H100 at 68.2 ms
+# for the forward and 68.2 ms for dlogits at N=16384, D=4096, V=151936, bf16: 2.44x a GEMM).
+_PRE_TABLE_SWEEP = sweep_config(128, 128, 64, 8, 8, 3)
+_PRE_TABLE_MATMUL = matmul_config(128, 128, 64, 8, 8, 3)
+# H100 tile sweep, bf16, N=16384, D=4096, V=151936 (torch 2.11, triton 3.6, token-block-fastest
+# launch order): forward 128x256x64/w8/s4 38.3 ms (s3 39.7, 256x128x64/w8/s3 47.1, default 68.2);
+# dlogits 128x256x64/w8/s4 40.6 ms (256x128x64/w8/s4 41.8, default 68.2). GROUP_N=8 is the
+# grouping that took dlogits from 2.44x to 1.44x a GEMM at the 128x128 tile; the combination of
+# this tile with the grouped order is not measured yet.
+_H100_SWEEP = sweep_config(128, 256, 64, 8, 8, 4)
+
+_UNMEASURED = "not measured: the tile used before this table existed"
+_H100_D, _H100_V = 4096, 151936
+
+TABLE: list[Row] = [
+    # ---- sm90 (H100 80GB HBM3), measured at N=16384 -----------------------------------------
+    Row("sm90", "fwd", "bf16", _H100_D, _H100_V, _H100_SWEEP,
+        "H100 tile sweep: 38.3 ms vs 68.2 ms for 128x128x64/w8/s3"),
+    Row("sm90", "dlogits", "bf16", _H100_D, _H100_V, _H100_SWEEP,
+        "H100 tile sweep: 40.6 ms vs 68.2 ms for 128x128x64/w8/s3"),
+    Row("sm90", "fwd", "fp16", _H100_D, _H100_V, _H100_SWEEP,
+        "not measured: bf16's row (same tile footprint and tensor-core rate)"),
+    Row("sm90", "dlogits", "fp16", _H100_D, _H100_V, _H100_SWEEP,
+        "not measured: bf16's row (same tile footprint and tensor-core rate)"),
+    Row("sm90", "matmul", "bf16", _H100_D, _H100_V, _PRE_TABLE_MATMUL,
+        "H100 profile: dh + dW 91.8 ms in all at N=16384 (cuBLAS ~56 ms: used instead where available)"),
+    # ---- sm80 (A100): no rows yet, lookup uses the fallback rows -----------------------------
+    # ---- fallback: every other device, and every kernel/dtype not listed above ---------------
+    *[Row("fallback", kind, dtype, _H100_D, _H100_V,
+          _PRE_TABLE_MATMUL if kind == "matmul" else _PRE_TABLE_SWEEP, _UNMEASURED)
+      for kind in KINDS for dtype in DTYPES],
+]
+
+# Under TRITON_INTERPRET=1 the cost is (program instances) x (loop trips) of numpy work: few,
+# large tiles. GROUP 2 keeps the grouped order non-trivial on the tests' small shapes.
+INTERPRETER: dict[str, dict] = {
+    "fwd": sweep_config(32, 64, 32, 2, 4, 1),
+    "dlogits": sweep_config(32, 64, 32, 2, 4, 1),
+    "matmul": matmul_config(64, 64, 64, 2, 4, 1),
+}
+
+
+def dtype_key(dtype: torch.dtype) -> str:
+    """Table key of a GEMM operand dtype (what the kernel multiplies, after any upcast)."""
+    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
+
+
+def gpu_family(device: torch.device) -> str:
+    """"sm90" for Hopper (H100/H200), "sm80" for A100, "fallback" for anything else."""
+    if device.type != "cuda" or getattr(torch.version, "hip", None):
+        return "fallback"
+    major, minor = torch.cuda.get_device_capability(device)
+    if major == 9:
+        return "sm90"
+    if (major, minor) == (8, 0):
+        return "sm80"
+    return "fallback"
+
+
+def lookup(kind: str, family: str, dtype: str, D: int, V: int) -> dict:
+    """Config of the table row nearest to (D, V) in log2 distance, for this family, kernel and
+    operand dtype; the ``fallback`` family's rows when the family has none. A fresh dict."""
+    if kind not in KINDS or dtype not in DTYPES:
+        raise ValueError(f"no configs for kernel {kind!r} / dtype {dtype!r}")
+    rows = [r for r in TABLE if r.family == family and r.kind == kind and r.dtype == dtype]
+    rows = rows or [r for r in TABLE if r.family == "fallback" and r.kind == kind and r.dtype == dtype]
+    dist = lambda r: abs(math.log2(max(D, 1) / r.D)) + abs(math.log2(max(V, 1) / r.V))  # noqa: E731
+    return dict(min(rows, key=dist).config)
+
+
+def default_config(kind: str, device: torch.device, operand_dtype: torch.dtype, D: int, V: int,
+                   interpreter: bool) -> dict:
+    """The config a kernel launches with unless the caller passes one (or autotuning is on)."""
+    if interpreter:
+        return dict(INTERPRETER[kind])
+    return lookup(kind, gpu_family(device), dtype_key(operand_dtype), D, V)
+
+
+# ---------------------------------------------------------------------------------------
+# search spaces (FUSED_PG_AUTOTUNE=1 and kernels.tuning.sweep)
+# ---------------------------------------------------------------------------------------
+
+_SWEEP_TILES = [  # BLOCK_N, BLOCK_V, BLOCK_D, num_warps, num_stages
+    (128, 256, 64, 8, 4), (128, 256, 64, 8, 3), (256, 128, 64, 8, 4), (256, 128, 64, 8, 3),
+    (128, 128, 64, 8, 3), (128, 128, 64, 4, 4), (64, 128, 64, 4, 4), (128, 128, 128, 8, 2),
+    (64, 256, 64, 8, 3),
+]
+_MATMUL_TILES = [  # BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages
+    (128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 256, 64, 8, 4), (256, 128, 64, 8, 3),
+    (128, 128, 64, 4, 4), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4),
+]
+
+
+def pathological(kind: str, config: dict) -> bool:
+    """Configs measured to be an order of magnitude slow: fewer than 8 warps on a tile with a
+    256-wide side (H100, bf16, the sweeps: 275-316 ms vs 38-41 ms; the 128 x 256 fp32
+    accumulator no longer fits the registers of 4 warps)."""
+    a, b = (config["BLOCK_M"], config["BLOCK_N"]) if kind == "matmul" else (config["BLOCK_N"], config["BLOCK_V"])
+    return config["num_warps"] < 8 and max(a, b) >= 256
+
+
+def search_space(kind: str, groups: tuple[int, ...] = (8,)) -> list[dict]:
+    """Candidate configs of a kernel (GROUP values as given); ``pathological`` ones are
+    filtered out, so a tile added to the lists above cannot bring them back."""
+    if kind == "matmul":
+        space = [matmul_config(bm, bn, bk, g, w, s) for bm, bn, bk, w, s in _MATMUL_TILES for g in groups]
+    elif kind in ("fwd", "dlogits"):
+        space = [sweep_config(bn, bv, bd, g, w, s) for bn, bv, bd, w, s in _SWEEP_TILES for g in groups]
+    else:
+        raise ValueError(f"unknown kernel kind {kind!r}; expected one of {KINDS}")
+    return [c for c in space if not pathological(kind, c)]
