@@ -93,8 +93,8 @@ class FusedPGOptions:
                   ``repo="none"`` reproduces stock TRL's loss.
     controller:   an :class:`fused_pg.AdaptiveClip` (ADAPO): its eps_low / eps_high replace
                   ``epsilon`` / ``epsilon_high``; stepped once per optimiser step, checkpointed.
-    backend, precision, deterministic, token_chunk, vocab_chunk, validate: the LM-head sweep's
-                  options (see :func:`fused_pg.fused_logprobs_entropy`).
+    backend, precision, deterministic, token_chunk, vocab_chunk, compact_rows, validate: the
+                  LM-head sweep's options (see :func:`fused_pg.fused_logprobs_entropy`).
     """
 
     repo: str = "decorrelate"
@@ -106,6 +106,7 @@ class FusedPGOptions:
     deterministic: bool = False
     token_chunk: int | None = None
     vocab_chunk: int | None = None
+    compact_rows: bool | None = None
     validate: bool | None = None
 
     def __post_init__(self):
@@ -303,7 +304,7 @@ class GRPOTrainer(trl.GRPOTrainer):
         # soft-cap, tau = 1 / scale with one (T = 1 then)
         return dict(temperature=self.temperature / scale, softcap=softcap, backend=o.backend,
                     precision=o.precision, deterministic=o.deterministic, token_chunk=o.token_chunk,
-                    vocab_chunk=o.vocab_chunk)
+                    vocab_chunk=o.vocab_chunk, compact_rows=o.compact_rows)
 
     def _fused_pg_target(self):
         return self.model.get_base_model() if is_peft_model(self.model) else self.model
