@@ -62,6 +62,9 @@ class TokenBatch:
     num_items_in_batch: Tensor | float | None
     max_length: int | None            # Dr.GRPO's constant length (resolved)
     repo_stats: RepoStats | None      # whole-batch REPO statistics (None: this batch's own)
+    weights: Tensor | None = None     # per-token weights of the policy term
+    kl_num_items_in_batch: Tensor | float | None = None       # the KL term's own normaliser, if given
+    entropy_num_items_in_batch: Tensor | float | None = None  # the entropy term's own normaliser, if given
 
 
 def make_token_batch(
@@ -81,6 +84,9 @@ def make_token_batch(
     cfg: LossConfig,
     validate: bool,
     what: str,
+    weights: Tensor | None = None,
+    kl_num_items_in_batch=None,
+    entropy_num_items_in_batch=None,
 ) -> TokenBatch:
     """Check the per-token arguments of the loss functions and flatten them.
 
@@ -135,17 +141,22 @@ def make_token_batch(
     elif cfg.needs_sequences:
         raise ValueError(
             f"cu_seqlens is required for packed [N] inputs with aggregation={cfg.aggregation!r}, "
+            f"kl_aggregation={cfg.kl_mode!r}, entropy_aggregation={cfg.entropy_mode!r}, "
             f"importance_level={cfg.importance_level!r}, tis_level={cfg.tis_level!r}")
 
-    # --- advantages: per token, or per sequence -------------------------------------------
-    if tuple(advantages.shape) == lead:
-        adv = advantages.reshape(-1)
-    elif layout is not None and tuple(advantages.shape) == (layout.num_seqs,):
-        adv = layout.broadcast(advantages)  # checked below on the tokens that count
-    else:
+    # --- advantages and weights: per token, or per sequence --------------------------------
+    def per_token(name: str, x: Tensor) -> Tensor:
+        if tuple(x.shape) == lead:
+            return x.reshape(-1)
+        if layout is not None and tuple(x.shape) == (layout.num_seqs,):
+            return layout.broadcast(x)  # checked below on the tokens that count
         per_seq = f" or ({layout.num_seqs},) (one per sequence)" if layout is not None else ""
-        raise ValueError(f"advantages must have shape {lead} (one per token){per_seq}, "
-                         f"got {tuple(advantages.shape)}")
+        raise ValueError(f"{name} must have shape {lead} (one per token){per_seq}, got {tuple(x.shape)}")
+
+    adv = per_token("advantages", advantages)
+    if weights is not None:
+        checks.tensor("weights", weights, floating=True, device=device)
+        weights = per_token("weights", weights)
 
     # --- hyper-parameters that depend on the inputs --------------------------------------
     if (ref_logprobs is None) and cfg.kl_coef > 0:
@@ -153,21 +164,28 @@ def make_token_batch(
     if (cfg.tis_cap is None) != (rollout_logprobs is None):
         raise ValueError("tis_cap and rollout_logprobs go together: pass both or neither")
     max_length = cfg.max_length
-    if cfg.aggregation == "seq-mean-token-sum-norm" and max_length is None:
+    uses_length = "seq-mean-token-sum-norm" in cfg.modes
+    if uses_length and max_length is None:
         if len(lead) != 2:
             raise ValueError("aggregation='seq-mean-token-sum-norm' with packed inputs needs max_length")
         max_length = max(lead[1], 1)
-    if cfg.max_length is not None and cfg.aggregation != "seq-mean-token-sum-norm":
+    if cfg.max_length is not None and not uses_length:
         raise ValueError("max_length is only used by aggregation='seq-mean-token-sum-norm'")
-    if num_items_in_batch is not None:
-        if isinstance(num_items_in_batch, Tensor):
-            if num_items_in_batch.numel() != 1:
-                raise ValueError("num_items_in_batch must be a scalar")
-            if validate and not float(num_items_in_batch) > 0:
-                raise ValueError("num_items_in_batch must be > 0")
-            num_items_in_batch = num_items_in_batch.detach().to(device=device, dtype=dtype).reshape(())
-        else:
-            num_items_in_batch = checks.real("num_items_in_batch", num_items_in_batch, lo=0.0, lo_open=True)
+
+    def normaliser(name: str, value):
+        if value is None:
+            return None
+        if isinstance(value, Tensor):
+            if value.numel() != 1:
+                raise ValueError(f"{name} must be a scalar")
+            if validate and not float(value) > 0:
+                raise ValueError(f"{name} must be > 0")
+            return value.detach().to(device=device, dtype=dtype).reshape(())
+        return checks.real(name, value, lo=0.0, lo_open=True)
+
+    num_items_in_batch = normaliser("num_items_in_batch", num_items_in_batch)
+    kl_num_items_in_batch = normaliser("kl_num_items_in_batch", kl_num_items_in_batch)
+    entropy_num_items_in_batch = normaliser("entropy_num_items_in_batch", entropy_num_items_in_batch)
 
     # --- validity and value checks -----------------------------------------------------------
     valid = torch.ones(N, dtype=torch.bool, device=device) if counted is None else counted.reshape(-1)
@@ -201,4 +219,7 @@ def make_token_batch(
         num_items_in_batch=num_items_in_batch,
         max_length=max_length,
         repo_stats=None if repo_stats is None else repo_stats.to(device),
+        weights=flat("weights", weights),
+        kl_num_items_in_batch=kl_num_items_in_batch,
+        entropy_num_items_in_batch=entropy_num_items_in_batch,
     )

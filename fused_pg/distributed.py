@@ -373,7 +373,8 @@ def all_reduce_repo_stats(stats: RepoStats, group) -> RepoStats:
 def local_num_items(batch, aggregation: str) -> Tensor:
     """This batch's normaliser as :func:`fused_pg.epilogue.aggregate` counts it (float64, 0-dim):
     valid tokens (token-mean), sequences with a valid token (seq-mean-token-mean / -sum), or
-    all sequences (seq-mean-token-sum-norm, Dr.GRPO)."""
+    all sequences (seq-mean-token-sum-norm, Dr.GRPO). (token-sum has none: its sum over ranks is
+    already the whole batch's.)"""
     valid = batch.valid
     if aggregation == "token-mean":
         return valid.sum().to(torch.float64)
@@ -383,25 +384,32 @@ def local_num_items(batch, aggregation: str) -> Tensor:
     return (layout.seq_sum(valid.to(torch.float64)) > 0).sum().to(torch.float64)
 
 
-def data_parallel_batch(batch, logprobs: Tensor, aggregation: str, group):
-    """The token batch with whole-group ``repo_stats`` and ``num_items_in_batch``, for what the
-    caller did not pass itself: one all-gather of [6] float64 (statistics of this rank's
-    tokens from the fresh ``logprobs``, and its normaliser)."""
+def data_parallel_batch(batch, logprobs: Tensor, cfg, group):
+    """The token batch with whole-group ``repo_stats`` and normalisers, for what the caller did
+    not pass itself: one all-gather of float64 (statistics of this rank's tokens from the fresh
+    ``logprobs``, and its normaliser of each term that needs one: the policy term's, and the KL /
+    entropy terms' when they have their own aggregation)."""
     check_group("data_parallel_group", group)
     own_stats = batch.repo_stats is None
-    own_items = batch.num_items_in_batch is None
-    if not (own_stats or own_items):
+    # (field of the batch, aggregation) of each normaliser to make global
+    terms = [("num_items_in_batch", cfg.aggregation)]
+    if cfg.kl_aggregation is not None:
+        terms.append(("kl_num_items_in_batch", cfg.kl_aggregation))
+    if cfg.entropy_aggregation is not None:
+        terms.append(("entropy_num_items_in_batch", cfg.entropy_aggregation))
+    terms = [(f, mode) for f, mode in terms if getattr(batch, f) is None and mode != "token-sum"]
+    if not (own_stats or terms):
         return batch
     stats = RepoStats.of(logprobs.detach(), batch.advantages, batch.valid)
-    local = torch.cat([stats.as_tensor(), local_num_items(batch, aggregation).reshape(1)])
-    parts = _all_gather(local, group)  # [R, 6]
+    local = torch.cat([stats.as_tensor(), *[local_num_items(batch, mode).reshape(1) for _, mode in terms]])
+    parts = _all_gather(local, group)  # [R, 5 + terms]
     if own_stats:
         merged = RepoStats.merge_all([RepoStats.from_tensor(p[:5]) for p in parts.unbind(0)])
         batch = replace(batch, repo_stats=merged)
-    if own_items:
-        total = parts[:, 5].sum()
+    for i, (name, _) in enumerate(terms):
+        total = parts[:, 5 + i].sum()
         # an all-empty group keeps the one-process behaviour (loss 0, divided by 1)
-        batch = replace(batch, num_items_in_batch=total.clamp_min(1.0).to(logprobs.dtype))
+        batch = replace(batch, **{name: total.clamp_min(1.0).to(logprobs.dtype)})
     return batch
 
 
@@ -411,7 +419,8 @@ def data_parallel_batch(batch, logprobs: Tensor, aggregation: str, group):
 METRIC_REDUCTION = {
     "pg_loss": "sum", "entropy_mean": "mean", "logprob_mean": "mean", "ratio_mean": "mean",
     "ratio_max": "max", "clip_frac_low": "mean", "clip_frac_high": "mean", "clip_frac_dual": "mean",
-    "approx_kl": "mean", "kl_mean": "mean", "tis_weight_mean": "mean", "repo_zeta": "same",
+    "approx_kl": "mean", "kl_mean": "mean", "tis_weight_mean": "mean", "kl_loss": "sum", "entropy_loss": "sum",
+    "repo_zeta": "same",
     "adv_logp_cov_before": "same", "adv_logp_cov_after": "same", "n_tokens": "sum", "n_seqs": "sum",
     "empty_batch": "empty", "eps_low": "same", "eps_high": "same",
 }

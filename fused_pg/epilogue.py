@@ -16,8 +16,12 @@ Per valid token t (masked tokens are excluded from every statistic)::
     pg_t  = max(-A'_t * min(r_t, delta), -A'_t * clip(r_t, 1 - eps_low, 1 + eps_high))
     pg_t  = min(pg_t, -dual_clip * A'_t)   where A'_t < 0   (dual clip)
     pg_t *= min(exp(old_t - rollout_t), tis_cap)            truncated importance sampling
-    l_t   = pg_t + kl_coef * KL_k(logp_t, ref_t) - entropy_coef * H_t
-    L     = aggregate(l, mask)
+    pg_t *= w_t                                              per-token weights
+    kl_t  = clamp(KL_k(logp_t, ref_t), -kl_clamp, kl_clamp)  [* r_t with kl_ratio_weight]
+    L     = agg(pg) + kl_coef * agg_kl(kl) - entropy_coef * agg_ent(H)
+
+Each term has its own aggregation and normaliser (the KL and entropy terms default to the
+policy term's), so that a trainer's separate normalisers are reproduced exactly.
 """
 
 from __future__ import annotations
@@ -66,28 +70,37 @@ def repo_advantages(advantages: Tensor, logprobs: Tensor, batch: TokenBatch, cfg
     return corrected, zeta.to(dtype), cov.to(dtype), cov_after.to(dtype)
 
 
-def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, estimator: str) -> Tensor:
+def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, estimator: str, clamp: float | None = None) -> Tensor:
     """Per-token KL(pi || pi_ref) estimate from ``x = clamp(logp - ref, -20, 20)``.
 
     k1 = x;  k2 = x^2 / 2;  k3 = exp(-x) - 1 + x (Schulman's low-variance estimator);
-    k3+ = value of k3 with the gradient of k2 (verl's straight-through variant).
+    abs = |x|;  "<name>+" = the value of <name> with the gradient of k2 (verl's straight-through
+    variants k1+, k3+, abs+). ``clamp`` bounds the value to [-clamp, clamp] (verl clamps k3 to
+    +-10, OpenRLHF every estimator): a clamped plain estimate has zero gradient there, a "+"
+    estimate keeps the k2 gradient.
     """
     x = torch.clamp(logprobs - ref_logprobs, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
-    if estimator == "k1":
-        return x
+    base = estimator.rstrip("+")
+    if base == "k1":
+        value = x
+    elif base == "abs":
+        value = x.abs()
+    elif base == "k2":
+        value = 0.5 * x * x
+    else:
+        value = torch.exp(-x) - 1.0 + x
+    if clamp is not None:
+        value = torch.clamp(value, -clamp, clamp)
+    if not estimator.endswith("+"):
+        return value
     k2 = 0.5 * x * x
-    if estimator == "k2":
-        return k2
-    k3 = torch.exp(-x) - 1.0 + x
-    if estimator == "k3":
-        return k3
-    return k2 - k2.detach() + k3.detach()
+    return k2 - k2.detach() + value.detach()
 
 
 METRIC_KEYS = (
     "pg_loss", "entropy_mean", "logprob_mean", "ratio_mean", "ratio_max",
     "clip_frac_low", "clip_frac_high", "clip_frac_dual", "approx_kl", "kl_mean",
-    "tis_weight_mean", "repo_zeta", "adv_logp_cov_before", "adv_logp_cov_after",
+    "tis_weight_mean", "kl_loss", "entropy_loss", "repo_zeta", "adv_logp_cov_before", "adv_logp_cov_after",
     "n_tokens", "n_seqs", "empty_batch", "eps_low", "eps_high",
 )
 """Keys of ``metrics``: always all present (0 where an option is off), so loggers see the same
@@ -97,9 +110,11 @@ columns every step."""
 def policy_loss(logprobs: Tensor, entropy: Tensor, batch: TokenBatch, cfg: LossConfig):
     """Loss and metrics from per-token ``logprobs`` / ``entropy`` ([N], 0 where not valid).
 
-    Returns ``(loss, metrics)``: a scalar with grad to ``logprobs`` and ``entropy``, and a
-    dict with every key of :data:`METRIC_KEYS`: detached 0-dim tensors, and the float
-    hyper-parameters used (``eps_low``, ``eps_high``).
+    Returns ``(loss, metrics, per_token)``: a scalar with grad to ``logprobs`` and ``entropy``;
+    a dict with every key of :data:`METRIC_KEYS`: detached 0-dim tensors, and the float
+    hyper-parameters used (``eps_low``, ``eps_high``); and the detached [N] tensors
+    ``advantages`` (REPO-corrected) and ``ratio`` (the importance ratio before delta and clipping),
+    0 where not valid.
     """
     valid = batch.valid
     layout = batch.layout
@@ -136,7 +151,7 @@ def policy_loss(logprobs: Tensor, entropy: Tensor, batch: TokenBatch, cfg: LossC
         pg = torch.where(adv < 0, torch.minimum(pg, pg_dual), pg)
     r = ratio.detach()
 
-    # 4. truncated importance sampling (trainer vs rollout-engine log-probs) ---------------
+    # 4. truncated importance sampling (trainer vs rollout-engine log-probs), per-token weights --
     tis_weight_mean = zero
     if cfg.tis_cap is not None:
         log_w = old - batch.rollout_logprobs
@@ -145,23 +160,32 @@ def policy_loss(logprobs: Tensor, entropy: Tensor, batch: TokenBatch, cfg: LossC
         tis_weight = torch.clamp(torch.exp(log_w), max=cfg.tis_cap)
         pg = pg * tis_weight
         tis_weight_mean = mean(tis_weight)
+    if batch.weights is not None:
+        pg = pg * batch.weights
 
-    # 5. KL to the reference policy and entropy bonus ---------------------------------------
-    loss_tok = pg
-    kl_mean = zero
+    # 5. the three terms, each aggregated with its own normaliser ------------------------------
+    # (a term aggregated like the policy term shares its normaliser unless given its own)
+    def items(own, term_aggregation):
+        return own if own is not None else (batch.num_items_in_batch if term_aggregation is None else None)
+
+    loss = aggregate(pg, batch, cfg.aggregation, batch.num_items_in_batch)
+    kl_mean = kl_loss = zero
     if batch.ref_logprobs is not None:
-        kl = kl_penalty(logprobs, batch.ref_logprobs, cfg.kl_estimator)
+        kl = kl_penalty(logprobs, batch.ref_logprobs, cfg.kl_estimator, cfg.kl_clamp)
+        if cfg.kl_ratio_weight:
+            kl = kl * ratio
+        kl_term = aggregate(kl, batch, cfg.kl_mode, items(batch.kl_num_items_in_batch, cfg.kl_aggregation))
         if cfg.kl_coef > 0:
-            loss_tok = loss_tok + cfg.kl_coef * kl
+            loss = loss + cfg.kl_coef * kl_term
         kl_mean = mean(kl.detach())
+        kl_loss = kl_term.detach()
+    entropy_term = aggregate(entropy, batch, cfg.entropy_mode,
+                             items(batch.entropy_num_items_in_batch, cfg.entropy_aggregation))
     if cfg.entropy_coef != 0:
-        loss_tok = loss_tok - cfg.entropy_coef * entropy
-
-    # 6. aggregation -------------------------------------------------------------------------------
-    loss = aggregate(loss_tok, batch, cfg)
+        loss = loss - cfg.entropy_coef * entropy_term
 
     metrics: dict[str, Tensor | float] = dict(
-        pg_loss=aggregate(pg.detach(), batch, cfg),
+        pg_loss=aggregate(pg.detach(), batch, cfg.aggregation, batch.num_items_in_batch),
         entropy_mean=mean(entropy.detach()),
         logprob_mean=mean(lp),
         ratio_mean=mean(r),
@@ -172,6 +196,8 @@ def policy_loss(logprobs: Tensor, entropy: Tensor, batch: TokenBatch, cfg: LossC
         approx_kl=mean(old - lp),
         kl_mean=kl_mean,
         tis_weight_mean=tis_weight_mean,
+        kl_loss=kl_loss,
+        entropy_loss=entropy_term.detach(),
         repo_zeta=zeta,
         adv_logp_cov_before=cov_before,
         adv_logp_cov_after=cov_after,
@@ -181,34 +207,38 @@ def policy_loss(logprobs: Tensor, entropy: Tensor, batch: TokenBatch, cfg: LossC
         eps_low=cfg.eps_low,
         eps_high=cfg.eps_high,
     )
-    return loss, metrics
+    per_token = dict(advantages=torch.where(valid, adv.detach(), 0.0), ratio=torch.where(valid, r, 0.0))
+    return loss, metrics, per_token
 
 
-def aggregate(loss_tok: Tensor, batch: TokenBatch, cfg: LossConfig) -> Tensor:
-    """Reduce per-token losses to a scalar (verl's ``agg_loss`` modes).
+def aggregate(loss_tok: Tensor, batch: TokenBatch, mode: str, num_items) -> Tensor:
+    """Reduce per-token values to a scalar (verl's ``agg_loss`` modes).
 
     token-mean:              sum_t l_t / n_valid_tokens
+    token-sum:               sum_t l_t
     seq-mean-token-mean:     mean over non-empty sequences of (sum_t l_t / n_valid_in_seq)
     seq-mean-token-sum:      mean over non-empty sequences of sum_t l_t
     seq-mean-token-sum-norm: sum_t l_t / (num_sequences * max_length)   (Dr.GRPO, constant)
 
-    ``num_items_in_batch`` replaces the local count in the denominator (valid tokens for
-    token-mean, sequences otherwise) so that gradient accumulation and data parallelism
-    give the loss of the whole global batch. An all-masked batch gives exactly 0.
+    ``num_items`` (a number or 0-dim tensor) replaces the local count in the denominator (valid
+    tokens for token-mean, sequences for the sequence modes, 1 for token-sum) so that gradient
+    accumulation and data parallelism give the loss of the whole global batch. An all-masked
+    batch gives exactly 0.
     """
     valid = batch.valid
     x = torch.where(valid, loss_tok, 0.0)
-    num_items = batch.num_items_in_batch
-    if cfg.aggregation == "token-mean":
+    if mode == "token-mean":
         denom = num_items if num_items is not None else valid.sum().clamp_min(1)
         return x.sum() / denom
+    if mode == "token-sum":
+        return x.sum() / num_items if num_items is not None else x.sum()
     layout = batch.layout
-    if cfg.aggregation == "seq-mean-token-sum-norm":
+    if mode == "seq-mean-token-sum-norm":
         num_seqs = num_items if num_items is not None else max(layout.num_seqs, 1)
         return x.sum() / (num_seqs * batch.max_length)
     seq_loss = layout.seq_sum(x)
     seq_count = layout.seq_sum(valid.to(x.dtype))
-    if cfg.aggregation == "seq-mean-token-mean":
+    if mode == "seq-mean-token-mean":
         seq_loss = seq_loss / seq_count.clamp_min(1.0)
     denom = num_items if num_items is not None else (seq_count > 0).sum().clamp_min(1)
     return seq_loss.sum() / denom

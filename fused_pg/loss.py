@@ -15,7 +15,7 @@ from torch import Tensor
 
 from . import backends, checks, distributed
 from .batch import make_token_batch
-from .config import HeadConfig, LossConfig
+from .config import Default, HeadConfig, LossConfig
 from .control import AdaptiveClip
 from .epilogue import policy_loss
 from .head import check_head_args, check_head_values, flat_head_targets, run_head
@@ -32,6 +32,10 @@ class PolicyLossOutput:
               shape, detached, 0 where masked.
     entropy:  token entropies, same shape and dtype, detached, 0 where masked (all 0 when
               ``policy_loss_from_logprobs`` got no entropy).
+    advantages: the advantages the loss used (REPO-corrected), per token, same shape and
+              dtype, detached, 0 where masked.
+    ratio:    the importance ratio per token (token or sequence level; before ``delta`` and
+              clipping), same shape and dtype, detached, 0 where masked.
     metrics:  every key of :data:`fused_pg.epilogue.METRIC_KEYS`, always present (0 where an
               option is off): 0-dim tensors (no host sync happens until you read them) and
               the float hyper-parameters used (eps_low, eps_high).
@@ -41,6 +45,8 @@ class PolicyLossOutput:
     logprobs: Tensor
     entropy: Tensor
     metrics: dict[str, Tensor | float] = field(default_factory=dict)
+    advantages: Tensor | None = None
+    ratio: Tensor | None = None
 
 
 class _NoGradientPath(torch.autograd.Function):
@@ -85,23 +91,31 @@ def repo_loss(
     ref_logprobs: Tensor | None = None,
     rollout_logprobs: Tensor | None = None,
     cu_seqlens: Tensor | None = None,
-    eps_low: float = 0.2,
-    eps_high: float = 0.28,
-    dual_clip: float | None = None,
-    delta: float | None = None,
+    weights: Tensor | None = None,
+    preset: str | None = None,
+    eps_low: float = Default(0.2),
+    eps_high: float = Default(0.28),
+    dual_clip: float | None = Default(None),
+    delta: float | None = Default(None),
     repo: str = "decorrelate",
     repo_coef: float = 1.0,
     repo_center: bool = True,
     repo_stats: RepoStats | None = None,
     kl_coef: float = 0.0,
-    kl_estimator: str = "k3",
+    kl_estimator: str = Default("k3"),
+    kl_clamp: float | None = Default(None),
+    kl_ratio_weight: bool = False,
+    kl_aggregation: str | None = None,
+    kl_num_items_in_batch: float | Tensor | None = None,
     entropy_coef: float = 0.0,
+    entropy_aggregation: str | None = None,
+    entropy_num_items_in_batch: float | Tensor | None = None,
     temperature: float = 1.0,
     softcap: float | None = None,
-    aggregation: str = "token-mean",
+    aggregation: str = Default("token-mean"),
     num_items_in_batch: float | Tensor | None = None,
-    max_length: int | None = None,
-    importance_level: str = "token",
+    max_length: int | None = Default(None),
+    importance_level: str = Default("token"),
     tis_cap: float | None = None,
     tis_level: str = "token",
     ignore_index: int = -100,
@@ -124,8 +138,8 @@ def repo_loss(
         r   = exp(clamp(logp - old, -20, 20))                          (or GSPO sequence ratio)
         pg  = max(-A' min(r, delta), -A' clip(r, 1 - eps_low, 1 + eps_high))
         pg  = min(pg, -dual_clip A')  if A' < 0                        (dual clip)
-        l   = pg * tis_weight + kl_coef * KL(logp, ref) - entropy_coef * H
-        L   = aggregate(l, mask)
+        pg  = pg * tis_weight * weights
+        L   = agg(pg) + kl_coef * agg_kl(KL(logp, ref)) - entropy_coef * agg_ent(H)
 
     Args:
         hidden:        [B, T, D] or packed [N, D] final hidden states.
@@ -144,6 +158,16 @@ def repo_loss(
                        sequence (sum of log-ratios), multiplied into the policy-gradient term.
         cu_seqlens:    [S + 1] sequence offsets of packed inputs (needed for sequence-level
                        options with packed inputs).
+        weights:       per-token ([B, T] / [N]) or per-sequence ([B] / [S]) weights multiplied
+                       into the policy-gradient term only (not KL, not entropy): rollout
+                       importance weights, masks from entropy quantiles, off-policy masks.
+                       Constants (detached inside); the normalisers still count every valid token.
+        preset:        a trainer's defaults for the options you do not pass, one of
+                       :data:`fused_pg.config.PRESETS`: "verl", "verl-gspo", "trl-grpo",
+                       "trl-gspo", "trl-dapo", "trl-bnpo", "trl-dr-grpo", "trl-luspo",
+                       "openrlhf". It sets eps_low/eps_high, dual_clip, delta, aggregation,
+                       importance_level, kl_estimator, kl_clamp (and max_length for
+                       trl-dr-grpo); never the REPO options. An explicit argument always wins.
         eps_low, eps_high: clip range offsets from 1 (DAPO clip-higher).
         dual_clip:     verl's ``clip_ratio_c`` (> 1): caps the loss at ``-c A'`` where ``A' < 0``.
         delta:         TRL's two-sided cap (> 1): ``min(r, delta)`` in the unclipped term.
@@ -152,13 +176,26 @@ def repo_loss(
         repo_center:   mu = batch mean of logp (True) or 0.
         repo_stats:    REPO statistics of the whole batch (:func:`fused_pg.repo_statistics`),
                        for gradient accumulation and data parallelism; default: this batch's.
-        kl_coef, kl_estimator: ``"k1" | "k2" | "k3" | "k3+"``.
-        entropy_coef:  entropy bonus coefficient (the loss subtracts ``entropy_coef * H``).
+        kl_coef, kl_estimator: ``"k1" | "k2" | "k3" | "abs"``, or ``"k1+" | "k3+" | "abs+"``
+                       (that value with the gradient of k2); see :func:`fused_pg.epilogue.kl_penalty`.
+        kl_clamp:      bounds the per-token KL value to [-kl_clamp, kl_clamp] (None: no bound).
+        kl_ratio_weight: multiply the per-token KL by the (differentiable) importance ratio r,
+                       TRL's ``use_bias_correction_kl`` (unbiased reverse-KL gradient off-policy).
+        kl_aggregation, kl_num_items_in_batch: aggregation and normaliser of the KL term.
+                       ``kl_aggregation=None``: ``aggregation``, with ``kl_num_items_in_batch``
+                       defaulting to ``num_items_in_batch``; an explicit ``kl_aggregation``
+                       uses ``kl_num_items_in_batch`` or else the local count.
+        entropy_coef:  entropy bonus coefficient (the loss subtracts ``entropy_coef * agg_ent(H)``).
+        entropy_aggregation, entropy_num_items_in_batch: the same for the entropy term (TRL
+                       averages the entropy bonus over the micro-batch's tokens whatever its
+                       loss_type: ``entropy_aggregation="token-mean"`` with its own normaliser).
         temperature, softcap: LM-head options, see :func:`fused_logprobs_entropy`.
-        aggregation:   "token-mean" | "seq-mean-token-mean" | "seq-mean-token-sum" |
-                       "seq-mean-token-sum-norm" (Dr.GRPO; divisor num_seqs * max_length).
-        num_items_in_batch: global normaliser replacing the local count (valid tokens for
-                       token-mean, sequences otherwise) for gradient accumulation / DP.
+        aggregation:   "token-mean" | "token-sum" | "seq-mean-token-mean" | "seq-mean-token-sum"
+                       | "seq-mean-token-sum-norm" (Dr.GRPO; divisor num_seqs * max_length).
+        num_items_in_batch: global normaliser of the policy term replacing the local count
+                       (valid tokens for token-mean, non-empty sequences for seq-mean-*, all
+                       sequences for seq-mean-token-sum-norm, 1 for token-sum) for gradient
+                       accumulation / DP.
         max_length:    Dr.GRPO's constant length (default: T of [B, T] inputs).
         importance_level: "token" or "sequence" (GSPO).
         ignore_index:  target id that marks tokens to skip.
@@ -184,11 +221,12 @@ def repo_loss(
         >>> out.loss.backward()
     """
     N, V = check_head_args(hidden, weight, targets, bias, ignore_index)
-    loss_cfg = LossConfig(
-        eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip, delta=delta, repo=repo,
+    loss_cfg = LossConfig.from_options(
+        preset, eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip, delta=delta, repo=repo,
         repo_coef=repo_coef, repo_center=repo_center, kl_coef=kl_coef, kl_estimator=kl_estimator,
-        entropy_coef=entropy_coef, aggregation=aggregation, max_length=max_length,
-        importance_level=importance_level, tis_cap=tis_cap, tis_level=tis_level)
+        kl_clamp=kl_clamp, kl_ratio_weight=kl_ratio_weight, kl_aggregation=kl_aggregation,
+        entropy_coef=entropy_coef, entropy_aggregation=entropy_aggregation, aggregation=aggregation,
+        max_length=max_length, importance_level=importance_level, tis_cap=tis_cap, tis_level=tis_level)
     head_cfg = HeadConfig(temperature=temperature, softcap=softcap, precision=precision,
                           deterministic=deterministic, token_chunk=token_chunk, vocab_chunk=vocab_chunk,
                           compact_rows=compact_rows)
@@ -207,7 +245,9 @@ def repo_loss(
         tuple(targets.shape), hidden.device, _edt(hidden, weight), counted=counted,
         advantages=advantages, old_logprobs=old_logprobs, mask=mask, ref_logprobs=ref_logprobs,
         rollout_logprobs=rollout_logprobs, cu_seqlens=cu_seqlens, num_items_in_batch=num_items_in_batch,
-        repo_stats=repo_stats, cfg=loss_cfg, validate=validate, what="the leading shape of hidden")
+        repo_stats=repo_stats, cfg=loss_cfg, validate=validate, what="the leading shape of hidden",
+        weights=weights, kl_num_items_in_batch=kl_num_items_in_batch,
+        entropy_num_items_in_batch=entropy_num_items_in_batch)
     if validate and shard is None:
         checks.target_ids(wide, batch.valid, V, ignore_index, bias)
         check_head_values(hidden, weight, bias, batch.valid)
@@ -216,8 +256,8 @@ def repo_loss(
     logprobs, entropy = run_head(hidden.reshape(N, hidden.shape[-1]), weight, bias, flat_head_targets(wide, batch.valid),
                                  head_cfg, impl, shard=shard)
     if data_parallel_group is not None:
-        batch = distributed.data_parallel_batch(batch, logprobs, loss_cfg.aggregation, data_parallel_group)
-    loss, metrics = policy_loss(logprobs, entropy, batch, loss_cfg)
+        batch = distributed.data_parallel_batch(batch, logprobs, loss_cfg, data_parallel_group)
+    loss, metrics, per_token = policy_loss(logprobs, entropy, batch, loss_cfg)
     if data_parallel_group is not None:
         metrics = distributed.data_parallel_metrics(metrics, data_parallel_group)
     loss = _explain_missing_grad(loss, {"hidden": hidden, "weight": weight, "bias": bias}, "repo_loss")
@@ -226,6 +266,8 @@ def repo_loss(
         logprobs=logprobs.detach().view(targets.shape),
         entropy=entropy.detach().view(targets.shape),
         metrics=metrics,
+        advantages=per_token["advantages"].view(targets.shape),
+        ratio=per_token["ratio"].view(targets.shape),
     )
 
 
@@ -239,21 +281,29 @@ def policy_loss_from_logprobs(
     ref_logprobs: Tensor | None = None,
     rollout_logprobs: Tensor | None = None,
     cu_seqlens: Tensor | None = None,
-    eps_low: float = 0.2,
-    eps_high: float = 0.28,
-    dual_clip: float | None = None,
-    delta: float | None = None,
+    weights: Tensor | None = None,
+    preset: str | None = None,
+    eps_low: float = Default(0.2),
+    eps_high: float = Default(0.28),
+    dual_clip: float | None = Default(None),
+    delta: float | None = Default(None),
     repo: str = "decorrelate",
     repo_coef: float = 1.0,
     repo_center: bool = True,
     repo_stats: RepoStats | None = None,
     kl_coef: float = 0.0,
-    kl_estimator: str = "k3",
+    kl_estimator: str = Default("k3"),
+    kl_clamp: float | None = Default(None),
+    kl_ratio_weight: bool = False,
+    kl_aggregation: str | None = None,
+    kl_num_items_in_batch: float | Tensor | None = None,
     entropy_coef: float = 0.0,
-    aggregation: str = "token-mean",
+    entropy_aggregation: str | None = None,
+    entropy_num_items_in_batch: float | Tensor | None = None,
+    aggregation: str = Default("token-mean"),
     num_items_in_batch: float | Tensor | None = None,
-    max_length: int | None = None,
-    importance_level: str = "token",
+    max_length: int | None = Default(None),
+    importance_level: str = Default("token"),
     tis_cap: float | None = None,
     tis_level: str = "token",
     validate: bool | None = None,
@@ -290,11 +340,12 @@ def policy_loss_from_logprobs(
     if entropy is not None:
         checks.tensor("entropy", entropy, floating=True, device=dev)
         checks.shape("entropy", entropy, lead, "the shape of logprobs")
-    loss_cfg = LossConfig(
-        eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip, delta=delta, repo=repo,
+    loss_cfg = LossConfig.from_options(
+        preset, eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip, delta=delta, repo=repo,
         repo_coef=repo_coef, repo_center=repo_center, kl_coef=kl_coef, kl_estimator=kl_estimator,
-        entropy_coef=entropy_coef, aggregation=aggregation, max_length=max_length,
-        importance_level=importance_level, tis_cap=tis_cap, tis_level=tis_level)
+        kl_clamp=kl_clamp, kl_ratio_weight=kl_ratio_weight, kl_aggregation=kl_aggregation,
+        entropy_coef=entropy_coef, entropy_aggregation=entropy_aggregation, aggregation=aggregation,
+        max_length=max_length, importance_level=importance_level, tis_cap=tis_cap, tis_level=tis_level)
     if entropy is None and loss_cfg.entropy_coef != 0:
         raise ValueError("entropy_coef != 0 needs entropy (per-token entropies, the shape of logprobs)")
     validate = checks.resolve_validate(validate, dev)
@@ -303,7 +354,8 @@ def policy_loss_from_logprobs(
         lead, dev, edt, counted=None, advantages=advantages, old_logprobs=old_logprobs, mask=mask,
         ref_logprobs=ref_logprobs, rollout_logprobs=rollout_logprobs, cu_seqlens=cu_seqlens,
         num_items_in_batch=num_items_in_batch, repo_stats=repo_stats, cfg=loss_cfg, validate=validate,
-        what="the shape of logprobs")
+        what="the shape of logprobs", weights=weights, kl_num_items_in_batch=kl_num_items_in_batch,
+        entropy_num_items_in_batch=entropy_num_items_in_batch)
     valid = batch.valid
     lp = logprobs.reshape(-1)
     if validate:
@@ -318,8 +370,8 @@ def policy_loss_from_logprobs(
     else:
         ent = torch.zeros_like(lp, requires_grad=False)
     if data_parallel_group is not None:
-        batch = distributed.data_parallel_batch(batch, lp, loss_cfg.aggregation, data_parallel_group)
-    loss, metrics = policy_loss(lp, ent, batch, loss_cfg)
+        batch = distributed.data_parallel_batch(batch, lp, loss_cfg, data_parallel_group)
+    loss, metrics, per_token = policy_loss(lp, ent, batch, loss_cfg)
     if data_parallel_group is not None:
         metrics = distributed.data_parallel_metrics(metrics, data_parallel_group)
     loss = _explain_missing_grad(loss, {"logprobs": logprobs, "entropy": entropy}, "policy_loss_from_logprobs")
@@ -328,6 +380,8 @@ def policy_loss_from_logprobs(
         logprobs=lp.detach().view(lead),
         entropy=ent.detach().view(lead),
         metrics=metrics,
+        advantages=per_token["advantages"].view(lead),
+        ratio=per_token["ratio"].view(lead),
     )
 
 

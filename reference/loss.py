@@ -26,6 +26,8 @@ class ReferenceOutput:
     logprobs: Tensor
     entropy: Tensor
     metrics: dict[str, Tensor | float] = field(default_factory=dict)
+    advantages: Tensor | None = None  # REPO-corrected, 0 where masked
+    ratio: Tensor | None = None       # importance ratio before delta and clipping, 0 where masked
 
 
 def _sequences(lead: tuple[int, ...], cu_seqlens: Tensor | None) -> list[list[int]] | None:
@@ -37,6 +39,51 @@ def _sequences(lead: tuple[int, ...], cu_seqlens: Tensor | None) -> list[list[in
         return None
     cu = [int(c) for c in cu_seqlens]
     return [list(range(cu[i], cu[i + 1])) for i in range(len(cu) - 1)]
+
+
+class Default:
+    """Signature default of an option a preset may set ("not passed by the caller")."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value):
+        self.value = value
+
+    def __repr__(self) -> str:
+        return repr(self.value)
+
+
+def _preset_values(preset: str | None, kl_estimator) -> dict:
+    """The trainers' defaults, written out per trainer (see each trainer's own configuration).
+
+    kl_estimator: the caller's estimator (or a Default), needed for verl's k3-only clamp.
+    """
+    if preset is None:
+        return {}
+    trl = dict(eps_low=0.2, eps_high=0.2, dual_clip=None, delta=None, importance_level="token",
+               kl_estimator="k3", kl_clamp=None)
+    if preset in ("verl", "verl-gspo"):
+        est = "k3" if isinstance(kl_estimator, Default) else kl_estimator  # verl's default: low_var_kl
+        out = dict(eps_low=0.2, eps_high=0.2, dual_clip=3.0, delta=None, aggregation="token-mean",
+                   importance_level="token", kl_estimator="k3",
+                   kl_clamp=10.0 if est in ("k3", "k3+") else None)
+        if preset == "verl-gspo":
+            out.update(dual_clip=None, importance_level="sequence")
+        return out
+    if preset == "trl-grpo":
+        return dict(trl, aggregation="seq-mean-token-mean")
+    if preset == "trl-gspo":
+        return dict(trl, aggregation="seq-mean-token-mean", importance_level="sequence")
+    if preset in ("trl-dapo", "trl-bnpo"):
+        return dict(trl, aggregation="token-mean")
+    if preset == "trl-dr-grpo":
+        return dict(trl, aggregation="seq-mean-token-sum-norm", max_length=512)
+    if preset == "trl-luspo":
+        return dict(trl, aggregation="seq-mean-token-sum", importance_level="sequence")
+    if preset == "openrlhf":
+        return dict(eps_low=0.2, eps_high=0.2, dual_clip=None, delta=None, aggregation="token-mean",
+                    importance_level="token", kl_estimator="k1", kl_clamp=10.0)
+    raise ValueError(f"unknown preset {preset!r}")
 
 
 def _masked_mean(x: Tensor, valid: Tensor) -> Tensor:
@@ -88,21 +135,29 @@ def policy_loss_ref(
     ref_logprobs: Tensor | None = None,
     rollout_logprobs: Tensor | None = None,
     cu_seqlens: Tensor | None = None,
-    eps_low: float = 0.2,
-    eps_high: float = 0.28,
-    dual_clip: float | None = None,
-    delta: float | None = None,
+    weights: Tensor | None = None,
+    preset: str | None = None,
+    eps_low: float = Default(0.2),
+    eps_high: float = Default(0.28),
+    dual_clip: float | None = Default(None),
+    delta: float | None = Default(None),
     repo: str = "decorrelate",
     repo_coef: float = 1.0,
     repo_center: bool = True,
     repo_stats=None,
     kl_coef: float = 0.0,
-    kl_estimator: str = "k3",
+    kl_estimator: str = Default("k3"),
+    kl_clamp: float | None = Default(None),
+    kl_ratio_weight: bool = False,
+    kl_aggregation: str | None = None,
+    kl_num_items_in_batch: float | None = None,
     entropy_coef: float = 0.0,
-    aggregation: str = "token-mean",
+    entropy_aggregation: str | None = None,
+    entropy_num_items_in_batch: float | None = None,
+    aggregation: str = Default("token-mean"),
     num_items_in_batch: float | None = None,
-    max_length: int | None = None,
-    importance_level: str = "token",
+    max_length: int | None = Default(None),
+    importance_level: str = Default("token"),
     tis_cap: float | None = None,
     tis_level: str = "token",
     dtype: torch.dtype | None = None,
@@ -113,7 +168,23 @@ def policy_loss_ref(
     ``old_logprobs=None`` is on-policy. ``repo_stats``, if given, is any object with
     ``mean_logprob``, ``var_logprob`` and ``cov_adv_logprob`` (whole-batch REPO statistics).
     All arithmetic happens in ``dtype`` (default: float64 for float64 log-probs, else float32).
+    The loss is ``agg(pg) + kl_coef * agg_kl(kl) - entropy_coef * agg_ent(H)``, each term with
+    its own aggregation and normaliser (KL and entropy default to the policy term's).
     """
+    # --- presets: a trainer's defaults for the options the caller did not pass --------------
+    table = _preset_values(preset, kl_estimator)
+
+    def pick(name, value):
+        if not isinstance(value, Default):
+            return value
+        return table[name] if name in table else value.value
+
+    eps_low, eps_high = pick("eps_low", eps_low), pick("eps_high", eps_high)
+    dual_clip, delta = pick("dual_clip", dual_clip), pick("delta", delta)
+    kl_estimator, kl_clamp = pick("kl_estimator", kl_estimator), pick("kl_clamp", kl_clamp)
+    aggregation, max_length = pick("aggregation", aggregation), pick("max_length", max_length)
+    importance_level = pick("importance_level", importance_level)
+
     lead = tuple(logprobs.shape)
     seqs = _sequences(lead, cu_seqlens)
     cdt = dtype or (torch.float64 if logprobs.dtype == torch.float64 else torch.float32)
@@ -200,6 +271,7 @@ def policy_loss_ref(
 
     # --- truncated importance sampling against the rollout engine's log-probs ---------
     metrics["tis_weight_mean"] = zero
+    is_ratio = ratio  # the importance ratio before delta and clipping (for kl_ratio_weight)
     if tis_cap is not None:
         rollout = rollout_logprobs.reshape(-1).to(cdt)
         log_w = old - rollout
@@ -214,31 +286,28 @@ def policy_loss_ref(
         pg = pg * w
         metrics["tis_weight_mean"] = _masked_mean(w, valid)
 
-    loss_tok = pg
+    # --- per-token weights of the policy term (rollout IS weights, entropy masks, ...) ------
+    if weights is not None:
+        if tuple(weights.shape) == lead:
+            w_tok = weights.detach().reshape(-1).to(cdt)
+        else:
+            w_tok = torch.zeros(N, dtype=cdt, device=dev)
+            for i, idx in enumerate(seqs):
+                for t in idx:
+                    w_tok[t] = weights[i].detach().to(cdt)
+        pg = pg * torch.where(valid, w_tok, 0.0)
 
-    # --- KL to the reference policy --------------------------------------------------------
-    metrics["kl_mean"] = zero
-    if ref_logprobs is not None:
-        ref = ref_logprobs.reshape(-1).to(cdt)
-        x = torch.clamp(logp - ref, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)  # log(pi / pi_ref)
-        k1 = x
-        k2 = 0.5 * x**2
-        k3 = torch.exp(-x) - 1 + x
-        kl = {"k1": k1, "k2": k2, "k3": k3, "k3+": k2 - k2.detach() + k3.detach()}[kl_estimator]
-        loss_tok = loss_tok + kl_coef * kl
-        metrics["kl_mean"] = _masked_mean(kl.detach(), valid)
-
-    loss_tok = loss_tok - entropy_coef * ent
-
-    # --- aggregation ----------------------------------------------------------------------
-    def aggregate(x: Tensor) -> Tensor:
+    # --- aggregation, term by term ------------------------------------------------------------
+    def aggregate(x: Tensor, mode: str, num_items) -> Tensor:
         x = torch.where(valid, x, 0.0)
-        if aggregation == "token-mean":
-            denom = num_items_in_batch if num_items_in_batch is not None else max(n_tok, 1)
+        if mode == "token-mean":
+            denom = num_items if num_items is not None else max(n_tok, 1)
             return x.sum() / denom
-        if aggregation == "seq-mean-token-sum-norm":
+        if mode == "token-sum":
+            return x.sum() / (num_items if num_items is not None else 1)
+        if mode == "seq-mean-token-sum-norm":
             S = len(seqs)
-            denom = (num_items_in_batch if num_items_in_batch is not None else max(S, 1))
+            denom = (num_items if num_items is not None else max(S, 1))
             L = max_length if max_length is not None else max(lead[1], 1)
             return x.sum() / (denom * L)
         per_seq = []
@@ -247,11 +316,43 @@ def policy_loss_ref(
             if n_i == 0:
                 continue
             s = x[idx].sum()
-            per_seq.append(s / n_i if aggregation == "seq-mean-token-mean" else s)
-        denom = num_items_in_batch if num_items_in_batch is not None else max(len(per_seq), 1)
+            per_seq.append(s / n_i if mode == "seq-mean-token-mean" else s)
+        denom = num_items if num_items is not None else max(len(per_seq), 1)
         return sum(per_seq, x.sum() * 0.0) / denom  # "* 0": keep the graph when all are empty
 
-    loss = aggregate(loss_tok)
+    # a term aggregated like the policy term shares its normaliser unless given its own
+    kl_mode = kl_aggregation if kl_aggregation is not None else aggregation
+    kl_items = kl_num_items_in_batch if kl_num_items_in_batch is not None else (
+        num_items_in_batch if kl_aggregation is None else None)
+    ent_mode = entropy_aggregation if entropy_aggregation is not None else aggregation
+    ent_items = entropy_num_items_in_batch if entropy_num_items_in_batch is not None else (
+        num_items_in_batch if entropy_aggregation is None else None)
+
+    loss = aggregate(pg, aggregation, num_items_in_batch)
+
+    # --- KL to the reference policy --------------------------------------------------------
+    metrics["kl_mean"] = zero
+    metrics["kl_loss"] = zero
+    if ref_logprobs is not None:
+        ref = ref_logprobs.reshape(-1).to(cdt)
+        x = torch.clamp(logp - ref, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)  # log(pi / pi_ref)
+        k2 = 0.5 * x**2
+        base = {"k1": x, "k2": k2, "k3": torch.exp(-x) - 1 + x, "abs": torch.abs(x)}[kl_estimator.rstrip("+")]
+        if kl_clamp is not None:
+            base = torch.clamp(base, -kl_clamp, kl_clamp)
+        # "+": the value of the estimator, the gradient of k2 (straight-through)
+        kl = k2 - k2.detach() + base.detach() if kl_estimator.endswith("+") else base
+        if kl_ratio_weight:
+            kl = kl * is_ratio
+        kl_term = aggregate(kl, kl_mode, kl_items)
+        loss = loss + kl_coef * kl_term
+        metrics["kl_mean"] = _masked_mean(kl.detach(), valid)
+        metrics["kl_loss"] = kl_term.detach()
+
+    # --- entropy bonus ---------------------------------------------------------------------
+    ent_term = aggregate(ent, ent_mode, ent_items)
+    loss = loss - entropy_coef * ent_term
+    metrics["entropy_loss"] = ent_term.detach()
 
     # --- metrics --------------------------------------------------------------------------
     metrics.update(
@@ -262,7 +363,7 @@ def policy_loss_ref(
         ratio_mean=_masked_mean(ratio.detach(), valid),
         ratio_max=ratio.detach()[valid].max() if n_tok else zero,
         approx_kl=_masked_mean(old - lpd, valid),
-        pg_loss=aggregate(pg.detach()),
+        pg_loss=aggregate(pg.detach(), aggregation, num_items_in_batch),
         n_seqs=torch.tensor(float(sum(int(valid[idx].sum()) > 0 for idx in seqs)) if seqs is not None else 0.0,
                             dtype=cdt, device=dev),
         eps_low=eps_low,
@@ -274,4 +375,6 @@ def policy_loss_ref(
         logprobs=lpd.reshape(lead),
         entropy=ent.detach().reshape(lead),
         metrics=metrics,
+        advantages=torch.where(valid, A_corr.detach(), 0.0).reshape(lead),
+        ratio=torch.where(valid, ratio.detach(), 0.0).reshape(lead),
     )

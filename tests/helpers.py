@@ -36,7 +36,9 @@ the *same rounded inputs*, i.e. the low-precision tensors upcast exactly to fp64
   (``DLOGITS_DTYPE``, ``dlogits_dtype``).
 
 Ill-conditioned examples are skipped with ``assume`` rather than by loosening the rules (see
-``oracle_guards``): REPO "decorrelate" with Var(logp) < 1e-3, and clip / TIS boundaries.
+``oracle_guards``): REPO "decorrelate" with Var(logp) < 1e-3, and clip / TIS boundaries; and
+(``zeta_conditioning_guard``) a "decorrelate" zeta that the backend's measured log-prob error
+can move by more than the value tolerance.
 """
 
 from __future__ import annotations
@@ -345,6 +347,15 @@ def check_metrics(ref_metrics: dict, got_metrics: dict, dtype_name: str) -> None
         assert_close(f"metric {k}", rv, gv, atol=tol, rtol=tol, key=dtype_name)
 
 
+def check_per_token(ref, out, dtype_name: str) -> None:
+    """The per-token advantages (REPO-corrected) and importance ratios the loss used."""
+    tol = TOLS[dtype_name].value
+    for name in ("advantages", "ratio"):
+        got = getattr(out, name)
+        assert got is not None and not got.requires_grad and got.shape == ref.logprobs.shape, name
+        assert_close(f"per-token {name}", getattr(ref, name), got, atol=tol, rtol=tol, key=dtype_name)
+
+
 def check_grads(pairs: dict, dtype_name: str, floors: dict | None = None) -> None:
     """``pairs``: name -> (reference fp64 grad, fused grad); the fused grad's dtype picks the rule.
 
@@ -497,7 +508,15 @@ def make_head_inputs(case: HeadCase, gen: torch.Generator) -> HeadInputs:
 # strategies: the loss
 # ---------------------------------------------------------------------------------------------
 
-AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+AGGREGATIONS = ("token-mean", "token-sum", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+TOKEN_AGGREGATIONS = ("token-mean", "token-sum")
+KL_ESTIMATORS = ("k1", "k2", "k3", "abs", "k1+", "k3+", "abs+")
+PRESETS = (None, "verl", "verl-gspo", "trl-grpo", "trl-gspo", "trl-dapo", "trl-bnpo", "trl-dr-grpo", "trl-luspo",
+           "openrlhf")
+PRESET_OPTIONS = ("eps_low", "eps_high", "dual_clip", "delta", "aggregation", "importance_level",
+                  "kl_estimator", "kl_clamp", "max_length")
+LIBRARY_DEFAULTS = dict(eps_low=0.2, eps_high=0.28, dual_clip=None, delta=None, aggregation="token-mean",
+                        importance_level="token", kl_estimator="k3", kl_clamp=None, max_length=None)
 MASKS = ("none", "random", "random", "empty_rows", "empty_rows", "all_masked")  # repeats weight the pick
 
 
@@ -513,24 +532,34 @@ class LossCase:
     with_rollout: bool
     opts: dict                     # keyword arguments shared by fused_pg.repo_loss and the oracle
     deterministic: bool
+    weights: str = "none"          # "none" | "token" | "sequence" (per-token weights of the policy term)
 
     @property
     def dtype(self) -> str:
         return self.head.dtype
 
+    @property
+    def effective(self) -> dict:
+        """``opts`` with the options left to the preset (or the library default) filled in,
+        from the oracle's own preset table."""
+        return effective_options(self.opts)
+
     def features(self) -> list[str]:
         """Option values of this example, for the coverage summary."""
-        o, h = self.opts, self.head
+        o, h = self.effective, self.head
         f = [f"dtype={h.dtype}", f"layout={self.layout}", f"mask={self.mask}", f"repo={o['repo']}",
              f"aggregation={o['aggregation']}", f"importance={o['importance_level']}", f"bias={h.bias}",
              f"softcap={h.softcap is not None}", f"temperature!=1={h.temperature != 1}",
              f"dual_clip={o['dual_clip'] is not None}", f"delta={o['delta'] is not None}",
-             f"num_items={'num_items_in_batch' in o}", f"max_length={'max_length' in o}",
+             f"num_items={'num_items_in_batch' in o}", f"max_length={o['max_length'] is not None}",
              f"adv_per_seq={self.adv_per_seq}", f"entropy_coef!=0={o['entropy_coef'] != 0}",
              f"ignore_frac>0={h.ignore_frac > 0}", f"multi_vocab_chunks={(h.vocab_chunk or h.V) < h.V}",
              f"multi_token_chunks={(h.token_chunk or h.N) < h.N}", f"compact_rows={h.compact_rows}"]
+        f += [f"preset={o.get('preset')}", f"weights={self.weights}",
+              f"kl_aggregation={o.get('kl_aggregation')}", f"entropy_aggregation={o.get('entropy_aggregation')}"]
         if self.with_ref:
             f.append(f"kl={o['kl_estimator']},coef>0={o['kl_coef'] > 0}")
+            f.append(f"kl_clamp={o['kl_clamp']},ratio_weight={o.get('kl_ratio_weight', False)}")
         if self.with_rollout:
             f.append(f"tis_level={o['tis_level']}")
         if self.layout == "packed":
@@ -578,23 +607,86 @@ def loss_cases(draw, backend: str, layouts=("dense", "packed", "packed-nocu"), m
     opts["delta"] = pick([None, 1.2, 1.6])
     with_ref = pick([True, False])
     opts["kl_coef"] = pick([0.0, 0.05, 0.5]) if with_ref else 0.0
-    opts["kl_estimator"] = pick(["k1", "k2", "k3", "k3+"])
+    opts["kl_estimator"] = pick(KL_ESTIMATORS)
+    opts["kl_clamp"] = pick([None, None, 10.0, 0.3, 0.05])  # |KL| <= ~1 here: 0.3 and 0.05 do clamp
+    if pick([True, False, False]):
+        opts["kl_ratio_weight"] = True
     opts["entropy_coef"] = pick([0.0, 0.01, -0.1])
-    opts["aggregation"] = agg = pick(AGGREGATIONS if seqs else ("token-mean",))
+    aggs = AGGREGATIONS if seqs else TOKEN_AGGREGATIONS
+    opts["aggregation"] = agg = pick(aggs)
     opts["importance_level"] = pick(["token", "sequence"] if seqs else ["token"])
+    for term in ("kl", "entropy"):  # separate normalisers of the KL and entropy terms
+        if pick([True, False]):
+            opts[f"{term}_aggregation"] = pick(aggs)
+        if pick([True, False]):
+            opts[f"{term}_num_items_in_batch"] = float(rng.randint(1, 3 * head.N))
     with_rollout = pick([True, False])
     if with_rollout:
         opts["tis_cap"] = pick([0.5, 1.5, 4.0])
         opts["tis_level"] = pick(["token", "sequence"] if seqs else ["token"])
     if pick([True, False]):
         opts["num_items_in_batch"] = float(rng.randint(1, 3 * head.N))
-    if agg == "seq-mean-token-sum-norm" and (layout == "packed" or pick([True, False])):
+    modes = (agg, opts.get("kl_aggregation") or agg, opts.get("entropy_aggregation") or agg)
+    if "seq-mean-token-sum-norm" in modes and (layout == "packed" or pick([True, False])):
         opts["max_length"] = max(lengths) + rng.randint(0, 5)
+    # a preset: some of the options it sets are left out (the preset decides), the rest win
+    preset = pick(PRESETS[:1] * 9 + PRESETS[1:])
+    if preset is not None:
+        opts["preset"] = preset
+        for name in PRESET_OPTIONS:
+            if pick([True, False]):
+                opts.pop(name, None)
+        eff = effective_options(opts)
+        if not seqs:  # packed without cu_seqlens: only token-level options can apply
+            for name in ("aggregation", "importance_level"):
+                if name not in opts:
+                    opts[name] = "token-mean" if name == "aggregation" else "token"
+            eff = effective_options(opts)
+        modes = (eff["aggregation"], opts.get("kl_aggregation") or eff["aggregation"],
+                 opts.get("entropy_aggregation") or eff["aggregation"])
+        if "seq-mean-token-sum-norm" not in modes:
+            opts.pop("max_length", None)  # (a preset's Dr.GRPO length is then unused)
+        elif layout == "packed" and effective_options(opts)["max_length"] is None:
+            opts["max_length"] = max(lengths) + rng.randint(0, 5)
+    weights = pick(["none", "token", "sequence"] if seqs else ["none", "token"])
     return LossCase(
         head=head, layout=layout, lengths=lengths, mask=pick(masks),
         mask_dtype=pick([torch.bool, torch.int64, torch.float32]),
         adv_per_seq=seqs and pick([True, False]), with_ref=with_ref, with_rollout=with_rollout,
-        opts=opts, deterministic=pick([True, False]))
+        opts=opts, deterministic=pick([True, False]), weights=weights)
+
+
+def effective_options(opts: dict) -> dict:
+    """The values the oracle uses for the preset-able options (from its own preset table)."""
+    from fused_pg.reference.loss import Default, _preset_values
+
+    table = _preset_values(opts.get("preset"), opts.get("kl_estimator", Default("k3")))
+    out = dict(opts)
+    for name in PRESET_OPTIONS:
+        if name not in opts:
+            out[name] = table.get(name, LIBRARY_DEFAULTS[name])
+    return out
+
+
+def kl_clamp_points(estimator: str, clamp: float) -> list[float]:
+    """Log-ratios x = logp - ref at which the clamped KL estimate switches (value = +-clamp)."""
+    base = estimator.rstrip("+")
+    if base in ("k1", "abs"):
+        return [-clamp, clamp]
+    if base == "k2":
+        return [-math.sqrt(2 * clamp), math.sqrt(2 * clamp)]
+    # k3(x) = exp(-x) - 1 + x = clamp has one root on each side of 0 (bisection)
+    pts = []
+    for lo, hi in ((-clamp - 1.0, 0.0), (0.0, clamp + 2.0)):
+        f = lambda x: math.exp(-x) - 1 + x - clamp  # noqa: E731
+        for _ in range(200):
+            mid = 0.5 * (lo + hi)
+            if (f(lo) > 0) == (f(mid) > 0):
+                lo = mid
+            else:
+                hi = mid
+        pts.append(0.5 * (lo + hi))
+    return pts
 
 
 # clip decisions flip between fp32 and fp64 when a ratio sits within rounding of a boundary:
@@ -632,10 +724,11 @@ class LossInputs:
     cu_seqlens: Tensor | None
     valid: Tensor       # flat [N] bool
     lp64: Tensor        # flat [N] fp64 oracle log-probs (0 where not valid)
+    weights: Tensor | None = None
 
     def tensors(self) -> dict:
         """Per-token keyword tensors shared by fused_pg.repo_loss and the oracle."""
-        kw = dict(ref_logprobs=self.ref_logprobs, rollout_logprobs=self.rollout_logprobs)
+        kw = dict(ref_logprobs=self.ref_logprobs, rollout_logprobs=self.rollout_logprobs, weights=self.weights)
         if self.cu_seqlens is not None:
             kw["cu_seqlens"] = self.cu_seqlens
         return kw
@@ -671,7 +764,7 @@ def make_loss_inputs(case: LossCase) -> LossInputs:
     if mask is not None:
         valid = valid & mask.reshape(-1).bool()
     seqs = seq_index(case)
-    o = case.opts
+    o = case.effective
 
     # oracle log-probs of the rounded inputs, to place old_logprobs relative to them
     h64, w64, b64 = hi.fp64_leaves()
@@ -698,8 +791,16 @@ def make_loss_inputs(case: LossCase) -> LossInputs:
 
     ref = None
     if case.with_ref:
-        ref = torch.clamp(lp64 + (2 * torch.rand(N, generator=gen, dtype=f64) - 1), max=0.0)
-        ref = torch.where(valid, ref, garbage()).to(pdt).view(lead)
+        # x = logp - ref with ref <= 0: x >= logp; x in [max(logp, -1), 1]
+        x_lo = torch.clamp(lp64, min=-1.0)
+        x = x_lo + (1.0 - x_lo) * torch.rand(N, generator=gen, dtype=f64)
+        points = []
+        if o["kl_clamp"] is not None:  # the clamp switches the gradient off: keep away from it
+            points += kl_clamp_points(o["kl_estimator"], o["kl_clamp"])
+        if o["kl_estimator"].startswith("abs"):  # |x| changes its gradient's sign at 0
+            points.append(0.0)
+        x = _push_away(x, points)
+        ref = torch.where(valid, lp64 - x, garbage()).to(pdt).view(lead)
     rollout = None
     if case.with_rollout:
         # log w = old - rollout with rollout <= 0: log w >= old
@@ -724,7 +825,15 @@ def make_loss_inputs(case: LossCase) -> LossInputs:
     cu = None
     if case.layout == "packed":
         cu = torch.tensor([0, *torch.tensor(case.lengths).cumsum(0).tolist()], dtype=torch.int32)
-    return LossInputs(hi, advantages, old, mask, ref, rollout, cu, valid, torch.where(valid, lp64, 0.0))
+    weights = None
+    if case.weights == "token":  # importance-weight-like values, exact zeros (a mask) among them
+        w = 2 * torch.rand(N, generator=gen, dtype=f64)
+        w = torch.where(torch.rand(N, generator=gen) < 0.2, 0.0, w)
+        weights = torch.where(valid, w, garbage()).to(pdt).view(lead)
+    elif case.weights == "sequence":
+        weights = (2 * torch.rand(len(case.lengths), generator=gen, dtype=f64)).to(pdt)
+    return LossInputs(hi, advantages, old, mask, ref, rollout, cu, valid, torch.where(valid, lp64, 0.0),
+                      weights)
 
 
 HEAD_OPTIONS = ("temperature", "softcap", "ignore_index")
@@ -790,6 +899,37 @@ def oracle_guards(case: LossCase, inp: LossInputs, ref) -> None:
     note(f"valid tokens {n}, Var(logp) {var:.3e}, zeta {zeta:.4g}")
 
 
+def zeta_conditioning_guard(case: LossCase, inp: LossInputs, ref, out) -> None:
+    """``assume`` away a REPO "decorrelate" example whose zeta the measured log-prob error can
+    move by more than the value tolerance (``oracle_guards`` can only bound Var(logp) before the
+    run; this uses the backend's actual error, itself within the head's tolerance).
+
+    zeta = gamma C / V with C = mean((A - mean A)(l - mean l)) and V = mean((l - mean l)^2); a
+    log-prob error d moves it by at most gamma (max|A - mean A| + 2 |C / V| max|l - mean l|)
+    max|d| / V (first order).
+    """
+    o = case.opts
+    valid = inp.valid
+    n = int(valid.sum())
+    if o["repo"] != "decorrelate" or o["repo_coef"] == 0 or n < 2 or case.dtype == "fp64":
+        return
+    lp = inp.lp64[valid]
+    A = inp.advantages.double()
+    if case.adv_per_seq:
+        A = torch.cat([A[i].expand(L) for i, L in enumerate(case.lengths)])
+    A = A.reshape(-1)[valid]
+    var = float(((lp - lp.mean()) ** 2).mean())
+    if var == 0.0:
+        return
+    zeta_over_gamma = float(ref.metrics["repo_zeta"]) / o["repo_coef"]
+    d = float((out.logprobs.detach().double().reshape(-1)[valid] - lp).abs().max())
+    moved = o["repo_coef"] * (float((A - A.mean()).abs().max())
+                              + 2 * abs(zeta_over_gamma) * float((lp - lp.mean()).abs().max())) * d / var
+    allowed = TOLS[case.dtype].value * (1 + abs(float(ref.metrics["repo_zeta"])))
+    note(f"zeta sensitivity to the measured log-prob error {d:.2e}: {moved:.2e} (tolerance {allowed:.2e})")
+    assume(moved <= allowed)
+
+
 def check_loss_case(case: LossCase, backend: str) -> None:
     """The full equality check of one example: loss, logp, entropy, metrics, gradients."""
     import fused_pg
@@ -804,6 +944,7 @@ def check_loss_case(case: LossCase, backend: str) -> None:
                              bias=b, **inp.tensors(), **case.fused_kwargs(backend))
     out.loss.backward()
     tol = TOLS[case.dtype]
+    zeta_conditioning_guard(case, inp, ref, out)
     assert out.loss.dim() == 0 and torch.isfinite(out.loss)
     assert_close("loss", ref.loss, out.loss, atol=tol.value, rtol=tol.value, key=case.dtype)
     assert out.logprobs.shape == inp.head.targets.shape and out.entropy.shape == inp.head.targets.shape
@@ -818,6 +959,7 @@ def check_loss_case(case: LossCase, backend: str) -> None:
     check_head_values("logprobs", case.dtype, ref.logprobs, out.logprobs, valid, plain_lp)
     check_head_values("entropy", case.dtype, ref.entropy, out.entropy, valid, plain_ent)
     check_metrics(ref.metrics, out.metrics, case.dtype)
+    check_per_token(ref, out, case.dtype)
     grads = {"hidden": (ref_grads["hidden"], h.grad), "weight": (ref_grads["weight"], w.grad)}
     if b is not None:
         grads["bias"] = (ref_grads["bias"], b.grad)

@@ -165,6 +165,11 @@ def dp_split(case, inp, world: int):
             kw["advantages"] = inp.advantages[a:c]
         else:
             kw["advantages"] = tok(inp.advantages)
+        if case.weights == "sequence":
+            a, c = seq_ranges[r]
+            kw["weights"] = inp.weights[a:c]
+        else:
+            kw["weights"] = tok(inp.weights)
         if case.layout == "packed":
             a, c = seq_ranges[r]
             kw["cu_seqlens"] = inp.cu_seqlens[a:c + 1] - inp.cu_seqlens[a]

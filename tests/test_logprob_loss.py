@@ -10,8 +10,9 @@ import pytest
 import torch
 
 import fused_pg
+from fused_pg.config import PRESET_OPTIONS, PRESETS
 from fused_pg.reference import logprobs_entropy_ref, policy_loss_ref, repo_loss_ref
-from helpers import (BACKENDS, HEAD_OPTIONS, TOLS, assert_close, assert_grad_close, check_metrics,
+from helpers import (BACKENDS, HEAD_OPTIONS, TOLS, assert_close, assert_grad_close, check_metrics, check_per_token,
                      loss_cases, make_loss_inputs, oracle_guards, run_property)
 
 
@@ -43,6 +44,7 @@ def check_logprob_case(case) -> None:
     tol = TOLS[case.dtype]
     assert_close("loss", ref.loss, out.loss, atol=tol.value, rtol=tol.value, key=case.dtype)
     check_metrics(ref.metrics, out.metrics, case.dtype)
+    check_per_token(ref, out, case.dtype)
     assert set(out.metrics) == set(fused_pg.METRIC_KEYS)
     if ref.loss.requires_grad:
         g_ref, e_ref = torch.autograd.grad(ref.loss, [lp_ref, ent_ref], allow_unused=True)
@@ -210,8 +212,22 @@ def test_signatures_of_the_api_and_the_oracle_stay_in_step():
     ref = inspect.signature(policy_loss_ref).parameters
     distributed = {"data_parallel_group"}  # the oracle is one process: no process groups
     assert set(api) - {"validate"} - distributed == set(ref) - {"dtype"}
+
+    def marked(d):  # a preset-able option's default is a Default marker holding the library default
+        return type(d).__name__ == "Default"
+
     for name in set(api) & set(ref):
-        assert api[name].default == ref[name].default, name
+        a, r = api[name].default, ref[name].default
+        assert marked(a) == marked(r), f"{name}: preset-able in one signature only"
+        assert (a.value if marked(a) else a) == (r.value if marked(r) else r), name
+    presettable = {n for n, p in api.items() if marked(p.default)}
+    assert presettable == set(PRESET_OPTIONS)
+    for name, table in PRESETS.items():
+        assert set(table) <= presettable, f"preset {name} sets an option that is not preset-able"
+    for fn in (fused_pg.repo_loss, repo_loss_ref):
+        sig = inspect.signature(fn).parameters
+        for n in presettable & set(sig):
+            assert marked(sig[n].default) and sig[n].default.value == api[n].default.value, (fn.__name__, n)
     head_only = {"hidden", "weight", "targets", "bias", "temperature", "softcap", "ignore_index"}
     fused_only = {"backend", "precision", "deterministic", "token_chunk", "vocab_chunk", "compact_rows",
                   "validate", "process_group"}
