@@ -107,9 +107,14 @@ def fused_loss(problem: Problem, spec: LossSpec, backend: str, precision: str = 
 
 def _fused_make(backend: str, precision: str) -> MakeStep:
     def make(problem: Problem, spec: LossSpec) -> Step:
+        # fused-pg sweeps only the tokens that count where that costs no host sync (its
+        # compact_rows default: on CPU); on CUDA it sweeps every row
+        compacted = problem.hidden.device.type == "cpu"
+        rows = int(problem.mask.sum()) if compacted else None
+
         def step() -> StepOutput:
             out = fused_loss(problem, spec, backend, precision)
-            return StepOutput(out.loss, out.logprobs, out.entropy)
+            return StepOutput(out.loss, out.logprobs, out.entropy, rows=rows)
         return step
     return make
 
