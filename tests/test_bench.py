@@ -303,7 +303,12 @@ def test_n_not_a_multiple_of_the_sequence_length_is_reported_truly(tiny_run):
     assert "64 tokens per sequence (N=96: 2 x 48)" in stdout
     batches = {b["n"]: (b["seqs"], b["seq_len"]) for b in data["batches"]}
     assert batches == {96: (2, 48), 256: (4, 64)}
-    assert {(r["n"], r["rows_swept"]) for r in data["results"]} == {(96, 96), (256, 256)}
+    # every N is kept exactly; fused-pg's CPU sweeps (all its backends) compact to the tokens that count, the
+    # materialising baselines sweep all N rows
+    valid = {b["n"]: b["valid_tokens"] for b in data["batches"]}
+    for r in data["results"]:
+        want = valid[r["n"]] if r["impl"] in ("fused-torch", "reference") else r["n"]
+        assert r["rows_swept"] == want, (r["impl"], r["n"], r["rows_swept"])
 
 
 def test_json_schema_and_contents(tiny_run):
