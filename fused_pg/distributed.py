@@ -52,7 +52,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from . import backends, checks
+from . import backends, checks, head  # head imports this module first; head.* is used at call time
 from .config import HeadConfig
 from .stats import RepoStats
 
@@ -321,24 +321,10 @@ class VocabParallelHead(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_logprobs, grad_entropy):
-        hidden, weight, bias, targets, lse, entropy = ctx.saved_tensors
-        valid = targets >= 0
-        g = torch.where(valid, grad_logprobs, 0.0)
-        e = torch.where(valid, grad_entropy, 0.0)
-        need_dh, need_dw, need_db = ctx.needs_input_grad[:3]
-        with torch.autocast(hidden.device.type, enabled=False):
-            d_hidden, d_weight, d_bias = ctx.sweeps.backward_sweep(
-                hidden, weight, bias, targets, lse, entropy, g, e, ctx.cfg,
-                needs=(need_dh, need_dw, need_db and bias is not None))
-        if need_dh:
-            # dh = sum_r dlogits_r @ W_r: every rank contributes its vocabulary slice (fp32 sum)
-            _all_reduce_sum(d_hidden, ctx.group)
-        return (
-            d_hidden.to(hidden.dtype) if need_dh else None,
-            d_weight.to(weight.dtype) if need_dw else None,
-            d_bias.to(bias.dtype) if need_db and bias is not None else None,
-            None, None, None, None,
-        )
+        # dh = sum_r dlogits_r @ W_r: every rank contributes its vocabulary slice (fp32 sum)
+        grads = head.sweep_gradients(ctx, grad_logprobs, grad_entropy,
+                                     reduce_d_hidden=lambda dh: _all_reduce_sum(dh, ctx.group))
+        return (*grads, None, None, None, None)
 
 
 def vocab_parallel_sweep(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, cfg: HeadConfig,

@@ -40,22 +40,32 @@ class FusedHead(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_logprobs, grad_entropy):
-        hidden, weight, bias, targets, lse, entropy = ctx.saved_tensors
-        # tokens that do not count output constants: their upstream gradients must not flow back
-        valid = targets >= 0
-        g = torch.where(valid, grad_logprobs, 0.0)
-        e = torch.where(valid, grad_entropy, 0.0)
-        need_dh, need_dw, need_db = ctx.needs_input_grad[:3]
-        with torch.autocast(hidden.device.type, enabled=False):
-            d_hidden, d_weight, d_bias = ctx.sweeps.backward_sweep(
-                hidden, weight, bias, targets, lse, entropy, g, e, ctx.cfg,
-                needs=(need_dh, need_dw, need_db and bias is not None))
-        return (
-            d_hidden.to(hidden.dtype) if need_dh else None,
-            d_weight.to(weight.dtype) if need_dw else None,
-            d_bias.to(bias.dtype) if need_db and bias is not None else None,
-            None, None, None,
-        )
+        return (*sweep_gradients(ctx, grad_logprobs, grad_entropy), None, None, None)
+
+
+def sweep_gradients(ctx, grad_logprobs: Tensor, grad_entropy: Tensor, reduce_d_hidden=None):
+    """The backward of a sweep ``Function`` whose ctx saved (hidden, weight, bias, targets,
+    lse, entropy) and holds ``sweeps`` and ``cfg``: (d_hidden, d_weight, d_bias) in the
+    inputs' dtypes, None where not needed. ``reduce_d_hidden`` (in place, fp32) sums d_hidden
+    over the ranks that each swept a slice of the vocabulary.
+    """
+    hidden, weight, bias, targets, lse, entropy = ctx.saved_tensors
+    # tokens that do not count output constants: their upstream gradients must not flow back
+    valid = targets >= 0
+    g = torch.where(valid, grad_logprobs, 0.0)
+    e = torch.where(valid, grad_entropy, 0.0)
+    need_dh, need_dw, need_db = ctx.needs_input_grad[:3]
+    with torch.autocast(hidden.device.type, enabled=False):
+        d_hidden, d_weight, d_bias = ctx.sweeps.backward_sweep(
+            hidden, weight, bias, targets, lse, entropy, g, e, ctx.cfg,
+            needs=(need_dh, need_dw, need_db and bias is not None))
+    if need_dh and reduce_d_hidden is not None:
+        reduce_d_hidden(d_hidden)
+    return (
+        d_hidden.to(hidden.dtype) if need_dh else None,
+        d_weight.to(weight.dtype) if need_dw else None,
+        d_bias.to(bias.dtype) if need_db and bias is not None else None,
+    )
 
 
 def check_head_args(hidden, weight, targets, bias, ignore_index) -> tuple[int, int]:
