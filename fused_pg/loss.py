@@ -8,7 +8,7 @@ log-probs.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 from torch import Tensor
@@ -72,6 +72,15 @@ def _explain_missing_grad(loss: Tensor, leaves: dict[str, Tensor | None], fn: st
                f"requires_grad_() on the inputs to train (or compute the loss under torch.no_grad())")
     anchor = torch.zeros((), device=loss.device, requires_grad=True)
     return _NoGradientPath.apply(loss, anchor, message)
+
+
+_LOSS_OPTIONS = tuple(f.name for f in fields(LossConfig) if f.name != "preset")
+
+
+def _loss_config(arguments: dict) -> LossConfig:
+    """The validated :class:`LossConfig` of a public loss function's arguments (``locals()``
+    on entry): every loss option has the same name there and in ``LossConfig``."""
+    return LossConfig.from_options(arguments["preset"], **{k: arguments[k] for k in _LOSS_OPTIONS})
 
 
 def _edt(*tensors: Tensor | None) -> torch.dtype:
@@ -221,12 +230,7 @@ def repo_loss(
         >>> out.loss.backward()
     """
     N, V = check_head_args(hidden, weight, targets, bias, ignore_index)
-    loss_cfg = LossConfig.from_options(
-        preset, eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip, delta=delta, repo=repo,
-        repo_coef=repo_coef, repo_center=repo_center, kl_coef=kl_coef, kl_estimator=kl_estimator,
-        kl_clamp=kl_clamp, kl_ratio_weight=kl_ratio_weight, kl_aggregation=kl_aggregation,
-        entropy_coef=entropy_coef, entropy_aggregation=entropy_aggregation, aggregation=aggregation,
-        max_length=max_length, importance_level=importance_level, tis_cap=tis_cap, tis_level=tis_level)
+    loss_cfg = _loss_config(locals())
     head_cfg = HeadConfig(temperature=temperature, softcap=softcap, precision=precision,
                           deterministic=deterministic, token_chunk=token_chunk, vocab_chunk=vocab_chunk,
                           compact_rows=compact_rows)
@@ -340,12 +344,7 @@ def policy_loss_from_logprobs(
     if entropy is not None:
         checks.tensor("entropy", entropy, floating=True, device=dev)
         checks.shape("entropy", entropy, lead, "the shape of logprobs")
-    loss_cfg = LossConfig.from_options(
-        preset, eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip, delta=delta, repo=repo,
-        repo_coef=repo_coef, repo_center=repo_center, kl_coef=kl_coef, kl_estimator=kl_estimator,
-        kl_clamp=kl_clamp, kl_ratio_weight=kl_ratio_weight, kl_aggregation=kl_aggregation,
-        entropy_coef=entropy_coef, entropy_aggregation=entropy_aggregation, aggregation=aggregation,
-        max_length=max_length, importance_level=importance_level, tis_cap=tis_cap, tis_level=tis_level)
+    loss_cfg = _loss_config(locals())
     if entropy is None and loss_cfg.entropy_coef != 0:
         raise ValueError("entropy_coef != 0 needs entropy (per-token entropies, the shape of logprobs)")
     validate = checks.resolve_validate(validate, dev)
