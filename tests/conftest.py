@@ -39,35 +39,9 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-def pytest_terminal_summary(terminalreporter, exitstatus, config):
-    """Report the hypothesis examples the property tests ran (tests/helpers.py counts them) and,
-    with -v, the worst error seen per quantity as a fraction of its allowed error."""
-    import sys
+def pytest_configure(config):
+    """Register the session's statistics (hypothesis examples, worst errors, option coverage,
+    the FUSED_PG_MIN_EXAMPLES gate): see tests/helpers/plugin.py."""
+    from helpers.plugin import STATS
 
-    helpers = sys.modules.get("helpers")
-    if helpers is None:
-        return
-    tr = terminalreporter
-    tr.write_sep("-", f"hypothesis examples run by the property tests: {helpers.EXAMPLES_RUN[0]} "
-                      f"({helpers.EXAMPLES_TRIED[0] - helpers.EXAMPLES_RUN[0]} more rejected by assume)")
-    if config.getoption("verbose") > 0 and helpers.WORST:
-        tr.write_line("worst error / allowed error per compared quantity:")
-        for key, ratio in sorted(helpers.WORST.items()):
-            tr.write_line(f"  {key:<48s} {ratio:9.3g}")
-    if config.getoption("verbose") > 0 and helpers.COVERAGE:
-        tr.write_line("loss examples per option value:")
-        for key, n in sorted(helpers.COVERAGE.items()):
-            tr.write_line(f"  {key:<48s} {n:6d}")
-
-
-def pytest_sessionfinish(session, exitstatus):
-    """``FUSED_PG_MIN_EXAMPLES=200 pytest``: fail the run if the property tests completed fewer
-    hypothesis examples (guards CI against a suite that silently stopped exercising them)."""
-    import sys
-
-    wanted = int(os.environ.get("FUSED_PG_MIN_EXAMPLES", "0"))
-    helpers = sys.modules.get("helpers")
-    ran = helpers.EXAMPLES_RUN[0] if helpers is not None else 0
-    if wanted and ran < wanted and session.exitstatus == 0:
-        print(f"\nFUSED_PG_MIN_EXAMPLES={wanted}: only {ran} hypothesis examples ran", file=sys.stderr)
-        session.exitstatus = 1
+    config.pluginmanager.register(STATS, "fused-pg-session-stats")

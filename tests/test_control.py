@@ -252,7 +252,7 @@ def test_controller_closes_the_loop_on_a_toy_policy():
     assert all(b >= a for a, b in zip(seen, seen[1:])) and seen[-1] == 0.4
 
 
-# --- empty micro-batches, gradient accumulation (issue 10 item 7, issue 11 item 6) ----------------
+# --- empty micro-batches, gradient accumulation ---------------------------------------------------
 
 CONTROLLERS = [
     lambda: AdaptiveClip(target_entropy=0.8, eps_low=0.2, eps_high=0.28, rate=0.07, smoothing=0.5,
@@ -361,7 +361,7 @@ def test_a_non_finite_tensor_observation_fails_at_update_and_is_dropped():
     assert c.update() == 0.0
 
 
-# --- state_dict / load_state_dict / from_state_dict (issue 10 item 8, issue 11 item 6) ------------
+# --- state_dict / load_state_dict / from_state_dict -----------------------------------------------
 
 @pytest.mark.parametrize("make", CONTROLLERS, ids=CONTROLLER_IDS)
 def test_from_state_dict_needs_no_constructor_arguments(make):

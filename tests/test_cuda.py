@@ -13,12 +13,19 @@ import torch
 
 from fused_pg import fused_logprobs_entropy, repo_loss
 from fused_pg.reference import logprobs_entropy_ref, repo_loss_ref
+from helpers import GRAD_REL as SHARED_GRAD_REL
+from helpers import TOLS
 
 pytestmark = pytest.mark.cuda
 
-TOL_LOGP = {torch.float32: 1e-5, torch.bfloat16: 2e-3, torch.float16: 2e-3}
-GRAD_COS = 0.9999
-GRAD_REL = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 1e-2}  # max|d| / max|ref|
+# the shared pass rules (tests/helpers/tolerances.py), keyed here by the input dtype
+DTYPE_NAME = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+GRAD_COS = TOLS["fp32"].cos_min
+# max|d| / max|ref|: the shared bound, except for 16-bit gradients at these shapes (up to 16k
+# tokens, D=4096): their error is then dominated by the 16-bit dlogits slab summed over
+# thousands of tokens, which the CPU rule's noise floor accounts for and this check does not
+GRAD_REL = {**SHARED_GRAD_REL, torch.bfloat16: 3 * SHARED_GRAD_REL[torch.bfloat16],
+            torch.float16: 5 * SHARED_GRAD_REL[torch.float16]}
 
 
 def _problem(N, D, V, dtype, seed=0, bias=False):
@@ -37,6 +44,14 @@ def _check_close(name, ref, got, atol_rel):
     err = (got.double() - ref.double()).abs()
     tol = atol_rel * (1 + ref.double().abs())
     assert bool((err <= tol).all()), f"{name}: max err {err.max().item():.3e}"
+
+
+def _check_head(name, ref, got, dtype):
+    """The shared logp / entropy rule of ``dtype`` inputs: relative for fp32, absolute for 16-bit."""
+    tol = TOLS[DTYPE_NAME[dtype]]
+    err = (got.double() - ref.double()).abs()
+    allowed = tol.head * (1 + ref.double().abs()) if tol.head_rel else torch.full_like(err, tol.head)
+    assert bool((err <= allowed).all()), f"{name}: max err {err.max().item():.3e}"
 
 
 def _check_grad(name, ref, got, dtype):
@@ -65,8 +80,8 @@ def test_matches_fp64_reference(dtype, shape):
     hh, WW, bb = (x.double().requires_grad_() for x in (h, W, b))
     lp_r, ent_r = logprobs_entropy_ref(hh, WW, y, bb, softcap=30.0, temperature=0.9)
     ((lp_r * u).sum() + (ent_r * w).sum()).backward()
-    _check_close("logprobs", lp_r, lp, TOL_LOGP[dtype])
-    _check_close("entropy", ent_r, ent, TOL_LOGP[dtype])
+    _check_head("logprobs", lp_r, lp, dtype)
+    _check_head("entropy", ent_r, ent, dtype)
     for name, r, g in (("hidden", hh.grad, dh), ("weight", WW.grad, dW), ("bias", bb.grad, db)):
         _check_grad(f"{dtype} {shape} d{name}", r, g, dtype)
 
@@ -97,8 +112,8 @@ def test_large_int32_overflow_shape():
     hh = h[rows].double().requires_grad_()
     lp_r, ent_r = logprobs_entropy_ref(hh, W.double(), y[rows])
     ((lp_r * u[rows]).sum() + (ent_r * w[rows]).sum()).backward()
-    _check_close("logprobs", lp_r, lp[rows], TOL_LOGP[torch.bfloat16])
-    _check_close("entropy", ent_r, ent[rows], TOL_LOGP[torch.bfloat16])
+    _check_head("logprobs", lp_r, lp[rows], torch.bfloat16)
+    _check_head("entropy", ent_r, ent[rows], torch.bfloat16)
     _check_grad("large dhidden (rows)", hh.grad, dh[rows], torch.bfloat16)
     # dW sums over every token: compare with the chunked fp32 torch backend
     WW = W.clone().requires_grad_()
@@ -122,7 +137,7 @@ def test_autotuned_path_matches(monkeypatch):
     hh, WW = h.double().requires_grad_(), W.double().requires_grad_()
     lp_r, ent_r = logprobs_entropy_ref(hh, WW, y)
     ((lp_r * u).sum() + (ent_r * w).sum()).backward()
-    _check_close("logprobs", lp_r, lp, TOL_LOGP[torch.bfloat16])
+    _check_head("logprobs", lp_r, lp, torch.bfloat16)
     _check_grad("autotuned dhidden", hh.grad, dh, torch.bfloat16)
     _check_grad("autotuned dweight", WW.grad, dW, torch.bfloat16)
 
@@ -178,8 +193,8 @@ def test_backward_gemms_match_fp64(dtype, gemm, monkeypatch):
     hh, WW, bb = (x.double().requires_grad_() for x in (h, W, b))
     lp_r, ent_r = logprobs_entropy_ref(hh, WW, y, bb, softcap=30.0)
     ((lp_r * u).sum() + (ent_r * w).sum()).backward()
-    _check_close("logprobs", lp_r, lp, TOL_LOGP[dtype])
-    _check_close("entropy", ent_r, ent, TOL_LOGP[dtype])
+    _check_head("logprobs", lp_r, lp, dtype)
+    _check_head("entropy", ent_r, ent, dtype)
     for name, r, g in (("hidden", hh.grad, dh), ("weight", WW.grad, dW), ("bias", bb.grad, db)):
         _check_grad(f"{gemm} {dtype} d{name}", r, g, dtype)
 
@@ -226,8 +241,8 @@ def test_bias_views(view):
     hh, WW, bb = h.double().requires_grad_(), W.double().requires_grad_(), bv.double().requires_grad_()
     lp_r, ent_r = logprobs_entropy_ref(hh, WW, y, bb)
     ((lp_r * u).sum() + (ent_r * w).sum()).backward()
-    _check_close("logprobs", lp_r, lp, TOL_LOGP[torch.bfloat16])
-    _check_close("entropy", ent_r, ent, TOL_LOGP[torch.bfloat16])
+    _check_head("logprobs", lp_r, lp, torch.bfloat16)
+    _check_head("entropy", ent_r, ent, torch.bfloat16)
     _check_grad(f"{view} bias dhidden", hh.grad, dh, torch.bfloat16)
     _check_grad(f"{view} bias dbias", bb.grad, db, torch.bfloat16)
 
@@ -256,8 +271,8 @@ def test_column_major_weight_with_offsets_past_2_31():
     lp, ent, dh, dW, _ = _fused(h, W_col, None, y, u, w)
     rows = torch.tensor([0, 1, 77, 128, 200, N - 1], device="cuda")
     lp_r, ent_r, dh_r = _rows_fp64(h[rows], W, y[rows], u[rows], w[rows])
-    _check_close("logprobs", lp_r, lp[rows], TOL_LOGP[torch.bfloat16])
-    _check_close("entropy", ent_r, ent[rows], TOL_LOGP[torch.bfloat16])
+    _check_head("logprobs", lp_r, lp[rows], torch.bfloat16)
+    _check_head("entropy", ent_r, ent[rows], torch.bfloat16)
     _check_grad("column-major dhidden (rows)", dh_r, dh[rows], torch.bfloat16)
     del W_col
     _, _, _, dW_row, _ = _fused(h, W, None, y, u, w)  # the row-major weight: same sums

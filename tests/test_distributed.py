@@ -33,7 +33,7 @@ import fused_pg
 from fused_pg.distributed import OFF_SHARD, CommLog, merge_shard_stats, vocab_parallel_comm_bytes
 from helpers import (TOLS, assert_close, check_grads, check_head_values, check_metrics, loss_cases,
                      make_loss_inputs, oracle_guards, run_oracle_loss)
-from multiproc import run_group
+from helpers.multiproc import run_group
 
 WORLDS = (2, 4)
 REPO_VARIANTS = [("none", True), ("fixed", True), ("fixed", False), ("decorrelate", True), ("decorrelate", False)]

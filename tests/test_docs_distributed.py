@@ -8,7 +8,7 @@ import pytest
 import torch._dynamo  # noqa: F401  (DDP imports it: once here, not in every forked rank)
 import torch.distributed.fsdp  # noqa: F401
 
-from multiproc import run_script
+from helpers.multiproc import run_script
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "distributed.md"
 BLOCKS = re.findall(r"```python\n(.*?)```", DOC.read_text(), flags=re.S)

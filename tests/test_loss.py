@@ -8,7 +8,7 @@ decorrelate (+ repo_coef, repo_center), asymmetric clip, dual clip, delta, KL k1
 entropy bonus, the four aggregations with and without num_items_in_batch and max_length,
 token / sequence importance ratios, TIS at token / sequence level, small token and vocabulary
 chunks (V not a multiple of the chunk). Compared: loss, logprobs, entropy, every metric (same
-keys), gradients of hidden, weight and bias; rules in helpers' docstring.
+keys), gradients of hidden, weight and bias; rules in helpers/tolerances.py.
 """
 
 import math
