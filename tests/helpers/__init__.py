@@ -15,12 +15,12 @@ from .budget import count_example, n_examples, run_property
 from .inputs import HeadInputs, LossInputs, make_head_inputs, make_loss_inputs, seq_index
 from .oracle import HEAD_OPTIONS, check_loss_case, oracle_guards, run_oracle_loss, zeta_conditioning_guard
 from .strategies import AGGREGATIONS, HeadCase, LossCase, effective_options, head_cases, head_fields, loss_cases
-from .tolerances import (DLOGITS_DTYPE, FAIR_MARGIN, GRAD_REL, TOLS, Tol, assert_close, assert_grad_close,
+from .tolerances import (DLOGITS_DTYPE, FAIR_MARGIN, GPU_TOLS, GRAD_REL, TOLS, Tol, assert_close, assert_grad_close,
                          check_grads, check_head_values, check_metrics, check_per_token, dlogits_dtype, grad_floors,
                          plain_logprobs_entropy)
 
 __all__ = [
-    "AGGREGATIONS", "BACKENDS", "DLOGITS_DTYPE", "DTYPES", "FAIR_MARGIN", "FP64_BACKENDS", "GRAD_REL",
+    "AGGREGATIONS", "BACKENDS", "DLOGITS_DTYPE", "DTYPES", "FAIR_MARGIN", "FP64_BACKENDS", "GPU_TOLS", "GRAD_REL",
     "HEAD_OPTIONS", "LIMITS", "LOW_PRECISION", "TF32_BACKENDS", "TOLS", "BackendLimits", "HeadCase",
     "HeadInputs", "LossCase", "LossInputs", "Tol", "assert_close", "assert_grad_close", "check_grads",
     "check_head_values", "check_loss_case", "check_metrics", "check_per_token", "count_example",

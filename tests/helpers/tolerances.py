@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -174,6 +174,26 @@ TOLS = {
        for k in LOW_PRECISION},
 }
 FAIR_MARGIN = 1e-4
+
+# The GPU checks (test_cuda.py) run the real compiler at trainer shapes (up to 16k tokens,
+# D = 8192, V = 262400) against fp64, without the fair rule's plain-PyTorch baseline (it would
+# materialise the [N, V] logits) and without the noise-floor fallback. Their rows are the ones
+# above where the rule is the same, and differ where it does not:
+# * 16-bit gradients: max|d| / max|ref| <= 3e-2 (bf16), 1e-2 (fp16). At these shapes their error
+#   is dominated by the 16-bit dlogits operand of the gradient GEMMs (``DLOGITS_DTYPE``) summed
+#   over thousands of tokens, which the CPU rule's noise floor accounts for and these checks do not;
+# * the loss with 16-bit inputs: ``|d| <= 2e-3 * (1 + |ref|)``;
+# * bf16 hidden with an fp32 weight: fp32 logp / entropy at "native" / "ieee" precision;
+#   ``precision="tf32"`` (fp32 operands rounded to tf32's 10-bit mantissa): logp / entropy and
+#   loss ``|d| <= 2e-3 * (1 + |ref|)``, fp32 gradients max|d| / max|ref| <= 1e-2.
+GPU_GRAD_REL = {**GRAD_REL, torch.bfloat16: 3 * GRAD_REL[torch.bfloat16], torch.float16: 5 * GRAD_REL[torch.float16]}
+GPU_TOLS = {
+    "fp32": TOLS["fp32"],
+    **{k: replace(TOLS[k], value=2e-3, grad_rel=GPU_GRAD_REL) for k in ("bf16", "fp16")},
+    "bf16+fp32": replace(TOLS["fp32"], grad_rel=GPU_GRAD_REL),
+    "tf32": Tol(head=2e-3, head_rel=True, fair=False, value=2e-3, cos_min=0.9999,
+                grad_rel={**GPU_GRAD_REL, torch.float32: 1e-2}),
+}
 
 
 def plain_logprobs_entropy(h: Tensor, W: Tensor, b: Tensor | None, targets: Tensor, *,
