@@ -131,8 +131,8 @@ def make_token_batch(
         if validate:
             checks.cu_seqlens_values(cu_seqlens, N)
         # sync-free guard for unchecked offsets: clamp into [0, N], keep them monotone and pin
-        # the ends are >= 0 and the broadcast can never index past the N tokens
-        # (first offset 0, last N), so the lengths are >= 0 and sum to N whatever the values
+        # the ends (first offset 0, last N), so the lengths are >= 0 and sum to N whatever the
+        # values, and the broadcast can never index past the N tokens
         inner = torch.cummax(cu_seqlens[1:-1].long().clamp(0, N), dim=0).values
         zero = torch.zeros(1, dtype=torch.long, device=device)
         cu = torch.cat([zero, inner, zero + N])

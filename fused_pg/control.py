@@ -131,10 +131,17 @@ class EntropyController:
         self._entropy_sum = self._entropy_sum + contribution
         self._tokens = self._tokens + n
 
-    def _take_observations(self) -> tuple[float, float]:
-        """Read (entropy_sum, tokens) -- the one host sync per step -- and clear them."""
-        total, tokens = float(self._entropy_sum), float(self._tokens)
+    def _take_observations(self, process_group=None) -> tuple[float, float]:
+        """Read (entropy_sum, tokens) -- the one host sync per step -- and clear them; with a
+        ``process_group``, summed over its ranks first (one all-reduce)."""
+        total, tokens = self._entropy_sum, self._tokens
         self._reset_observations()
+        if process_group is not None:
+            device = next((t.device for t in (total, tokens) if isinstance(t, Tensor)), torch.device("cpu"))
+            pending = torch.stack([torch.as_tensor(x, dtype=torch.float64, device=device) for x in (total, tokens)])
+            torch.distributed.all_reduce(pending, group=process_group)
+            total, tokens = pending.tolist()
+        total, tokens = float(total), float(tokens)
         if not math.isfinite(tokens) or tokens < 0:
             raise ValueError(f"n_tokens must be finite and >= 0, got a total of {tokens}; the "
                              "observations of this step were discarded")
@@ -143,18 +150,23 @@ class EntropyController:
                              "observations of this step were discarded")
         return total, tokens
 
-    def update(self, entropy=None, n_tokens=None) -> float:
+    def update(self, entropy=None, n_tokens=None, *, process_group=None) -> float:
         """Close the optimiser step: one controller step from everything observed since the last.
 
         ``update(x, n_tokens)`` is ``observe(x, n_tokens)`` then ``update()``. With no valid
         token observed (``n_tokens == 0`` everywhere, or nothing observed) nothing changes and
         0.0 is returned. Returns the signed change applied to the value.
+
+        ``process_group`` (a ``torch.distributed`` group): the observations of all its ranks
+        make the step, so every rank's controller takes the same one. Every rank of the group
+        must call ``update`` at the same step (observed tensors should live on the group's
+        device, e.g. CUDA for NCCL).
         """
         if entropy is not None:
             self.observe(entropy, n_tokens)
         elif n_tokens is not None:
             raise TypeError("n_tokens given without entropy")
-        total, tokens = self._take_observations()
+        total, tokens = self._take_observations(process_group)
         if tokens == 0:
             return 0.0
         return self._step(total / tokens)

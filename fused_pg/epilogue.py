@@ -168,7 +168,8 @@ def policy_loss(logprobs: Tensor, entropy: Tensor, batch: TokenBatch, cfg: LossC
     def items(own, term_aggregation):
         return own if own is not None else (batch.num_items_in_batch if term_aggregation is None else None)
 
-    loss = aggregate(pg, batch, cfg.aggregation, batch.num_items_in_batch)
+    pg_term = aggregate(pg, batch, cfg.aggregation, batch.num_items_in_batch)
+    loss = pg_term
     kl_mean = kl_loss = zero
     if batch.ref_logprobs is not None:
         kl = kl_penalty(logprobs, batch.ref_logprobs, cfg.kl_estimator, cfg.kl_clamp)
@@ -185,7 +186,7 @@ def policy_loss(logprobs: Tensor, entropy: Tensor, batch: TokenBatch, cfg: LossC
         loss = loss - cfg.entropy_coef * entropy_term
 
     metrics: dict[str, Tensor | float] = dict(
-        pg_loss=aggregate(pg.detach(), batch, cfg.aggregation, batch.num_items_in_batch),
+        pg_loss=pg_term.detach(),
         entropy_mean=mean(entropy.detach()),
         logprob_mean=mean(lp),
         ratio_mean=mean(r),

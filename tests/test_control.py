@@ -476,3 +476,36 @@ def test_the_adapo_in_practice_example_runs_as_written(capsys):
     assert isinstance(ctrl, AdaptiveClip) and ctrl.steps == 3
     assert ctrl.state_dict() == namespace["checkpoint"]["adapo"]
     assert len(capsys.readouterr().out.splitlines()) == 3
+
+
+# --- one step from the observations of every rank ------------------------------------------------
+
+def _controller_step_over_ranks(rank: int, world: int) -> dict:
+    import torch.distributed as dist
+
+    ctrl = AdaptiveClip(target_entropy=1.0, eps_high=0.28, rate=0.1)
+    # rank r: two micro-batches of different sizes and entropies (one empty)
+    ctrl.observe(torch.tensor(0.5 + rank), torch.tensor(10.0 * (rank + 1)))
+    ctrl.observe(torch.tensor(7.0), torch.tensor(0.0))
+    ctrl.observe({"entropy_mean": torch.tensor(2.0 - rank), "n_tokens": torch.tensor(5.0)})
+    change = ctrl.update(process_group=dist.group.WORLD)
+    return {"eps_high": ctrl.eps_high, "change": change, "ema": ctrl.entropy_ema}
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_update_over_a_process_group_steps_every_rank_alike(world):
+    """update(process_group=...) takes one step from the token-weighted observations of all
+    ranks: every rank ends with the same value, that of one controller fed them all."""
+    from helpers.multiproc import run_group
+
+    per_rank = run_group(world, [("step", _controller_step_over_ranks)])
+    one = AdaptiveClip(target_entropy=1.0, eps_high=0.28, rate=0.1)
+    for rank in range(world):
+        one.observe(0.5 + rank, 10.0 * (rank + 1))
+        one.observe(2.0 - rank, 5.0)
+    expected = one.update()
+    for result in per_rank:
+        r = result["step"]
+        assert math.isclose(r["change"], expected, rel_tol=1e-12, abs_tol=1e-15)
+        assert math.isclose(r["eps_high"], one.eps_high, rel_tol=1e-12)
+        assert math.isclose(r["ema"], one.entropy_ema, rel_tol=1e-12)

@@ -4,7 +4,6 @@ how to install it, and stepping an ADAPO controller from inside a loss function.
 from __future__ import annotations
 
 import importlib
-import math
 
 import torch
 from torch import Tensor
@@ -53,23 +52,20 @@ class ControllerStepper:
         self.controller = controller
         self.update_every = positive_int("update_every", update_every)
         self.calls = 0
-        self._window: Tensor | None = None
 
     def observe(self, old_logprobs: Tensor, mask: Tensor) -> bool:
         """Record one loss call's behaviour log-probs; step the controller at the window's end.
         Returns whether it stepped."""
-        m = mask.detach().to(torch.float64)
-        stats = torch.stack([(-old_logprobs.detach().to(torch.float64) * m).sum(), m.sum()])
-        self._window = stats if self._window is None else self._window + stats
+        counted = mask.detach().bool()
+        n_tokens = counted.sum().to(torch.float64)
+        # padding may hold anything (-inf included): only the counted tokens enter the sum
+        surprisal = torch.where(counted, -old_logprobs.detach().to(torch.float64), 0.0).sum() / n_tokens.clamp_min(1.0)
+        self.controller.observe(surprisal, n_tokens)  # token-weighted, no host sync
         self.calls += 1
         if self.calls % self.update_every:
             return False
-        window, self._window = self._window, None
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(window)
-        total, count = window.tolist()
-        if count > 0 and math.isfinite(total):
-            self.controller.update(total / count)
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        self.controller.update(process_group=torch.distributed.group.WORLD if distributed else None)
         return True
 
     def state_dict(self) -> dict:
@@ -80,4 +76,3 @@ class ControllerStepper:
         self.controller.load_state_dict(state["controller"])
         self.calls = int(state["calls"])
         self.update_every = positive_int("update_every", state["update_every"])
-        self._window = None

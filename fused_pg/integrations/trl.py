@@ -272,7 +272,6 @@ class GRPOTrainer(trl.GRPOTrainer):
         super().__init__(*args, **kwargs)
         _check_config(self.args)
         self.fused_pg = fused_pg
-        self._fused_pg_window: Tensor | None = None  # (entropy sum, token count) of the accumulation window
         self._fused_pg_checked_inputs = False
         self._fused_pg_adv_per_row = True
         self._fused_pg_head = self._check_model()
@@ -463,16 +462,17 @@ class GRPOTrainer(trl.GRPOTrainer):
             metrics[f"fused_pg/{k}"].append(v)
 
     def _fused_pg_step_controller(self, entropy: Tensor, mask: Tensor) -> None:
-        """Accumulate the window's entropy; at the optimiser-step boundary reduce it across
-        processes and step the ADAPO controller (as TRL steps its adaptive entropy coefficient)."""
-        m = mask.to(torch.float64)
-        stats = torch.stack([(entropy.to(torch.float64) * m).sum(), m.sum()]).detach()
-        self._fused_pg_window = stats if self._fused_pg_window is None else self._fused_pg_window + stats
+        """Observe the micro-batch's entropy; at the optimiser-step boundary step the ADAPO
+        controller from the whole window of every process (as TRL steps its adaptive entropy
+        coefficient)."""
+        counted = mask.bool()
+        n_tokens = counted.sum().to(torch.float64)
+        entropy_mean = torch.where(counted, entropy.to(torch.float64), 0.0).sum() / n_tokens.clamp_min(1.0)
+        controller = self.fused_pg.controller
+        controller.observe(entropy_mean.detach(), n_tokens)
         if self.accelerator.sync_gradients:
-            window = self.accelerator.reduce(self._fused_pg_window, reduction="sum")
-            self._fused_pg_window = None
-            if float(window[1]) > 0:
-                self.fused_pg.controller.update(float(window[0] / window[1]))
+            distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+            controller.update(process_group=torch.distributed.group.WORLD if distributed else None)
 
     # ---- checkpoints ----------------------------------------------------------------------------------
 
