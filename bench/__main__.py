@@ -1,5 +1,6 @@
-"""Entry point: ``python -m bench [options]`` (see ``python -m bench --help``)."""
+"""Entry point: ``python -m bench [options]`` from the repository root, or
+``python -m fused_pg.bench`` anywhere (see ``--help``)."""
 
-from .cli import main
+from fused_pg.bench.cli import main
 
 raise SystemExit(main())

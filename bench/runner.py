@@ -36,7 +36,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from fused_pg.reference import repo_loss_ref
+from fused_pg.reference.loss import repo_loss_ref
 
 from . import measure, report as report_mod
 from .config import BenchConfig, LossSpec, Shape, device_name, pick_device

@@ -21,14 +21,9 @@ from contextlib import redirect_stdout
 import pytest
 import torch
 
-# bench/ is not installed: it runs from the repository root (`python -m bench`)
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO_ROOT not in sys.path:
-    sys.path.insert(0, REPO_ROOT)
-
-from bench import cli, impls, measure, peers, problem, report, runner  # noqa: E402
-from bench.config import MODEL_PRESETS, PRECISIONS, LossSpec, Shape  # noqa: E402
-from bench.impls import IMPL_KEYS, build_impls  # noqa: E402
+from fused_pg.bench import cli, impls, measure, peers, problem, report, runner
+from fused_pg.bench.config import MODEL_PRESETS, PRECISIONS, LossSpec, Shape
+from fused_pg.bench.impls import IMPL_KEYS, build_impls
 
 needs_no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU defaults and CPU skip reasons")
 
@@ -59,7 +54,7 @@ def replace_impl(monkeypatch, key: str, make) -> None:
         if k == key:
             return [impls.Impl(key, f"patched {key}", "baseline", make, impls._always)]
         return build_impls(k, precisions)
-    monkeypatch.setattr("bench.runner.build_impls", build)
+    monkeypatch.setattr("fused_pg.bench.runner.build_impls", build)
 
 
 # --- argument handling ---------------------------------------------------------------------------
@@ -87,7 +82,7 @@ def test_one_loss_keyword_mapping_with_fused_pg_option_names():
     import inspect
 
     import fused_pg
-    from fused_pg.reference import policy_loss_ref  # repo_loss_ref forwards its options to it
+    from fused_pg.reference.loss import policy_loss_ref  # repo_loss_ref forwards its options to it
     for fn in (fused_pg.repo_loss, fused_pg.policy_loss_from_logprobs, policy_loss_ref):
         assert set(spec.kwargs()) <= set(inspect.signature(fn).parameters), fn.__name__
     with pytest.raises(ValueError, match="kl_estimator must be one of"):
@@ -143,7 +138,7 @@ def test_cuda_requested_without_gpu(capsys):
 def test_list_and_module_entry_point(capsys, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["bench", "--list"])
     with pytest.raises(SystemExit) as exc:
-        runpy.run_module("bench", run_name="__main__")
+        runpy.run_module("fused_pg.bench", run_name="__main__")
     assert exc.value.code == 0
     out = capsys.readouterr().out
     assert "qwen2.5-7b" in out and "D=3584" in out and "V=152064" in out
@@ -439,7 +434,7 @@ def test_tune_needs_a_gpu(capsys):
 
 def _fake_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr("bench.cli.device_name", lambda device: "Fake GPU")
+    monkeypatch.setattr("fused_pg.bench.cli.device_name", lambda device: "Fake GPU")
 
 
 def test_tune_says_when_the_tuning_module_is_absent(capsys, monkeypatch):

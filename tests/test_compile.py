@@ -4,7 +4,7 @@ data-dependent Python branching) and compiled results equal eager ones."""
 import torch
 
 from fused_pg import repo_loss
-from fused_pg.reference import repo_loss_ref
+from fused_pg.reference.loss import repo_loss_ref
 
 
 def test_repo_loss_compiles_fullgraph():

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from fused_pg import fused_logprobs_entropy, repo_loss
-from fused_pg.reference import logprobs_entropy_ref, repo_loss_ref
+from fused_pg.reference.head import logprobs_entropy_ref
+from fused_pg.reference.loss import repo_loss_ref
 from helpers import GPU_TOLS, Tol, assert_close
 
 pytestmark = pytest.mark.cuda

@@ -15,7 +15,8 @@ import torch
 from torch.autograd import gradcheck
 
 import fused_pg
-from fused_pg.reference import logprobs_entropy_ref, repo_loss_ref
+from fused_pg.reference.head import logprobs_entropy_ref
+from fused_pg.reference.loss import repo_loss_ref
 from helpers import FP64_BACKENDS
 
 B, T, D, V = 2, 3, 3, 7  # N = 6 tokens, odd D and V

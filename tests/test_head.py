@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import fused_pg
-from fused_pg.reference import logprobs_entropy_ref
+from fused_pg.reference.head import logprobs_entropy_ref
 from fused_pg.reference.head import logits_ref
 from helpers import (BACKENDS, DTYPES, TOLS, HeadCase, assert_close, assert_grad_close, check_grads,
                      check_head_values, dlogits_dtype, grad_floors, head_cases, limits, make_head_inputs,

@@ -22,7 +22,7 @@ import torch
 
 from fused_pg import AdaptiveClip
 from fused_pg.integrations.openrlhf import PolicyLoss
-from fused_pg.reference import policy_loss_ref
+from fused_pg.reference.loss import policy_loss_ref
 from helpers import assert_close
 
 

@@ -158,6 +158,12 @@ def compare_runs(name, stock, fused, *, loss_tol=1e-6, global_tol=1e-6, param_to
         # the same generated batch in both runs (same seed, same model): a fair comparison
         assert torch.equal(in_s["completion_ids"], in_f["completion_ids"])
         assert torch.equal(in_s["completion_mask"], in_f["completion_mask"])
+        # and the same behaviour log-probs (TRL's head and fused-pg's read the same hidden states):
+        # if these differ, a later gradient mismatch comes from the old-log-prob pass, not the loss
+        if in_s.get("old_per_token_logps") is not None:
+            m = in_s["completion_mask"].bool()
+            d_old = float((in_s["old_per_token_logps"] - in_f["old_per_token_logps"]).abs()[m].max())
+            assert d_old <= 1e-5, f"{name}: behaviour log-probs differ by {d_old:.3e} between the runs"
         err = abs(float(lf) - float(ls))
         assert err <= loss_tol * (1 + abs(float(ls))), f"{name}: loss {float(lf)!r} vs stock {float(ls)!r}"
         loss_err = max(loss_err, err / (1 + abs(float(ls))))

@@ -23,7 +23,7 @@ from verl.workers.config import ActorConfig  # noqa: E402
 
 import fused_pg  # noqa: E402
 from fused_pg.integrations import verl as fverl  # noqa: E402
-from fused_pg.reference import policy_loss_ref  # noqa: E402
+from fused_pg.reference.loss import policy_loss_ref  # noqa: E402
 from helpers import assert_close  # noqa: E402
 
 MODES = fverl.LOSS_AGG_MODES

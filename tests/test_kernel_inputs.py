@@ -21,7 +21,7 @@ import pytest
 import torch
 
 import fused_pg
-from fused_pg.reference import logprobs_entropy_ref
+from fused_pg.reference.head import logprobs_entropy_ref
 from fused_pg.reference.head import logits_ref
 from helpers import BACKENDS, assert_close, check_grads, grad_floors
 
@@ -88,7 +88,7 @@ _OFFSETS_SCRIPT = textwrap.dedent("""
     os.environ["TRITON_INTERPRET"] = "1"
     import torch
     import fused_pg
-    from fused_pg.reference import logprobs_entropy_ref
+    from fused_pg.reference.head import logprobs_entropy_ref
 
     S = 2**30 + 64                  # column stride: column 2 starts 2^31 + 128 elements in
     N, D, V = 5, 3, 7

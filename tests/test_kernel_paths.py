@@ -18,7 +18,7 @@ from fused_pg.kernels.backward import FP16_DLOGITS_MAX, dlogits_scale, logprobs_
 from fused_pg.kernels.forward import logprobs_entropy_fwd, num_vocab_splits
 from fused_pg.kernels.tuning import Timing, candidates, describe, format_row, sweep
 from fused_pg.kernels.utils import grouped_tile
-from fused_pg.reference import logprobs_entropy_ref
+from fused_pg.reference.head import logprobs_entropy_ref
 from fused_pg.reference.head import logits_ref
 from helpers import assert_close, check_grads, grad_floors, head_cases, run_property
 from test_head import check_head_case

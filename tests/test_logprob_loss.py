@@ -11,7 +11,8 @@ import torch
 
 import fused_pg
 from fused_pg.config import PRESET_OPTIONS, PRESETS
-from fused_pg.reference import logprobs_entropy_ref, policy_loss_ref, repo_loss_ref
+from fused_pg.reference.head import logprobs_entropy_ref
+from fused_pg.reference.loss import policy_loss_ref, repo_loss_ref
 from helpers import (BACKENDS, HEAD_OPTIONS, TOLS, assert_close, assert_grad_close, check_metrics, check_per_token,
                      loss_cases, make_loss_inputs, oracle_guards, run_property)
 

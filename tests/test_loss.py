@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import fused_pg
-from fused_pg.reference import repo_loss_ref
+from fused_pg.reference.loss import repo_loss_ref
 from helpers import (AGGREGATIONS, BACKENDS, FP64_BACKENDS, LossCase, assert_close, assert_grad_close,
                      check_loss_case, loss_cases, make_loss_inputs, run_property)
 

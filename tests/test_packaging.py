@@ -1,38 +1,128 @@
-"""The wheel ships every package of the source tree (the package list in pyproject.toml is
-explicit, so a new sub-package that is not listed would be missing from a regular install)."""
+"""Packaging: the wheel ships every package of the source tree, and no folder of the checkout
+shadows a package of the ecosystem.
 
+``kernels/``, ``reference/`` and ``bench/`` are generic names (transformers >= 5.25 imports
+Hugging Face's ``kernels``). They carry no ``__init__.py``, so from the checkout's root an
+installed package of the same name wins; fused-pg reaches them as ``fused_pg.<name>`` through
+the symlinks ``fused_pg/<name> -> ../<name>`` (see the comment in pyproject.toml).
+"""
+
+import ast
+import importlib.util
+import os
+import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+GENERIC = ("kernels", "reference", "bench")
+
+
+def _pyproject() -> dict:
+    if sys.version_info < (3, 11):
+        pytest.skip("tomllib needs Python >= 3.11")
+    import tomllib
+
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())
+
+
+def _run(args: list[str], *, env_extra: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run ``python <args>`` from the checkout's root, as a user at a shell prompt would."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(env_extra or {})
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)
 
 
 def test_every_package_directory_is_listed():
-    if sys.version_info < (3, 11):
-        pytest.skip("tomllib needs Python >= 3.11")
-    import tomllib
-
-    setup = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
-    listed = set(setup["packages"])
-    dirs = {name: Path(ROOT / path) for name, path in setup["package-dir"].items()}
+    listed = set(_pyproject()["tool"]["setuptools"]["packages"])
     found = set()
-    for name, path in dirs.items():
-        for init in path.rglob("__init__.py"):
-            rel = init.parent.relative_to(path)
-            found.add(".".join([name, *rel.parts]) if rel.parts else name)
+    for dirpath, dirnames, filenames in os.walk(ROOT / "fused_pg", followlinks=True):
+        dirnames[:] = [d for d in dirnames if d != "__pycache__"]
+        if any(f.endswith(".py") for f in filenames):
+            rel = Path(dirpath).relative_to(ROOT)
+            found.add(".".join(rel.parts))
     assert found == listed, f"not listed: {sorted(found - listed)}; listed but absent: {sorted(listed - found)}"
 
 
-def test_console_script_points_at_the_bench_cli():
-    if sys.version_info < (3, 11):
-        pytest.skip("tomllib needs Python >= 3.11")
-    import tomllib
+@pytest.mark.parametrize("name", GENERIC)
+def test_generic_folders_are_not_top_level_packages(name):
+    assert not (ROOT / name / "__init__.py").exists(), f"{name}/__init__.py makes {name}/ shadow a package"
+    link = ROOT / "fused_pg" / name
+    assert link.is_symlink() and os.readlink(link) == f"../{name}", f"fused_pg/{name} must link to ../{name}"
 
-    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+
+def test_no_code_imports_the_generic_names_bare():
+    """fused-pg's own code and tests reach kernels/reference/bench only as fused_pg.<name>."""
+    offenders = []
+    for top in ("fused_pg", "tests", "examples", *GENERIC):
+        for path in (ROOT / top).rglob("*.py"):
+            if top == "fused_pg" and path.relative_to(ROOT / top).parts[0] in GENERIC:
+                continue  # the symlinked folders, walked under their own names
+            for node in ast.walk(ast.parse(path.read_text(), str(path))):
+                names = []
+                if isinstance(node, ast.Import):
+                    names = [a.name for a in node.names]
+                elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                    names = [node.module]
+                offenders += [f"{path.relative_to(ROOT)}:{node.lineno} {n}" for n in names
+                              if n.split(".")[0] in GENERIC]
+    assert not offenders, offenders
+
+
+def test_installed_packages_win_over_the_checkouts_folders(tmp_path):
+    """With packages called kernels/reference/bench installed, importing them from the checkout's
+    root gets the installed ones (PYTHONPATH comes after the working directory on sys.path, so a
+    regular package in the checkout would win: this is the order that broke transformers)."""
+    for name in GENERIC:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "__init__.py").write_text(f"WHO = 'installed {name}'\n")
+    code = "import kernels, reference, bench; print(kernels.WHO, reference.WHO, bench.WHO, sep='|')"
+    run = _run(["-c", code], env_extra={"PYTHONPATH": str(tmp_path)})
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "installed kernels|installed reference|installed bench"
+
+
+def test_real_hugging_face_kernels_wins_from_the_root():
+    """(The environment may live inside the checkout, as CI's does: "outside" means not the
+    checkout's own kernels/ folder.)"""
+    spec = importlib.util.find_spec("kernels")
+    if spec is None or spec.origin is None:
+        pytest.skip("Hugging Face's `kernels` is not installed (CI installs it with transformers)")
+    run = _run(["-c", "import kernels; print(kernels.__file__)"])
+    assert run.returncode == 0, run.stderr
+    assert not Path(run.stdout.strip()).resolve().is_relative_to(ROOT / "kernels"), run.stdout
+
+
+def test_python_m_bench_runs_from_the_root():
+    run = _run(["-m", "bench", "--help"])
+    assert run.returncode == 0, run.stderr
+    assert "usage:" in run.stdout
+
+
+def test_trainer_integration_modules_import_from_the_root():
+    """transformers >= 5.25 imports `kernels` while building a model: do it from the root."""
+    if importlib.util.find_spec("transformers") is None:
+        pytest.skip("transformers is not installed (CI installs it)")
+    code = textwrap.dedent("""
+        from transformers import Qwen2Config, Qwen2ForCausalLM
+        Qwen2ForCausalLM(Qwen2Config(vocab_size=32, hidden_size=8, intermediate_size=16,
+                                     num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1))
+        import fused_pg.integrations.trl
+        print("ok")
+    """)
+    run = _run(["-c", code])
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip().endswith("ok")
+
+
+def test_console_script_points_at_the_bench_cli():
+    scripts = _pyproject()["project"]["scripts"]
     module, func = scripts["fused-pg-bench"].split(":")
     assert module == "fused_pg.bench.cli"
-    from bench import cli
+    from fused_pg.bench import cli
 
     assert callable(getattr(cli, func))

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import fused_pg
-from fused_pg.reference import repo_loss_ref
+from fused_pg.reference.loss import repo_loss_ref
 from helpers import BACKENDS, assert_close, assert_grad_close
 
 

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 import fused_pg
 from fused_pg import RepoStats, repo_statistics
-from fused_pg.reference import repo_loss_ref
+from fused_pg.reference.loss import repo_loss_ref
 from helpers import BACKENDS, assert_close, assert_grad_close, count_example
 
 

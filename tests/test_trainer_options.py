@@ -15,7 +15,7 @@ import torch
 
 import fused_pg
 from fused_pg.config import PRESETS, LossConfig
-from fused_pg.reference import policy_loss_ref
+from fused_pg.reference.loss import policy_loss_ref
 from helpers import assert_close
 
 

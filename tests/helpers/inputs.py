@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from fused_pg.reference import logprobs_entropy_ref
+from fused_pg.reference.head import logprobs_entropy_ref
 
 from .backends import DTYPES
 from .strategies import HeadCase, LossCase

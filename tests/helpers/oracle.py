@@ -13,7 +13,8 @@ from __future__ import annotations
 import torch
 from hypothesis import assume, note
 
-from fused_pg.reference import logprobs_entropy_ref, policy_loss_ref
+from fused_pg.reference.head import logprobs_entropy_ref
+from fused_pg.reference.loss import policy_loss_ref
 from fused_pg.reference.head import logits_ref
 
 from .inputs import LossInputs, make_loss_inputs
