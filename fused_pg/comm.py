@@ -117,12 +117,17 @@ _HOST_GROUPS: dict = {}
 _AGREED_TYPES = ("ValueError", "TypeError", "RuntimeError", "NotImplementedError", "ImportError")
 
 
+def _runs_on_cpu(group) -> bool:
+    """Whether ``group``'s backend has a CPU implementation (gloo, or "cpu:gloo,cuda:nccl")."""
+    return "gloo" in str(dist.get_backend(group))
+
+
 def _host_group(group):
     """A group that runs collectives on CPU tensors for the members of ``group``: the group
     itself when its backend has a CPU implementation (gloo), else a gloo group over the same
     ranks, created once (``use_local_synchronization``: only the members take part), or None
     when this build has no gloo."""
-    if "gloo" in str(dist.get_backend(group)):
+    if _runs_on_cpu(group):
         return group
     if not dist.is_gloo_available():
         return None
@@ -155,6 +160,14 @@ def _exchange(group, failure: tuple | None) -> tuple | None:
     return min((f for f in failures if f is not None), key=lambda f: f[0])
 
 
+def blame(error: Exception, group, rank_in_group: int) -> Exception:
+    """Mark ``error`` as caused by the given rank of ``group`` (every rank raises it, after a
+    collective check): :func:`agreement` then names that rank, by its global rank."""
+    error.failing_rank = dist.get_global_rank(group, rank_in_group) if group is not dist.group.WORLD \
+        else rank_in_group
+    return error
+
+
 @contextmanager
 def agreement(where: str, groups: list[tuple[str, object]]):
     """Run the local part of a call that communicates over ``groups`` (``[(argument name,
@@ -185,7 +198,8 @@ def agreement(where: str, groups: list[tuple[str, object]]):
     failure = None
     if error is not None:
         kind = type(error).__name__
-        failure = (dist.get_rank(), kind if kind in _AGREED_TYPES else "RuntimeError", str(error))
+        rank = getattr(error, "failing_rank", dist.get_rank())
+        failure = (rank, kind if kind in _AGREED_TYPES else "RuntimeError", str(error))
     for _, group in groups:
         learned = _exchange(group, failure)
         if learned is not None:

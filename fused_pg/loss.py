@@ -226,7 +226,8 @@ def repo_loss(
     inputs = head_mod.bind(inputs)
     batch = batch.restrict(batch.valid & inputs.counted)
     if inputs.validate:
-        head_mod.check_values(inputs, batch.valid)
+        with par.vocab_checks_agreement("repo_loss"):
+            head_mod.check_values(inputs, batch.valid)
     logprobs, entropy, valid = head_mod.sweep(inputs, batch.valid)
     call = _Call(cfg=cfg, batch=batch.restrict(valid), parallel=par, lead=tuple(targets.shape))
     return _finish(logprobs, entropy, call, {"hidden": hidden, "weight": weight, "bias": bias}, "repo_loss")

@@ -32,7 +32,15 @@ the whole batch. Convention: ``out.loss`` on rank ``r`` is rank ``r``'s share of
 the concatenated batch, so the *sum* over ranks of the losses (and of their gradients) equals
 one process on the concatenated batch. DDP and FSDP *average* gradients over the group:
 multiply the loss by the group size before ``backward()`` to get the one-process gradient
-(or turn the wrapper's averaging off).
+(or turn the wrapper's averaging off). Dr.GRPO's default length is the group's longest ``T``,
+so ranks may pad their parts to different lengths.
+
+**Errors** (:meth:`Parallel.agreement`). A call first does everything a rank can check alone,
+then the vocabulary and data groups agree on the outcome before the first collective (a
+host-side all-reduce of a 4-byte flag, no device synchronisation): a bad argument on one rank
+makes every rank raise the same error naming that rank, instead of leaving the others waiting
+in a collective. The value checks of a split vocabulary are made across its group (every rank
+of it raises the same error) and, with a data-parallel group too, agreed over that group.
 """
 
 from __future__ import annotations
@@ -185,29 +193,30 @@ class _VocabShard:
                     live_bias=bias is None or bool(torch.isfinite(bias).any()))
         views = comm.all_gather_object(info, self.group)
         where = lambda k: f"rank {k} of process_group"  # noqa: E731
+        blame = lambda k, message: comm.blame(ValueError(message), self.group, k)  # noqa: E731
         for k, v in enumerate(views):
             if v["problem"] is not None:
-                raise ValueError(f"{where(k)}: {v['problem']}")
+                raise blame(k, f"{where(k)}: {v['problem']}")
         for k, v in enumerate(views):
             if v["D"] != views[0]["D"]:
-                raise ValueError(f"weight shards differ in hidden size D: {where(0)} has shape "
-                                 f"({views[0]['V']}, {views[0]['D']}), {where(k)} has ({v['V']}, {v['D']}); "
-                                 "every shard is [V_r, D] with the same D")
+                raise blame(k, f"weight shards differ in hidden size D: {where(0)} has shape "
+                               f"({views[0]['V']}, {views[0]['D']}), {where(k)} has ({v['V']}, {v['D']}); "
+                               "every shard is [V_r, D] with the same D")
             if v["fingerprint"] != views[0]["fingerprint"]:
-                raise ValueError(f"hidden, targets or mask differ between {where(0)} and {where(k)}: the "
-                                 "vocabulary-parallel head needs the same hidden states and per-token "
-                                 "arguments on every rank (each rank holds a slice of the vocabulary)")
+                raise blame(k, f"hidden, targets or mask differ between {where(0)} and {where(k)}: the "
+                               "vocabulary-parallel head needs the same hidden states and per-token "
+                               "arguments on every rank (each rank holds a slice of the vocabulary)")
             if v["requires_grad"] != views[0]["requires_grad"]:
-                raise ValueError(f"hidden.requires_grad is {views[0]['requires_grad']} on {where(0)} but "
-                                 f"{v['requires_grad']} on {where(k)}: the backward all-reduces d_hidden, "
-                                 "so every rank must agree")
+                raise blame(k, f"hidden.requires_grad is {views[0]['requires_grad']} on {where(0)} but "
+                               f"{v['requires_grad']} on {where(k)}: the backward all-reduces d_hidden, "
+                               "so every rank must agree")
         if not any(v["live_bias"] for v in views):
             raise ValueError("bias excludes every vocabulary entry (all -inf on every rank of process_group)")
         checks.target_ids(targets, counted, sum(v["V"] for v in views), ignore_index)
         for k, v in enumerate(views):
             if v["excluded"] is not None:
-                raise ValueError(f"targets contains id {v['excluded']} whose bias is -inf on {where(k)} "
-                                 "(an excluded token): its log-probability would be -inf")
+                raise blame(k, f"targets contains id {v['excluded']} whose bias is -inf on {where(k)} "
+                               "(an excluded token): its log-probability would be -inf")
 
 
 def merge_shard_stats(lse_k: Tensor, entropy_k: Tensor, target_logit_k: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -377,6 +386,12 @@ class Parallel:
         raises on one rank, every rank of the vocabulary and data groups raises the same error,
         naming that rank (:func:`fused_pg.comm.agreement`); nothing to agree on for one process."""
         return comm.agreement(where, self.vocab.groups() + self.data.groups())
+
+    def vocab_checks_agreement(self, where: str):
+        """Context for a split vocabulary's value checks (made across its group, every rank of it
+        raising the same error): with data parallelism too, the data-parallel peers learn the
+        outcome before the next collective."""
+        return comm.agreement(where, self.data.groups() if self.vocab is not LOCAL else [])
 
     @staticmethod
     def of(value, *, process_group=None, data_parallel_group=None) -> "Parallel":

@@ -254,3 +254,31 @@ def test_the_probes_cases_on_their_own(function, bad):
     got = [r["bad"] for r in per_rank]
     assert got[0]["error"] == got[1]["error"] and "rank 1" in got[0]["error"], got
     assert max(g["seconds"] for g in got) < WITHIN_SECONDS, got
+
+
+def _through_a_host_group_job(rank, world):
+    """As on an NCCL group: the agreement runs on a gloo group over the same ranks, created once."""
+    from fused_pg import comm
+
+    comm._runs_on_cpu = lambda group: False  # this forked process only
+    errors = []
+    for step in range(3):
+        a = _args("policy_loss_from_logprobs/data", rank, world, step, None)
+        if step == 1 and rank == 1:
+            a["advantages"] = torch.randn(7)
+        try:
+            _call("policy_loss_from_logprobs/data", a)
+            errors.append(None)
+        except ValueError as err:
+            errors.append(str(err))
+    return dict(errors=errors, host_groups=len(comm._HOST_GROUPS))
+
+
+def test_agreement_through_a_host_group_for_groups_without_a_cpu_backend():
+    per_rank = run_group(2, [("host", _through_a_host_group_job)], timeout=PEER_TIMEOUT)
+    for r in per_rank:
+        errors = r["host"]["errors"]
+        assert errors[0] is None and errors[2] is None
+        assert errors[1] is not None and "rank 1" in errors[1] and "advantages" in errors[1]
+        assert r["host"]["host_groups"] == 1
+    assert per_rank[0]["host"]["errors"] == per_rank[1]["host"]["errors"]
