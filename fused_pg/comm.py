@@ -163,8 +163,7 @@ def _exchange(group, failure: tuple | None) -> tuple | None:
 def blame(error: Exception, group, rank_in_group: int) -> Exception:
     """Mark ``error`` as caused by the given rank of ``group`` (every rank raises it, after a
     collective check): :func:`agreement` then names that rank, by its global rank."""
-    error.failing_rank = dist.get_global_rank(group, rank_in_group) if group is not dist.group.WORLD \
-        else rank_in_group
+    error.failing_rank = dist.get_global_rank(group, rank_in_group)
     return error
 
 

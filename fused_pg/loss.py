@@ -162,7 +162,8 @@ def repo_loss(
                        on-policy (ratio 1 with the gradient of logp, no extra sweep). Like
                        ref/rollout log-probs they are constants: detached inside.
         mask:          1/True for tokens that count (bool, int or float 0/1); tokens whose
-                       target is ``ignore_index`` never count.
+                       target is ``ignore_index`` do not count either (nor, unchecked, ids
+                       outside [0, V) or excluded by a -inf bias): ``out.mask`` says which did.
         ref_logprobs:  reference-policy log-probs, for ``kl_coef`` (KL is reported whenever given).
         rollout_logprobs: the inference engine's log-probs, for ``tis_cap``.
         cu_seqlens:    [S + 1] sequence offsets of packed inputs (needed for sequence-level
@@ -263,7 +264,10 @@ def policy_loss_from_logprobs(
         advantages, old_logprobs, mask, ref_logprobs, rollout_logprobs, cu_seqlens, weights,
                    repo_stats, num_items_in_batch: as in :func:`repo_loss`, with
                    ``logprobs``' shape in place of hidden's leading shape; ``old_logprobs=None``
-                   means on-policy.
+                   means on-policy. There are no targets here: log-probs from
+                   :func:`fused_pg.fused_logprobs_entropy` are 0 where its targets were
+                   ``ignore_index``, so pass its ``out.mask`` (or ``mask & out.mask``), or such
+                   tokens count as tokens of probability 1.
         entropy:   optional per-token entropies, ``logprobs``' shape, differentiable; needed
                    when ``entropy_coef != 0`` and reported as ``metrics["entropy_mean"]``
                    (0 when not given).
