@@ -48,6 +48,7 @@ examples:
   python -m bench --impl fused-triton --precision all     speed cost of native/tf32/ieee
   python -m bench --data flat              i.i.d. logits (several nats of entropy)
   python -m bench --tune                   sweep Triton kernel configs on this GPU
+  python -m bench --acceptance             the GPU acceptance run (about 8 minutes), results/<device>/acceptance/
   python -m bench --list                   model presets and implementations
 
 results go to results/local/<device>/ (bench.json, table.md, bench.png) unless --out is given.
@@ -112,6 +113,13 @@ def _precision(text: str) -> str:
     return text
 
 
+def _stage(text: str) -> str:
+    from .acceptance import STAGES
+    if text not in STAGES:
+        raise argparse.ArgumentTypeError(f"unknown stage {text!r}; choose from {', '.join(STAGES)}")
+    return text
+
+
 def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=prog, description="Benchmark fused-pg against materialised PyTorch, "
@@ -128,6 +136,14 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     g.add_argument("--tune", action="store_true",
                    help="instead of benchmarking, sweep the Triton kernels' tile configs on this CUDA GPU "
                         f"and print config-table rows (shapes from --model/--d/--v, N from --n, default {TUNE_N})")
+    a = p.add_argument_group("GPU acceptance run (bench/acceptance.py)")
+    a.add_argument("--acceptance", action="store_true",
+                   help="environment, tests/test_cuda.py, the acceptance table, a per-kernel profile and the "
+                        "sync / CUDA-graph / torch.compile probes, each stage time-boxed, into "
+                        "results/<device>/acceptance/ (about 8 minutes on an H100; --device cpu: tiny shapes)")
+    a.add_argument("--budget-s", type=_positive_float, metavar="S", help="time for all stages (default 450)")
+    a.add_argument("--stages", type=_list_of(_stage, "stages"), metavar="LIST",
+                   help="run only these stages (env, tests, table, profile, probes)")
     s = p.add_argument_group("shapes and data")
     s.add_argument("--model", type=_list_of(_model, "model presets"), metavar="LIST",
                    help="LM-head shapes of real models (D, V), e.g. qwen2.5-7b,llama3-8b; see --list")
@@ -295,10 +311,13 @@ def run_benchmark(cfg: BenchConfig) -> int:
         _err(why)
         return EXIT_USAGE
     os.makedirs(cfg.out_dir, exist_ok=True)
-    result = runner.run(cfg, impls=impls, skipped=skipped, est=est)
+
+    def write(result: dict) -> list[str]:  # after every row: a run that dies keeps what finished
+        return [report.write_json(result, cfg.out_dir), report.write_table(result, cfg.out_dir)]
+    result = runner.run(cfg, impls=impls, skipped=skipped, est=est, on_row=write)
     print()
     print(report.render(result))
-    paths = [report.write_json(result, cfg.out_dir), report.write_table(result, cfg.out_dir)]
+    paths = write(result)
     if cfg.plot:
         png = report.write_plot(result, cfg.out_dir)
         if png:
@@ -357,6 +376,16 @@ def tune(args: argparse.Namespace, p: argparse.ArgumentParser) -> int:
     return EXIT_OK
 
 
+def acceptance(args: argparse.Namespace, p: argparse.ArgumentParser) -> int:
+    from . import acceptance as acc
+    try:
+        device = pick_device(args.device)
+    except ValueError as exc:
+        p.error(str(exc))
+    impls = _impls(args, default_suite(device.type, False)) if args.impl else None
+    return acc.main(device.type, args.out, impls, args.budget_s or acc.BUDGET_S, tuple(args.stages or acc.STAGES))
+
+
 # --- entry points ------------------------------------------------------------------------------------
 
 def main(argv: Sequence[str] | None = None, prog: str = PROG) -> int:
@@ -369,6 +398,8 @@ def main(argv: Sequence[str] | None = None, prog: str = PROG) -> int:
             return EXIT_OK
         if args.tune:
             return tune(args, p)
+        if args.acceptance:
+            return acceptance(args, p)
         return run_benchmark(_config(args, p, argv))
     except KeyboardInterrupt:
         _err("\ninterrupted (Ctrl-C) before any row finished: nothing written")

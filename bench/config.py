@@ -143,7 +143,7 @@ CPU_QUICK = Suite("cpu-quick", "fp32", (2048, 3072), ((64, 16384),), ("fused-tor
 # CUDA: the GPU suite (Qwen3-8B and Llama-3-8B heads), bf16. fused-pg's torch backend is left
 # out by default to keep the suite short (its tiles are upcast to fp32, so its GEMMs run
 # without tensor cores); add it with --impl.
-CUDA_IMPLS = ("fused-triton", "naive", "compiled", "trl", "liger-chunked", "liger-triton", "cce")
+CUDA_IMPLS = ("fused-triton", "naive", "compiled", "verl", "trl", "liger-chunked", "liger-triton", "cce")
 CUDA_SUITE = Suite("cuda", "bf16", (4096, 8192, 16384, 32768), ((4096, 151936), (4096, 128256)),
                    CUDA_IMPLS, 3, 10)
 CUDA_QUICK = Suite("cuda-quick", "bf16", (4096, 16384), ((4096, 151936),), CUDA_IMPLS, 2, 5)
@@ -227,7 +227,8 @@ def slug(text: str) -> str:
 
 # The source checkout this package lives in, when it does (``python -m bench`` from the
 # repository root); None when installed elsewhere, e.g. as a console script.
-_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# (realpath: the package is reached through the symlink fused_pg/bench -> ../bench)
+_PARENT = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
 REPO_ROOT: str | None = _PARENT if os.path.isfile(os.path.join(_PARENT, "pyproject.toml")) else None
 
 

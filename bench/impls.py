@@ -19,7 +19,7 @@ Keys (``--impl``):
                     CPU); per chunk one compiled, checkpointed function computes
                     ``(h @ W.T).float()``, the log-sum-exp, the target log-prob and the entropy.
                     Only one chunk of logits is alive in the forward; backward recomputes them.
-* ``trl``, ``liger-chunked``, ``liger-triton``, ``cce``: peers (:mod:`bench.peers`), when installed.
+* ``trl``, ``verl``, ``liger-chunked``, ``liger-triton``, ``cce``: peers (:mod:`bench.peers`), when installed.
 """
 
 from __future__ import annotations
@@ -222,6 +222,7 @@ IMPL_HELP = {
     "reference": "fused-pg backend='reference' (materialised, inputs upcast to fp32)",
     "compiled": "torch.compile'd chunked logits + activation checkpointing",
     "trl": "TRL's chunked fused LM head (log-probs + entropy) + fused-pg epilogue (peer)",
+    "verl": "verl's fused kernel linear_cross_entropy (log-probs + entropy) + fused-pg epilogue (peer, CUDA)",
     "liger-chunked": "Liger-Kernel LigerFusedLinearGRPOLoss (peer; no entropy, no REPO)",
     "liger-triton": "Liger-Kernel Triton GRPO loss on materialised logits (peer, CUDA; no entropy, no REPO)",
     "cce": "Cut Cross-Entropy linear_cross_entropy + fused-pg epilogue (peer; no entropy)",
@@ -248,6 +249,8 @@ def build_impls(key: str, precisions: tuple[str, ...]) -> list[Impl]:
                      _check_compile)]
     if key == "trl":
         return [Impl(key, "TRL chunked head", "peer", peers.trl_make, peers.trl_check)]
+    if key == "verl":
+        return [Impl(key, "verl fused kernel", "peer", peers.verl_make, peers.verl_check)]
     if key == "liger-chunked":
         return [Impl(key, "Liger chunked GRPO", "peer", peers.liger_chunked_make, peers.liger_chunked_check,
                      features=frozenset({"kl"}), grads_in_forward=True, gemms=3)]

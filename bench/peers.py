@@ -15,11 +15,18 @@
   triton_grpo_loss``) on *materialised* logits in the input dtype (``h @ W.T``); it expects
   ``B x (T+1)`` logit rows (the last position of each sequence is dropped), so one dummy
   hidden row per sequence is appended. CUDA only (Triton).
+* ``verl``: verl's fused kernel ``verl.utils.kernel.linear_cross_entropy`` (NVIDIA's
+  ``efficient_entropy_*`` Triton kernels): per-token log-probs **and entropy** from hidden states
+  and the LM head without materialising logits; the backward takes the entropy's gradient too.
+  fused-pg's epilogue adds the policy loss (REPO, KL and the entropy bonus included). CUDA only
+  (see :data:`VERL_NO_CPU`). Its two modules need only torch and triton: when verl's package
+  does not import (its own dependencies are absent, as on a GPU machine given only verl's
+  wheel), they are loaded without running ``verl/__init__.py``.
 * ``cce``: Cut Cross-Entropy's ``linear_cross_entropy(..., reduction="none")`` gives
   ``-logp`` per token without materialising logits; fused-pg's epilogue adds the policy loss
   (REPO and KL included, no entropy). ``impl="cce"`` (Triton) on CUDA, ``"torch_compile"`` on CPU.
 
-Install them with ``pip install trl liger-kernel cut-cross-entropy`` (none is a dependency of
+Install them with ``pip install trl liger-kernel cut-cross-entropy`` and ``pip install --no-deps verl`` (none is a dependency of
 fused-pg; liger-kernel and cut-cross-entropy are pure Python; trl pulls transformers).
 """
 
@@ -27,7 +34,9 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
 import sys
+import types
 
 import torch
 from torch import Tensor
@@ -38,7 +47,8 @@ from .problem import Problem, StepOutput, loss_from_logprobs
 LIGER = "liger_kernel"
 CCE = "cut_cross_entropy"
 TRL = "trl"
-PIP_NAMES = {LIGER: "liger-kernel", CCE: "cut-cross-entropy", TRL: "trl"}
+VERL = "verl"
+PIP_NAMES = {LIGER: "liger-kernel", CCE: "cut-cross-entropy", TRL: "trl", VERL: "verl"}
 
 
 def missing(module: str) -> str | None:
@@ -181,6 +191,57 @@ def liger_triton_make(problem: Problem, spec: LossSpec):
         # DAPO / token-mean normalisation over the valid tokens of the batch
         loss = (per_token_loss * maskf).sum() / maskf.sum().clamp_min(1.0)
         return StepOutput(loss)
+    return step
+
+
+# --- verl: fused log-probs + entropy kernel -----------------------------------------------------
+
+# Why verl's kernel cannot run without a GPU, checked with verl 0.9.1, torch 2.13 (CPU build) and
+# triton 3.9: LinearCrossEntropy opens torch.cuda.nvtx ranges, which raise on a CPU-only torch
+# build; efficient_entropy_forward/backward assert that every tensor is a CUDA tensor; and under
+# TRITON_INTERPRET=1 the forward kernel's first masked store fails in the interpreter ("mask has
+# unsupported dtype": ``(offs_max_m < num_tokens) & (offs_max_n < num_splits)`` is int32 there).
+VERL_NO_CPU = ("verl's kernel runs only on CUDA: it opens torch.cuda.nvtx ranges (an error on a "
+               "CPU-only torch), asserts hidden.is_cuda, and its forward kernel fails under the Triton "
+               "interpreter ('mask has unsupported dtype' on a masked store)")
+VERL_MODULE = "verl.utils.kernel.linear_cross_entropy"
+
+
+def verl_check(device: torch.device, dtype: torch.dtype) -> str | None:
+    reason = missing(VERL)
+    if reason:
+        return reason.replace("pip install verl", "pip install --no-deps verl")
+    return VERL_NO_CPU if device.type != "cuda" else None
+
+
+def verl_linear_cross_entropy():
+    """``verl.utils.kernel.linear_cross_entropy.linear_cross_entropy``; when verl's package does
+    not import, its kernel modules alone, under bare ``verl``/``verl.utils``/``verl.utils.kernel``
+    package entries (their ``__init__`` files import verl's whole dependency tree)."""
+    try:
+        return importlib.import_module(VERL_MODULE).linear_cross_entropy
+    except ImportError:
+        if "verl.utils.kernel" in sys.modules:
+            raise
+    root = os.path.dirname(importlib.util.find_spec(VERL).origin)
+    for name in ("verl", "verl.utils", "verl.utils.kernel"):
+        if name not in sys.modules:
+            package = types.ModuleType(name)
+            package.__path__ = [os.path.join(root, *name.split(".")[1:])]
+            sys.modules[name] = package
+    return importlib.import_module(VERL_MODULE).linear_cross_entropy
+
+
+def verl_make(problem: Problem, spec: LossSpec):
+    D = problem.shape.d
+    if D % 128:
+        raise ValueError(f"verl's kernel needs a hidden size D that is a multiple of 128, got D={D}")
+    linear_cross_entropy = verl_linear_cross_entropy()
+
+    def step() -> StepOutput:
+        logp, ent = linear_cross_entropy(problem.hidden.reshape(-1, D), problem.weight,
+                                         problem.targets.reshape(-1), 1.0, "none")
+        return StepOutput(loss_from_logprobs(problem, spec, logp, ent), logp, ent)
     return step
 
 

@@ -5,22 +5,24 @@ JSON schema ``fused-pg-bench/1`` (top-level keys, all required):
 
     schema, created (ISO date), wall_s, interrupted (bool: stopped by Ctrl-C, rows so far),
     device {type, name, slug, ...},
-    versions {python, torch, triton, fused_pg, liger_kernel, cut_cross_entropy, trl, platform},
+    versions {python, torch, triton, fused_pg, liger_kernel, cut_cross_entropy, trl, verl, platform},
     git {commit, dirty}, config {...BenchConfig...}, timer, memory_method,
     estimate {seconds, per_shape, gemm_tflops, model, memory_bytes, available_bytes} | null,
     skipped [{impl, label, reason}], accuracy {shape, dtype, mean_entropy, results [...]} | null,
-    batches [{n, d, v, seqs, seq_len, valid_tokens, data, mean_entropy}],
+    batches [{n, d, v, seqs, seq_len, valid_tokens, data, mean_entropy, oracle_rows}],
     floors [{n, d, v, gemm_ms, floor_ms {fwd, bwd, fwd_bwd}, tflops}],
     results [{impl, key, label, family, precision, n, d, v, status, reason, notes, computes,
               grads_in_forward, loss, anchor_loss, loss_ok, loss_tol, first_call_s,
               peak_mem_bytes, fwd_ms, bwd_ms, fwd_bwd_ms ({median, min, max, spread, samples} | null),
               tflops, floor_ratio ({fwd, bwd, fwd_bwd} | null), gemms, rows_swept, own_floor_ms,
-              flags (subset of FLAGS)}],
+              flags (subset of FLAGS), logprobs_max_abs, entropy_max_abs (against the fp64
+              oracle on the batch's oracle_rows sampled valid tokens; null where not exposed)}],
     loss_check {reference, checked, all_agree, max_abs_diff, mismatches}
 
 Times are milliseconds, memory bytes, throughput TFLOP/s of the 4-GEMM model
 (:mod:`bench.measure`), entropies nats. ``interrupted``, ``estimate``, ``batches``, the
-``spread`` of a timing and a result's ``gemms``/``rows_swept``/``own_floor_ms``/``flags`` were
+``spread`` of a timing and a result's ``gemms``/``rows_swept``/``own_floor_ms``/``flags``/
+``logprobs_max_abs``/``entropy_max_abs`` were
 added to the first version of this schema without changing any earlier key.
 
 The plot: one row of two panels per (D, V): forward+backward time against N on log-log axes
@@ -52,7 +54,7 @@ TOP_LEVEL = ("schema", "created", "wall_s", "interrupted", "device", "versions",
 RESULT_KEYS = ("impl", "key", "label", "family", "precision", "n", "d", "v", "status", "reason", "notes",
                "computes", "grads_in_forward", "loss", "anchor_loss", "loss_ok", "loss_tol", "first_call_s",
                "peak_mem_bytes", "fwd_ms", "bwd_ms", "fwd_bwd_ms", "tflops", "floor_ratio",
-               "gemms", "rows_swept", "own_floor_ms", "flags")
+               "gemms", "rows_swept", "own_floor_ms", "flags", "logprobs_max_abs", "entropy_max_abs")
 STATUSES = ("ok", "oom", "error", "skipped")
 FLAGS = ("noisy", "below-floor")
 JSON_NAME, TABLE_NAME, PLOT_NAME = "bench.json", "table.md", "bench.png"
@@ -88,6 +90,7 @@ def versions() -> dict:
         "liger_kernel": peers.version(peers.LIGER),
         "cut_cross_entropy": peers.version(peers.CCE),
         "trl": peers.version(peers.TRL),
+        "verl": peers.version(peers.VERL),
         "platform": platform.platform(),
     }
 
@@ -162,7 +165,7 @@ def format_table(headers: list[str], rows: list[list[str]], markdown: bool = Fal
 # --- the tables -------------------------------------------------------------------------------------
 
 RESULT_HEADERS = ["implementation", "N", "D", "V", "fwd ms", "bwd ms", "fwd+bwd ms [min-max]", "spread",
-                  "peak mem", "TFLOP/s", "x floor", "loss check", "notes"]
+                  "peak mem", "TFLOP/s", "x floor", "loss check", "logp err", "notes"]
 
 
 def flag_notes(case: dict) -> list[str]:
@@ -185,7 +188,7 @@ def result_rows(report: dict) -> list[list[str]]:
         b = batches.get(key)
         where = "same device and dtype" + (f"; {b['seqs']} x {b['seq_len']} tokens" if b else "")
         rows.append(["4-GEMM floor (matmul)", *map(str, key), f"{ms['fwd']:.1f}", f"{ms['bwd']:.1f}",
-                     f"{ms['fwd_bwd']:.1f}", "-", "-", fmt_tflops(floor["tflops"]), "1.00", "-", where])
+                     f"{ms['fwd_bwd']:.1f}", "-", "-", fmt_tflops(floor["tflops"]), "1.00", "-", "-", where])
         for c in report["results"]:
             if (c["n"], c["d"], c["v"]) != key:
                 continue
@@ -193,7 +196,7 @@ def result_rows(report: dict) -> list[list[str]]:
             if c["grads_in_forward"]:
                 notes.append("grads computed in fwd")
             if c["status"] != "ok":
-                rows.append([c["label"], *map(str, key), "-", "-", c["status"].upper(), "-", "-", "-", "-", "-",
+                rows.append([c["label"], *map(str, key), "-", "-", c["status"].upper(), "-", "-", "-", "-", "-", "-",
                              "; ".join(notes + [c["reason"] or ""]).strip("; ")])
                 continue
             check = "ok" if c["loss_ok"] else f"MISMATCH ({c['loss']:.6g} vs {c['anchor_loss']:.6g})"
@@ -202,7 +205,7 @@ def result_rows(report: dict) -> list[list[str]]:
                 f"{c['fwd_bwd_ms']['spread']:.0%}", fmt_bytes(c["peak_mem_bytes"]),
                 fmt_tflops(c["tflops"]["fwd_bwd"]),
                 f"{c['floor_ratio']['fwd_bwd']:.2f}" if c["floor_ratio"] else "-", check,
-                "; ".join(flag_notes(c) + notes)])
+                fmt_err(c["logprobs_max_abs"]), "; ".join(flag_notes(c) + notes)])
     return rows
 
 
@@ -271,8 +274,10 @@ def render(report: dict, markdown: bool = False) -> str:
         lines.append(f"Max error vs fp64 reference (N={a['shape']['n']} D={a['shape']['d']} V={a['shape']['v']}, "
                      f"{a['dtype']} inputs, mean entropy {a['mean_entropy']:.2f} nats):")
         lines += ["", format_table(ACCURACY_HEADERS, accuracy_rows(report), markdown), ""]
+    oracle_rows = sorted({b["oracle_rows"] for b in report["batches"]})
     lines.append("Times (median after warm-up, spread = inter-quartile range / median), peak memory above the "
-                 "inputs, TFLOP/s of the 4-GEMM model (8*N*D*V flops), ratio to the 4-GEMM floor:")
+                 "inputs, TFLOP/s of the 4-GEMM model (8*N*D*V flops), ratio to the 4-GEMM floor, logp err = "
+                 f"max |logp - fp64 oracle| over {'/'.join(map(str, oracle_rows)) or 'no'} valid tokens of the batch:")
     lines += ["", format_table(RESULT_HEADERS, result_rows(report), markdown), ""]
     lc = report["loss_check"]
     if lc["checked"] == 0:
@@ -314,7 +319,7 @@ def validate(report: dict) -> None:
         if not isinstance(report["versions"].get(key), str):
             raise ValueError(f"versions.{key} must be a string")
     for i, b in enumerate(report["batches"]):
-        for key in ("n", "d", "v", "seqs", "seq_len", "valid_tokens", "data", "mean_entropy"):
+        for key in ("n", "d", "v", "seqs", "seq_len", "valid_tokens", "data", "mean_entropy", "oracle_rows"):
             if key not in b:
                 raise ValueError(f"batches[{i}] misses {key!r}")
     for i, f in enumerate(report["floors"]):

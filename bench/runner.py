@@ -6,7 +6,11 @@ Per implementation and shape:
 
 1. the first call (forward + backward; compilation and autotuning happen here, its wall
    time is reported as ``first_call_s``) gives the loss, which is compared with fused-pg's
-   torch backend on the same inputs and the same loss options (the *loss check*);
+   torch backend on the same inputs and the same loss options (the *loss check*), and the
+   per-token log-probs and entropies where the implementation exposes them, compared with the
+   fp64 oracle on :data:`ORACLE_ROWS` valid tokens of the batch (``logprobs_max_abs``,
+   ``entropy_max_abs``: a token's values depend on its own row only, so a sample of rows is
+   checked exactly at any N);
 2. the remaining warm-up iterations;
 3. ``repeats`` timed iterations, over which the peak memory above the inputs is taken; the
    row is flagged ``noisy`` when the spread of its forward+backward times exceeds
@@ -36,12 +40,13 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from fused_pg.reference.head import logprobs_entropy_ref
 from fused_pg.reference.loss import repo_loss_ref
 
 from . import measure, report as report_mod
 from .config import BenchConfig, LossSpec, Shape, device_name, pick_device
 from .impls import Impl, build_impls, fused_loss
-from .problem import Problem, make_problem
+from .problem import Problem, StepOutput, make_problem
 
 Log = Callable[..., None]
 
@@ -51,8 +56,11 @@ LOSS_TOL = {"fp32": 1e-4, "bf16": 5e-3, "fp16": 5e-3}
 # of the available memory (an OOM on CPU kills the process instead of raising)
 CPU_MEMORY_SHARE = 0.7
 # odd V: not a multiple of any tile size, exercises the masked tails
-ACCURACY_SHAPE = Shape(n=256, d=64, v=1531)
+# (D a multiple of 128: verl's kernel needs it)
+ACCURACY_SHAPE = Shape(n=256, d=128, v=1531)
 ACCURACY_SEQ_LEN = 64
+# valid tokens per benchmark batch whose log-probs and entropies are checked against the fp64 oracle
+ORACLE_ROWS = 64
 
 
 @dataclass
@@ -72,6 +80,8 @@ class CaseResult:
     times: measure.StepTimes | None = None
     peak_bytes: int | None = None
     rows: int | None = None             # hidden rows swept, when fewer than N
+    logprobs_err: float | None = None   # max |logp - fp64 oracle| over the sampled rows
+    entropy_err: float | None = None
 
     def as_dict(self, floor: measure.Floor | None, tol: float) -> dict:
         notes = list(self.notes)
@@ -88,6 +98,7 @@ class CaseResult:
             "fwd_ms": None, "bwd_ms": None, "fwd_bwd_ms": None, "tflops": None, "floor_ratio": None,
             "gemms": self.impl.gemms, "rows_swept": self.rows if self.rows is not None else self.shape.n,
             "own_floor_ms": None, "flags": [],
+            "logprobs_max_abs": self.logprobs_err, "entropy_max_abs": self.entropy_err,
         }
         if self.times is not None:
             t = {"fwd": self.times.fwd, "bwd": self.times.bwd, "fwd_bwd": self.times.fwd_bwd}
@@ -172,13 +183,41 @@ class Anchors:
         return self._values[key]
 
 
+@dataclass(frozen=True)
+class RowOracle:
+    """fp64 log-probs and entropies of a sample of a batch's valid tokens (flat indices)."""
+
+    rows: Tensor        # [S] int64, on the batch's device
+    logprobs: Tensor    # [S] fp64
+    entropy: Tensor
+
+    @classmethod
+    def of(cls, problem: Problem, count: int = ORACLE_ROWS) -> "RowOracle":
+        """The oracle on ``count`` valid tokens spread evenly over the batch (its rounded inputs)."""
+        valid = problem.mask.reshape(-1).nonzero().squeeze(1)
+        rows = valid[torch.linspace(0, len(valid) - 1, min(count, len(valid)), device=valid.device).long()]
+        with torch.no_grad():
+            h = problem.hidden.detach().reshape(-1, problem.shape.d)[rows]
+            logp, ent = logprobs_entropy_ref(h, problem.weight.detach(), problem.targets.reshape(-1)[rows],
+                                             dtype=torch.float64)
+        return cls(rows, logp, ent)
+
+    def errors(self, out: StepOutput) -> tuple[float | None, float | None]:
+        """max |logp - oracle| and max |entropy - oracle| over the sampled tokens (None: not exposed)."""
+        def err(values: Tensor | None, ref: Tensor) -> float | None:
+            if values is None:
+                return None
+            return float((values.detach().reshape(-1)[self.rows].double() - ref).abs().max())
+        return err(out.logprobs, self.logprobs), err(out.entropy, self.entropy)
+
+
 def _iteration(step, inputs):
     out = step()
     return torch.autograd.grad(out.loss, inputs)
 
 
 def run_case(impl: Impl, problem: Problem, spec: LossSpec, cfg: BenchConfig, device: torch.device,
-             anchors: Anchors) -> CaseResult:
+             anchors: Anchors, oracle: RowOracle | None = None) -> CaseResult:
     """Loss check, warm-up, memory and timing of one implementation on one problem."""
     eff, notes = impl.effective_loss(spec)
     res = CaseResult(impl, problem.shape, eff, notes)
@@ -200,6 +239,8 @@ def run_case(impl: Impl, problem: Problem, spec: LossSpec, cfg: BenchConfig, dev
         measure.synchronize(device)
         res.first_call_s = time.perf_counter() - t0
         res.loss, res.rows = float(out.loss.detach()), out.rows
+        if oracle is not None:
+            res.logprobs_err, res.entropy_err = oracle.errors(out)
         del out, grads
         if impl.key == "fused-torch" and impl.precision == "native":
             anchors.seed(problem.shape, eff, res.loss)
@@ -312,12 +353,14 @@ def loss_check_summary(cases: list[dict]) -> dict:
 # --- the whole run ----------------------------------------------------------------------------------
 
 def run(cfg: BenchConfig, log: Log = print, *, impls: list[Impl] | None = None,
-        skipped: list[dict] | None = None, est: dict | None = None) -> dict:
+        skipped: list[dict] | None = None, est: dict | None = None,
+        on_row: Callable[[dict], None] | None = None) -> dict:
     """Run the whole benchmark; returns the report (see :mod:`bench.report` for its schema).
 
     ``impls``/``skipped`` come from :func:`resolve_impls` when not given; ``est`` (from
     :func:`estimate`) is recorded as given. A KeyboardInterrupt ends the run early: the report
-    then holds what finished, with ``interrupted: true``.
+    then holds what finished, with ``interrupted: true``. ``on_row`` receives the report of the
+    rows finished so far (``interrupted: true`` until the end) after every row.
     """
     device = pick_device(cfg.device)
     started = time.perf_counter()
@@ -345,22 +388,30 @@ def run(cfg: BenchConfig, log: Log = print, *, impls: list[Impl] | None = None,
             problem = make_problem(shape, cfg.torch_dtype, device, cfg.loss, seq_len=cfg.seq_len, seed=cfg.seed,
                                    data=cfg.data, target_entropy=cfg.target_entropy)
             floor = measure.measure_floor(problem.hidden, problem.weight, warmup=1, repeats=max(3, cfg.repeats))
-            report["batches"].append(problem.info())
+            oracle = RowOracle.of(problem)
+            report["batches"].append({**problem.info(), "oracle_rows": len(oracle.rows)})
             report["floors"].append(floor.as_dict())
             log(f" {problem.num_seqs} x {problem.seq_len} tokens, mean entropy {problem.mean_entropy:.2f} nats;"
                 f" 4-GEMM floor {floor.ms['fwd_bwd']:.1f} ms ({floor.tflops():.2f} TFLOP/s)", flush=True)
             for impl in impls:
                 progress.start(f"{impl.display:<28} {shape}")
-                res = run_case(impl, problem, cfg.loss, cfg, device, anchors)
+                res = run_case(impl, problem, cfg.loss, cfg, device, anchors, oracle)
                 case = res.as_dict(floor, tol)
                 report["results"].append(case)
                 progress.finish(_case_line(case))
-            del problem
+                if on_row is not None:
+                    on_row(_finished(dict(report), started, interrupted=True))
+            del problem, oracle
             _free(device)
     except KeyboardInterrupt:
         report["interrupted"] = True
         log("\ninterrupted (Ctrl-C): reporting the rows finished so far", flush=True)
-    report.update(loss_check=loss_check_summary(report["results"]), wall_s=time.perf_counter() - started)
+    return _finished(report, started, report["interrupted"])
+
+
+def _finished(report: dict, started: float, interrupted: bool) -> dict:
+    report.update(loss_check=loss_check_summary(report["results"]), wall_s=time.perf_counter() - started,
+                  interrupted=interrupted)
     return report
 
 

@@ -1,6 +1,6 @@
 """Tests of the benchmark CLI (``python -m bench``): arguments, JSON schema, tiny CPU runs, and
 each behaviour of the command line (estimate and refusal, Ctrl-C, exit codes, flags, odd N,
-the plot, realistic data, the console entry point, ``--tune``).
+the plot, realistic data, the console entry point, ``--tune``, the peers, ``--acceptance``).
 
 Benchmarks are not timed tests: nothing here asserts a speed. The runs use tiny shapes; the
 whole file takes about a minute on 2 cores (the torch.compile test is the largest part: one
@@ -14,17 +14,20 @@ import io
 import json
 import os
 import runpy
+import subprocess
 import sys
 import types
 from contextlib import redirect_stdout
+from pathlib import Path
 
 import pytest
 import torch
 
-from fused_pg.bench import cli, impls, measure, peers, problem, report, runner
+from fused_pg.bench import acceptance, cli, impls, measure, peers, problem, report, runner
 from fused_pg.bench.config import MODEL_PRESETS, PRECISIONS, LossSpec, Shape
 from fused_pg.bench.impls import IMPL_KEYS, build_impls
 
+ROOT = Path(__file__).resolve().parents[1]
 needs_no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU defaults and CPU skip reasons")
 
 # tiny problem: 2 sequences of 64 tokens, odd V (exercises the tails of the vocabulary tiles)
@@ -125,6 +128,7 @@ def test_impl_all_and_precision_all():
     (["--repo-coef", "2"], "--repo-coef must be in [0, 1] for --repo decorrelate"),
     (["--eps-low", "1.5"], "--eps-low must be < 1"),
     (["--repeats", "-3"], "expected a positive integer"),
+    (["--acceptance", "--stages", "env,bench"], "unknown stage 'bench'"),
 ])
 def test_bad_arguments_give_clear_errors(argv, message, capsys):
     assert message in parse_error(["--device", "cpu", *argv], capsys)
@@ -493,7 +497,7 @@ def test_torch_compile_baseline(tmp_path, capsys):
 
     The benchmark shape equals the accuracy shape so that a single compilation serves both.
     """
-    stdout, data = run_main(["--device", "cpu", "--n", "256", "--d", "64", "--v", "1531", "--seq-len", "64",
+    stdout, data = run_main(["--device", "cpu", "--n", "256", "--d", "128", "--v", "1531", "--seq-len", "64",
                              "--impl", "compiled", "--warmup", "1", "--repeats", "1", "--no-plot",
                              "--out", str(tmp_path)], capsys)
     (res,) = data["results"]
@@ -502,3 +506,97 @@ def test_torch_compile_baseline(tmp_path, capsys):
     assert res["loss_ok"] is True and res["first_call_s"] > 0
     (acc,) = data["accuracy"]["results"]
     assert acc["grad_hidden_max_rel"] < 1e-4 and acc["entropy_max_abs"] < 1e-4
+
+
+# --- verl's fused kernel as a peer ------------------------------------------------------------------
+
+def test_verl_peer_adapter_with_a_stand_in_kernel(tmp_path, capsys, monkeypatch):
+    """The adapter around verl's kernel (which runs only on CUDA), with a materialised torch head
+    standing in for ``linear_cross_entropy``: called as verl's API is (flat hidden, flat labels,
+    temperature, reduction), its entropy feeds the loss, and the row computes the full loss."""
+    calls = []
+
+    def stand_in(hidden, weight, labels, temperature, reduction):
+        calls.append((tuple(hidden.shape), tuple(labels.shape), temperature, reduction))
+        return impls.naive_logprobs_entropy(hidden, weight, labels)
+    monkeypatch.setattr(peers, "verl_linear_cross_entropy", lambda: stand_in)
+    monkeypatch.setattr(peers, "verl_check", lambda device, dtype: None)
+    stdout, data = run_main(["--device", "cpu", *TINY, "--d", "128", "--impl", "fused-torch,verl", "--no-plot",
+                             "--out", str(tmp_path)], capsys)
+    rows = {r["impl"]: r for r in data["results"]}
+    assert rows["verl"]["status"] == "ok" and rows["verl"]["loss_ok"] is True, rows["verl"]
+    assert rows["verl"]["notes"] == [] and rows["verl"]["computes"]["entropy_coef"] > 0
+    assert rows["verl"]["logprobs_max_abs"] < 1e-4 and rows["verl"]["entropy_max_abs"] < 1e-4
+    (acc,) = [r for r in data["accuracy"]["results"] if r["impl"] == "verl"]
+    assert acc["entropy_max_abs"] < 1e-4 and acc["grad_hidden_max_rel"] < 1e-4 and acc["grad_weight_max_rel"] < 1e-4
+    assert {c[2:] for c in calls} == {(1.0, "none")} and ((128, 128), (128,)) in {c[:2] for c in calls}
+
+
+def test_verl_peer_needs_cuda_and_a_hidden_size_multiple_of_128(tmp_path, capsys, monkeypatch):
+    reason = peers.verl_check(torch.device("cpu"), torch.float32)
+    assert reason == (peers.missing(peers.VERL) or "").replace("pip install verl", "pip install --no-deps verl") \
+        or reason == peers.VERL_NO_CPU
+    monkeypatch.setattr(peers, "verl_check", lambda device, dtype: None)
+    _, data = run_main(["--device", "cpu", *TINY, "--impl", "verl", "--no-accuracy", "--no-plot",
+                        "--out", str(tmp_path)], capsys)
+    (row,) = data["results"]
+    assert row["status"] == "error" and "multiple of 128, got D=32" in row["reason"]
+
+
+def test_verl_kernel_loads_without_verls_dependencies():
+    """Where verl's package does not import (here: tensordict blocked), its kernel modules load
+    on their own, and nothing of verl's package __init__ runs."""
+    pytest.importorskip("verl", reason="verl is not installed")
+    code = ("import sys; sys.modules['tensordict'] = None\n"
+            "from fused_pg.bench.peers import verl_linear_cross_entropy\n"
+            "fn = verl_linear_cross_entropy()\n"
+            "print(fn.__self__.__module__ if hasattr(fn, '__self__') else fn.__module__, 'verl.protocol' in sys.modules)")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=ROOT)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.split() == ["verl.utils.kernel.linear_cross_entropy", "False"]
+
+
+# --- the acceptance run ---------------------------------------------------------------------------
+
+def test_acceptance_run_end_to_end_on_cpu(tmp_path, capsys):
+    """``--acceptance --device cpu``: every stage runs (tiny shapes), and each leaves its files."""
+    out = str(tmp_path)
+    status = cli.main(["--acceptance", "--device", "cpu", "--out", out,
+                       "--impl", "fused-triton,fused-torch,naive,verl,liger-triton"])
+    stdout = capsys.readouterr().out
+    with open(os.path.join(out, "acceptance.json")) as f:
+        stages = {s["stage"]: s for s in json.load(f)["stages"]}
+    assert status == 0 and all(s["status"] == "ok" for s in stages.values()), stages
+    assert list(stages) == list(acceptance.STAGES)
+    with open(os.path.join(out, "env.json")) as f:
+        env = json.load(f)
+    assert env["versions"]["torch"] == torch.__version__ and env["device"]["type"] == "cpu"
+    assert len(env["git"]["commit"] or "") == 40
+    with open(os.path.join(out, "tests.log")) as f:
+        assert "tests/test_cuda.py" in f.read()
+    assert os.path.getsize(os.path.join(out, "pytest-junit.xml")) > 0
+    with open(os.path.join(out, report.JSON_NAME)) as f:
+        bench = json.load(f)
+    assert bench["interrupted"] is False and {(r["impl"], r["v"]) for r in bench["results"]} == {
+        (k, v) for k in ("fused-torch", "naive") for v in (1531, 1000)}
+    assert all(r["status"] == "ok" and r["logprobs_max_abs"] < 1e-4 for r in bench["results"])
+    skipped = {s["impl"]: s["reason"] for s in bench["skipped"]}
+    assert set(skipped) == {"fused-triton", "verl", "liger-triton"} and all(skipped.values())
+    with open(os.path.join(out, "profile.json")) as f:
+        prof = json.load(f)
+    assert prof["step_ms"] > 0 and prof["floor_ms"] > 0 and prof["kernels"]
+    with open(os.path.join(out, "probes.json")) as f:
+        probes = json.load(f)
+    assert set(probes) == set(acceptance.PROBES) and all("needs CUDA" in p["skipped"] for p in probes.values())
+    with open(os.path.join(out, "summary.md")) as f:
+        summary = f.read()
+    assert "| fused-pg torch | 256 | 1531 |" in summary and "skipped verl fused kernel" in summary
+    assert summary.strip() in stdout
+
+
+def test_a_stage_past_its_time_box_is_stopped_and_keeps_its_output(tmp_path):
+    code = "import time; print('first row', flush=True); time.sleep(60)"
+    rec = acceptance.run_stage("slow", [sys.executable, "-c", code], 2.0, str(tmp_path / "slow.log"))
+    assert rec["status"] == "timeout" and rec["seconds"] < 2 + acceptance.GRACE_S
+    assert "first row" in (tmp_path / "slow.log").read_text()
