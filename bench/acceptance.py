@@ -382,9 +382,10 @@ def _probe_compile(problem, loss_fn) -> dict:
     eager = _fwd_bwd(problem, loss_fn)
     compiled = _fwd_bwd(problem, torch.compile(loss_fn))
     breaks = {str(k)[:150]: v for k, v in counters["graph_break"].items()}
+    rel = [float((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30))
+           for a, b in zip(compiled, eager)]
     return {"compiled": True, "graph_breaks": sum(breaks.values()), "break_reasons": dict(list(breaks.items())[:5]),
-            "max_rel_diff_loss_dh_dw": [float((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30))
-                                        for a, b in zip(compiled, eager)]}
+            "max_rel_diff_loss_dh_dw": rel}
 
 
 PROBES: dict[str, tuple[Callable, int]] = {"host_syncs": (_probe_sync, 40), "cuda_graph": (_probe_graph, 40),

@@ -26,8 +26,9 @@
   ``-logp`` per token without materialising logits; fused-pg's epilogue adds the policy loss
   (REPO and KL included, no entropy). ``impl="cce"`` (Triton) on CUDA, ``"torch_compile"`` on CPU.
 
-Install them with ``pip install trl liger-kernel cut-cross-entropy`` and ``pip install --no-deps verl`` (none is a dependency of
-fused-pg; liger-kernel and cut-cross-entropy are pure Python; trl pulls transformers).
+Install them with ``pip install trl liger-kernel cut-cross-entropy`` and ``pip install --no-deps verl``
+(none is a dependency of fused-pg; liger-kernel and cut-cross-entropy are pure Python; trl pulls
+transformers).
 """
 
 from __future__ import annotations

@@ -550,7 +550,7 @@ def test_verl_kernel_loads_without_verls_dependencies():
     code = ("import sys; sys.modules['tensordict'] = None\n"
             "from fused_pg.bench.peers import verl_linear_cross_entropy\n"
             "fn = verl_linear_cross_entropy()\n"
-            "print(fn.__self__.__module__ if hasattr(fn, '__self__') else fn.__module__, 'verl.protocol' in sys.modules)")
+            "print(fn.__self__.__module__, 'verl.protocol' in sys.modules)")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                          env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=ROOT)
     assert run.returncode == 0, run.stderr[-2000:]
