@@ -4,24 +4,22 @@ Five stages, each in its own process (a crashed CUDA context or a hung compile c
 next stage with it) and each time-boxed: SIGINT at its deadline, SIGKILL :data:`GRACE_S` later.
 Every stage writes its files as results come in, so a stage cut short keeps what finished.
 
-``env``      device, driver, CUDA/torch/triton/peer versions, git commit (``env.json``) and,
-             on CUDA, a tiny fused forward+backward against the torch backend (first compile).
-``tests``    ``pytest tests/test_cuda.py`` (``pytest.log``, ``pytest-junit.xml``).
+``env``      device, driver, CUDA/torch/triton/peer versions, git commit (``env.json``); on CUDA
+             a tiny fused forward+backward against the torch backend (the first compile).
+``tests``    ``pytest tests/test_cuda.py`` (``tests.log``, ``pytest-junit.xml``).
 ``table``    the benchmark (``bench.json``, ``table.md``, ``bench.png``, rewritten after every
              row): N = 4096..32768, D = 4096, V = 151936 and 128256, bf16, REPO-decorrelate with
-             an entropy bonus; every implementation (:data:`IMPLS`), its ratio to the 4-GEMM floor
-             of the same run, peak memory above the inputs and log-prob error against the fp64
-             oracle; peers that are not installed are listed as skipped with the reason.
+             an entropy bonus, every implementation of :data:`IMPLS`.
 ``profile``  CUDA time per kernel of one fused-pg fwd+bwd (``backend="triton"``) at N = 16384
              under ``torch.profiler`` (``profile.json``, ``profile.txt``).
 ``probes``   host synchronisations in the step (``torch.cuda.set_sync_debug_mode("error")``),
-             CUDA-graph capture and replay against eager, ``torch.compile`` of the step
+             CUDA-graph capture and replay against eager, ``torch.compile`` of the loss
              (``probes.json``).
 
-The run writes ``acceptance.json`` (per stage: status, seconds, exit code) and ``summary.md``
-into ``results/<device>/acceptance/`` unless ``--out`` is given. ``--device cpu`` runs the same
-stages at tiny shapes (the profile under the Triton interpreter; the probes, which need CUDA,
-are recorded as skipped with the reason): a test of the command, not a measurement.
+``acceptance.json`` records each stage's status, seconds and exit code, ``summary.md`` the key
+numbers; all in ``results/<device>/acceptance/`` unless ``--out`` is given. ``--device cpu``
+runs the same stages at tiny shapes with any GPU hidden (the profile under the Triton
+interpreter; the probes, which need CUDA, recorded as skipped): a test of the command.
 """
 
 from __future__ import annotations
@@ -36,17 +34,15 @@ import sys
 import threading
 import time
 import traceback
-from typing import Callable
 
 STAGES = ("env", "tests", "table", "profile", "probes")
-# seconds each stage may use at least: a stage's deadline leaves these to the stages after it,
-# and what a stage leaves unused goes to the later ones (450 s in all, plus grace periods)
+# seconds each stage keeps at least: a stage's deadline leaves these to the stages after it, and
+# what a stage leaves unused goes to the later ones (450 s in all, plus grace periods)
 RESERVE_S = {"env": 30, "tests": 120, "table": 200, "profile": 45, "probes": 55}
 BUDGET_S = sum(RESERVE_S.values())
 GRACE_S = 10
 IMPLS = ("fused-triton", "verl", "naive", "compiled", "cce", "trl", "liger-triton", "liger-chunked", "fused-torch")
-# the benchmark's arguments per device: the acceptance shapes on CUDA, tiny ones on CPU
-TABLE_ARGS = {
+TABLE_ARGS = {  # the benchmark's arguments: the acceptance shapes on CUDA, tiny ones on CPU
     "cuda": ["--dtype", "bf16", "--d", "4096", "--v", "151936,128256", "--n", "4096,8192,16384,32768",
              "--warmup", "2", "--repeats", "3"],
     "cpu": ["--dtype", "fp32", "--d", "128", "--v", "1531,1000", "--n", "256", "--seq-len", "64",
@@ -54,14 +50,6 @@ TABLE_ARGS = {
 }
 PROFILE_SHAPE = {"cuda": (16384, 4096, 151936), "cpu": (64, 64, 512)}
 PROBE_SHAPE = (2048, 1024, 32000)
-
-
-def default_out_dir(device_type: str) -> str:
-    import torch
-
-    from .config import REPO_ROOT, device_name, slug
-    return os.path.join(REPO_ROOT or os.getcwd(), "results", slug(device_name(torch.device(device_type))),
-                        "acceptance")
 
 
 # --- the driver ------------------------------------------------------------------------------------
@@ -105,20 +93,24 @@ def run_stage(name: str, cmd: list[str], timeout: float, log_path: str, **popen)
 def main(device_type: str, out_dir: str | None, impls: tuple[str, ...] | None, budget_s: float,
          stages: tuple[str, ...]) -> int:
     """Run the acceptance stages; returns 0 when every stage that ran finished in time."""
+    import torch
+
     import fused_pg
 
-    from .config import REPO_ROOT
-    out_dir = os.path.abspath(out_dir or default_out_dir(device_type))
+    from .config import REPO_ROOT, default_out_dir
+    absent = [m for m in ("rich", "matplotlib", "pytest") if not _importable(m)]
+    if absent:  # every stage would fail: say it once
+        print(f"the acceptance run needs {', '.join(absent)} (pip install 'fused-pg[test,bench]'; without a package "
+              "index, their pure-Python wheels)", file=sys.stderr)
+        return 2
+    out_dir = os.path.abspath(out_dir or default_out_dir(torch.device(device_type), acceptance=True))
     os.makedirs(out_dir, exist_ok=True)
     root = REPO_ROOT or os.getcwd()
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.path.dirname(os.path.dirname(fused_pg.__file__)),
-                                                      env.get("PYTHONPATH")]))
+    env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=os.pathsep.join(
+        filter(None, [os.path.dirname(os.path.dirname(fused_pg.__file__)), os.environ.get("PYTHONPATH")])))
     if device_type == "cpu":  # a CPU run hides any GPU; its profile runs the Triton kernels interpreted
         env.update(TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
-    deadline = time.monotonic() + budget_s
-    scale = budget_s / BUDGET_S
-    records: list[dict] = []
+    deadline, scale, records = time.monotonic() + budget_s, budget_s / BUDGET_S, []
     print(f"acceptance run on {device_type}: stages {', '.join(stages)}; budget {budget_s:.0f} s; "
           f"results in {out_dir}", flush=True)
     for i, name in enumerate(STAGES):
@@ -136,14 +128,11 @@ def main(device_type: str, out_dir: str | None, impls: tuple[str, ...] | None, b
             if device_type == "cuda" and _importable("xdist"):
                 cmd += ["-n", "4"]  # parallel Triton compilation
         else:
-            cmd = [sys.executable, "-m", "fused_pg.bench.acceptance", name, "--device", device_type,
-                   "--out", out_dir, "--seconds", str(int(timeout))]
-            if impls:
-                cmd += ["--impl", ",".join(impls)]
+            cmd = [sys.executable, "-m", "fused_pg.bench.acceptance", name, "--device", device_type, "--out", out_dir,
+                   "--seconds", str(int(timeout))] + (["--impl", ",".join(impls)] if impls else [])
         print(f"== stage {name} (time box {timeout:.0f} s)", flush=True)
-        rec = run_stage(name, cmd, timeout, os.path.join(out_dir, f"{name}.log"), cwd=root, env=env)
-        records.append(rec)
-        print(f"== stage {name}: {rec['status']} in {rec['seconds']} s", flush=True)
+        records.append(run_stage(name, cmd, timeout, os.path.join(out_dir, f"{name}.log"), cwd=root, env=env))
+        print(f"== stage {name}: {records[-1]['status']} in {records[-1]['seconds']} s", flush=True)
         _write_json(os.path.join(out_dir, "acceptance.json"), {"device": device_type, "budget_s": budget_s,
                                                                 "stages": records})
     text = summary(out_dir, records)
@@ -161,7 +150,6 @@ def _importable(module: str) -> bool:
 def _write_json(path: str, data: dict) -> None:
     with open(path, "w") as f:
         json.dump(data, f, indent=1, default=str)
-        f.write("\n")
 
 
 def _load(out_dir: str, name: str) -> dict | None:
@@ -174,44 +162,36 @@ def _load(out_dir: str, name: str) -> dict | None:
 
 def summary(out_dir: str, records: list[dict]) -> str:
     """The key results of a run, from the files its stages wrote."""
-    from .report import fmt_bytes, fmt_err
-    lines = ["# fused-pg acceptance run", ""]
-    for r in records:
-        lines.append(f"- stage {r['stage']}: {r['status']}" + (f" in {r['seconds']} s (time box "
-                     f"{r['timeout_s']} s, exit {r['returncode']})" if "seconds" in r else f" ({r['reason']})"))
+    from .report import fmt_bytes, fmt_err, format_table
+    lines = ["# fused-pg acceptance run", ""] + [
+        f"- stage {r['stage']}: {r['status']}" + (f" in {r['seconds']} s (time box {r['timeout_s']} s, exit "
+                                                 f"{r['returncode']})" if "seconds" in r else f" ({r['reason']})")
+        for r in records]
     env = _load(out_dir, "env.json")
     if env:
-        lines += ["", f"device: {env['device']['name']}; driver {env.get('driver')}; torch {env['versions']['torch']} "
-                      f"(CUDA {env.get('cuda')}); triton {env['versions']['triton']}; git {env['git']['commit']}"]
-    try:
+        lines += ["", f"device: {env['device']['name']}; driver {env['driver']}; torch {env['versions']['torch']} "
+                      f"(CUDA {env['cuda']}); triton {env['versions']['triton']}; git {env['git']['commit']}"]
+    if os.path.exists(os.path.join(out_dir, "tests.log")):
         with open(os.path.join(out_dir, "tests.log")) as f:
-            tail = [ln.strip("= \n") for ln in f if ln.startswith("=") and (" passed" in ln or " failed" in ln
-                                                                             or " skipped" in ln or " error" in ln)]
+            tail = re.findall(r"^=+ (.*(?:passed|failed|skipped|error).*?) =+$", f.read(), re.M)
         lines.append("tests/test_cuda.py: " + (tail[-1] if tail else "no pytest summary line (cut short?)"))
-    except OSError:
-        pass
     bench = _load(out_dir, "bench.json")
     if bench:
-        lines += ["", "| implementation | N | V | fwd+bwd ms | x floor | peak above inputs | logp err |",
-                  "|---|---|---|---|---|---|---|"]
-        for c in bench["results"]:
-            if c["status"] == "ok":
-                lines.append(f"| {c['label']} | {c['n']} | {c['v']} | {c['fwd_bwd_ms']['median']:.1f} | "
-                             f"{c['floor_ratio']['fwd_bwd']:.3f} | {fmt_bytes(c['peak_mem_bytes'])} | "
-                             f"{fmt_err(c['logprobs_max_abs'])} |")
-            else:
-                lines.append(f"| {c['label']} | {c['n']} | {c['v']} | {c['status'].upper()}: {c['reason']} | | | |")
+        rows = [[c["label"], str(c["n"]), str(c["v"])] + (
+            [f"{c['fwd_bwd_ms']['median']:.1f}", f"{c['floor_ratio']['fwd_bwd']:.3f}", fmt_bytes(c["peak_mem_bytes"]),
+             fmt_err(c["logprobs_max_abs"])] if c["status"] == "ok" else [f"{c['status'].upper()}: {c['reason']}",
+                                                                         "", "", ""]) for c in bench["results"]]
+        lines += ["", format_table(["implementation", "N", "V", "fwd+bwd ms", "x floor", "peak above inputs",
+                                    "logp err"], rows, markdown=True)]
         lines += [f"- skipped {s['label']}: {s['reason']}" for s in bench["skipped"]]
         if bench["interrupted"]:
             lines.append("- (the table was cut short: the rows above are the ones that finished)")
     prof = _load(out_dir, "profile.json")
     if prof:
-        lines += ["", f"profile N={prof['shape'][0]}: fwd+bwd {prof['step_ms']:.2f} ms = "
-                      f"{prof['step_ms'] / prof['floor_ms']:.3f} x the 4-GEMM floor ({prof['floor_ms']:.2f} ms); "
-                      "time per group: " + ", ".join(f"{k} {v:.2f} ms" for k, v in prof["groups_ms"].items())]
-    probes = _load(out_dir, "probes.json")
-    for name, result in (probes or {}).items():
-        lines.append(f"- probe {name}: {json.dumps(result, default=str)[:300]}")
+        lines += ["", f"profile N={prof['shape'][0]}: fwd+bwd {prof['step_ms']:.2f} ms = {prof['step_ms'] / prof['floor_ms']:.3f}"
+                      f" x the 4-GEMM floor ({prof['floor_ms']:.2f} ms); per group: "
+                      + ", ".join(f"{k} {v:.2f} ms" for k, v in prof["groups_ms"].items())]
+    lines += [f"- probe {k}: {json.dumps(v, default=str)[:300]}" for k, v in (_load(out_dir, "probes.json") or {}).items()]
     return "\n".join(lines)
 
 
@@ -227,12 +207,10 @@ def stage_env(device, out_dir: str, **_) -> None:
             "driver": None, "env": {k: v for k, v in os.environ.items()
                                     if k.startswith(("FUSED_PG", "CUDA_", "CUBLAS", "TRITON", "TORCH"))}}
     if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        info["device"]["sms"] = props.multi_processor_count
         try:
-            smi = subprocess.run(["nvidia-smi", "--query-gpu=driver_version,clocks.max.sm,power.limit",
-                                  "--format=csv,noheader"], capture_output=True, text=True, timeout=20)
-            info["driver"] = smi.stdout.strip() or smi.stderr.strip()
+            info["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version,clocks.max.sm,power.limit",
+                                             "--format=csv,noheader"], capture_output=True, text=True,
+                                            timeout=20).stdout.strip()
         except (OSError, subprocess.SubprocessError) as exc:
             info["driver"] = f"nvidia-smi failed: {exc}"
     print(json.dumps(info, indent=1, default=str), flush=True)
@@ -256,8 +234,8 @@ def stage_env(device, out_dir: str, **_) -> None:
 
 def stage_table(device, out_dir: str, impls: tuple[str, ...] | None, **_) -> int:
     from .cli import main as bench_main
-    argv = ["--device", device.type, *TABLE_ARGS[device.type], "--impl", ",".join(impls or IMPLS),
-            "--yes", "--out", out_dir]
+    argv = ["--device", device.type, *TABLE_ARGS[device.type], "--impl", ",".join(impls or IMPLS), "--yes",
+            "--out", out_dir]
     print("python -m bench " + " ".join(argv), flush=True)
     return bench_main(argv)
 
@@ -266,13 +244,12 @@ def _fused_loss(shape: tuple[int, int, int], device):
     """A batch of the benchmark's data and fused-pg's loss on it: ``(problem, loss(backend))``."""
     import torch
 
-    from .config import LossSpec, Shape
+    from .config import DEFAULT_LOSS, Shape
     from .impls import fused_loss
     from .problem import make_problem
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    spec = LossSpec()
-    problem = make_problem(Shape(*shape), dtype, device, spec, seq_len=min(1024, shape[0]))
-    return problem, lambda backend="triton": fused_loss(problem, spec, backend).loss
+    problem = make_problem(Shape(*shape), dtype, device, DEFAULT_LOSS, seq_len=min(1024, shape[0]))
+    return problem, lambda backend="triton": fused_loss(problem, DEFAULT_LOSS, backend).loss
 
 
 def _fwd_bwd(problem, loss_fn, backend: str = "triton") -> tuple:
@@ -282,54 +259,46 @@ def _fwd_bwd(problem, loss_fn, backend: str = "triton") -> tuple:
     return (loss.detach(), *torch.autograd.grad(loss, problem.grad_inputs()))
 
 
-CUBLAS_PATTERNS = ("gemm", "nvjet", "cutlass", "xmma", "sm90_", "cublas", "ampere_")
-
-
 def kernel_group(name: str) -> str:
     """Profile group of a CUDA kernel: cuBLAS GEMMs, each of fused-pg's Triton kernels by name
     (``_<what>_kernel``), the rest together."""
-    if any(p in name.lower() for p in CUBLAS_PATTERNS):
+    if any(p in name.lower() for p in ("gemm", "nvjet", "cutlass", "xmma", "sm90_", "cublas", "ampere_")):
         return "cublas gemm"
-    if re.fullmatch(r"_\w+_kernel", name):
-        return f"triton {name}"
-    return "other"
+    return f"triton {name}" if re.fullmatch(r"_\w+_kernel", name) else "other"
 
 
 def stage_profile(device, out_dir: str, **_) -> None:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from .measure import measure_floor, time_op
-    shape = PROFILE_SHAPE[device.type]
+    from .measure import measure_floor, time_ms
+    shape, cuda = PROFILE_SHAPE[device.type], device.type == "cuda"
     problem, loss_fn = _fused_loss(shape, device)
-    t0 = time.perf_counter()
-    _fwd_bwd(problem, loss_fn)
-    first = time.perf_counter() - t0
-    cuda = device.type == "cuda"
-    floor = measure_floor(problem.hidden, problem.weight, warmup=1, repeats=3)
-    step_ms = time_op(lambda: _fwd_bwd(problem, loss_fn), device, warmup=int(cuda), repeats=3 if cuda else 1).median
+    first = time_ms(lambda: _fwd_bwd(problem, loss_fn)) / 1e3
+    floor = measure_floor(problem.hidden, problem.weight, repeats=3)
+    step_ms = sorted(time_ms(lambda: _fwd_bwd(problem, loss_fn)) for _ in range(3 if cuda else 1))[(3 if cuda else 1) // 2]
     with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
         _fwd_bwd(problem, loss_fn)
         if cuda:
             torch.cuda.synchronize()
     events = prof.key_averages()
     # on CUDA the GPU kernels (device time); on CPU the aten operators stand in (a test of the plumbing)
-    kernels = [(e.key, (e.self_device_time_total if cuda else e.self_cpu_time_total) / 1e3, e.count) for e in events
-               if (e.device_type == torch.autograd.DeviceType.CUDA if cuda else e.key.startswith("aten::"))]
+    kernels = sorted(((e.key, (e.self_device_time_total if cuda else e.self_cpu_time_total) / 1e3, e.count)
+                      for e in events if (e.device_type == torch.autograd.DeviceType.CUDA if cuda
+                                          else e.key.startswith("aten::"))), key=lambda k: -k[1])
     rows, groups = [], {}
-    for name, ms, count in sorted(kernels, key=lambda k: -k[1]):
+    for name, ms, count in kernels:
         group = kernel_group(name) if cuda else "cpu operators"
         groups[group] = groups.get(group, 0.0) + ms
         rows.append({"name": name[:160], "group": group, "ms": ms, "count": count})
-    gemm = floor.logits.median
-    result = {"shape": shape, "device": device.type, "first_call_s": first, "step_ms": step_ms,
-              "floor_ms": floor.ms["fwd_bwd"], "gemm_ms": gemm, "groups_ms": groups,
-              "groups_in_gemms": {k: v / gemm for k, v in groups.items()}, "kernels": rows[:40]}
-    _write_json(os.path.join(out_dir, "profile.json"), result)
-    sort_by = "self_device_time_total" if cuda else "self_cpu_time_total"
+    gemm = floor["gemm_ms"]["logits"]["median"]
+    _write_json(os.path.join(out_dir, "profile.json"), {
+        "shape": shape, "device": device.type, "first_call_s": first, "step_ms": step_ms,
+        "floor_ms": floor["floor_ms"]["fwd_bwd"], "gemm_ms": gemm, "groups_ms": groups,
+        "groups_in_gemms": {k: v / gemm for k, v in groups.items()}, "kernels": rows[:40]})
     with open(os.path.join(out_dir, "profile.txt"), "w") as f:
-        f.write(events.table(sort_by=sort_by, row_limit=30) + "\n")
-    print(f"fwd+bwd {step_ms:.2f} ms, 4-GEMM floor {floor.ms['fwd_bwd']:.2f} ms; per group (ms): "
+        f.write(events.table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total", row_limit=30))
+    print(f"fwd+bwd {step_ms:.2f} ms, 4-GEMM floor {floor['floor_ms']['fwd_bwd']:.2f} ms; per group (ms): "
           + ", ".join(f"{k} {v:.2f}" for k, v in groups.items()), flush=True)
     for r in rows[:15]:
         print(f"  {r['ms']:9.3f} ms  x{r['count']:<4d} {r['group']:24s} {r['name'][:100]}", flush=True)
@@ -356,16 +325,15 @@ def _probe_sync(problem, loss_fn) -> dict:
 
 def _probe_graph(problem, loss_fn) -> dict:
     import torch
-    step = lambda: _fwd_bwd(problem, loss_fn)  # noqa: E731
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
         for _ in range(2):
-            eager = step()
+            eager = _fwd_bwd(problem, loss_fn)
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        static = step()
+        static = _fwd_bwd(problem, loss_fn)
     graph.replay()
     torch.cuda.synchronize()
     return {"captured": True, "bitwise_equal": all(torch.equal(a, b) for a, b in zip(static, eager)),
@@ -373,7 +341,7 @@ def _probe_graph(problem, loss_fn) -> dict:
 
 
 def _probe_compile(problem, loss_fn) -> dict:
-    """The forward compiled (``torch.compile`` of the loss), its backward through autograd."""
+    """The loss compiled (``torch.compile``), its backward through autograd, against eager."""
     import torch
     import torch._dynamo
     from torch._dynamo.utils import counters
@@ -382,22 +350,19 @@ def _probe_compile(problem, loss_fn) -> dict:
     eager = _fwd_bwd(problem, loss_fn)
     compiled = _fwd_bwd(problem, torch.compile(loss_fn))
     breaks = {str(k)[:150]: v for k, v in counters["graph_break"].items()}
-    rel = [float((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30))
-           for a, b in zip(compiled, eager)]
     return {"compiled": True, "graph_breaks": sum(breaks.values()), "break_reasons": dict(list(breaks.items())[:5]),
-            "max_rel_diff_loss_dh_dw": rel}
+            "max_rel_diff_loss_dh_dw": [float((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(
+                1e-30)) for a, b in zip(compiled, eager)]}
 
 
-PROBES: dict[str, tuple[Callable, int]] = {"host_syncs": (_probe_sync, 40), "cuda_graph": (_probe_graph, 40),
-                                           "torch_compile": (_probe_compile, 120)}
+PROBES = {"host_syncs": (_probe_sync, 40), "cuda_graph": (_probe_graph, 40), "torch_compile": (_probe_compile, 120)}
 
 
 def stage_probes(device, out_dir: str, seconds: int, **_) -> None:
-    path = os.path.join(out_dir, "probes.json")
-    results: dict[str, object] = {}
+    path, results = os.path.join(out_dir, "probes.json"), {}
     if device.type != "cuda":
-        results = {name: {"skipped": "needs CUDA (sync debug mode, CUDA graphs, torch.compile over "
-                                     "backend='triton')"} for name in PROBES}
+        reason = "needs CUDA (sync debug mode, CUDA graphs, torch.compile over backend='triton')"
+        results = {name: {"skipped": reason} for name in PROBES}
         _write_json(path, results)
         print(json.dumps(results), flush=True)
         return
@@ -437,9 +402,8 @@ def stage_main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=int, default=BUDGET_S)
     p.add_argument("--impl", type=lambda text: tuple(text.split(",")))
     args = p.parse_args(argv)
-    status = STAGE_FUNCTIONS[args.stage](device=torch.device(args.device), out_dir=args.out, impls=args.impl,
-                                         seconds=args.seconds)
-    return status or 0
+    return STAGE_FUNCTIONS[args.stage](device=torch.device(args.device), out_dir=args.out, impls=args.impl,
+                                       seconds=args.seconds) or 0
 
 
 if __name__ == "__main__":

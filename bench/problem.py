@@ -34,8 +34,9 @@ import torch
 from torch import Tensor
 
 import fused_pg
+from fused_pg import LossConfig
 
-from .config import CALIBRATION_TOKENS, DEFAULT_TARGET_ENTROPY, LossSpec, Shape
+from .config import CALIBRATION_TOKENS, DEFAULT_TARGET_ENTROPY, Shape, loss_options
 
 LOGIT_STD = 3.0            # background logit standard deviation (both kinds of data)
 GAP_SPREAD = 3.0           # std of the per-token logit gap, nats (realistic data)
@@ -67,22 +68,14 @@ class Problem:
     data: str = "flat"
     mean_entropy: float = float("nan")  # nats, over valid tokens, on the rounded inputs
 
-    @property
-    def num_seqs(self) -> int:
-        return self.hidden.shape[0]
-
-    @property
-    def seq_len(self) -> int:
-        return self.hidden.shape[1]
-
     def grad_inputs(self) -> list[Tensor]:
         """The tensors whose gradients every implementation computes."""
         return [self.hidden, self.weight]
 
     def info(self) -> dict:
         """The batch as the report records it."""
-        return {"n": self.shape.n, "d": self.shape.d, "v": self.shape.v, "seqs": self.num_seqs,
-                "seq_len": self.seq_len, "valid_tokens": int(self.mask.sum()), "data": self.data,
+        return {"n": self.shape.n, "d": self.shape.d, "v": self.shape.v, "seqs": self.hidden.shape[0],
+                "seq_len": self.hidden.shape[1], "valid_tokens": int(self.mask.sum()), "data": self.data,
                 "mean_entropy": self.mean_entropy}
 
 
@@ -189,7 +182,7 @@ def _policy_pass(hidden: Tensor, weight: Tensor, targets: Tensor | None,
     return sampled, logp, ent
 
 
-def make_problem(shape: Shape, dtype: torch.dtype, device: torch.device | str, loss: LossSpec,
+def make_problem(shape: Shape, dtype: torch.dtype, device: torch.device | str, loss: LossConfig,
                  *, seq_len: int, seed: int = 0, data: str = "realistic",
                  target_entropy: float = DEFAULT_TARGET_ENTROPY) -> Problem:
     """Build a reproducible batch on ``device`` (one no-grad pass over the logits included)."""
@@ -246,17 +239,14 @@ def make_problem(shape: Shape, dtype: torch.dtype, device: torch.device | str, l
 
 # --- the shared loss epilogue ----------------------------------------------------------------------
 
-def loss_from_logprobs(problem: Problem, spec: LossSpec, logprobs: Tensor, entropy: Tensor | None) -> Tensor:
-    """Scalar loss from differentiable per-token ``logprobs`` (and ``entropy``), any shape of N.
-
-    ``entropy=None`` (an implementation that cannot compute it) is only valid for a spec with
-    ``entropy_coef == 0``.
-    """
-    lead = problem.targets.shape
-    if entropy is None and spec.entropy_coef != 0:
+def loss_from_logprobs(problem: Problem, loss: LossConfig, logprobs: Tensor, entropy: Tensor | None) -> Tensor:
+    """Scalar loss from differentiable per-token ``logprobs`` (and ``entropy``), any shape of N;
+    ``entropy=None`` (an implementation that computes none) needs ``loss.entropy_coef == 0``."""
+    if entropy is None and loss.entropy_coef != 0:
         raise ValueError("this implementation computes no entropy: entropy_coef must be 0")
+    lead = problem.targets.shape
     out = fused_pg.policy_loss_from_logprobs(
         logprobs.reshape(lead), problem.advantages, problem.old_logprobs, problem.mask,
         entropy=None if entropy is None else entropy.reshape(lead),
-        ref_logprobs=problem.ref_logprobs, validate=False, **spec.kwargs())
+        ref_logprobs=problem.ref_logprobs, validate=False, **loss_options(loss))
     return out.loss
