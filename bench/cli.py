@@ -28,10 +28,10 @@ from typing import Callable, Sequence
 import torch
 
 from fused_pg import LossConfig
-from fused_pg.config import PRECISIONS
+from fused_pg.config import PRECISIONS, PRESETS
 
 from .config import (CUDA_SUITE, DATA_KINDS, DEFAULT_LOSS, DEFAULT_TARGET_ENTROPY, DTYPES, MODEL_PRESETS,
-                     BenchConfig, Shape, default_out_dir, default_suite, device_name, pick_device)
+                     BenchConfig, Shape, default_out_dir, default_suite, device_name, loss_options, pick_device)
 from .impls import IMPL_HELP, IMPL_KEYS
 from .problem import describe_layout, max_realistic_entropy
 
@@ -66,16 +66,25 @@ def _csv(convert: Callable[[str], object]) -> Callable[[str], list]:
 
 
 def _add_loss_options(group) -> None:
-    """One option per field of :class:`fused_pg.LossConfig`, defaulting to the benchmark's loss."""
+    """``--preset`` and one option per field of :class:`fused_pg.LossConfig` (its doc as help);
+    an option not given keeps the benchmark's loss (:data:`bench.config.DEFAULT_LOSS`)."""
+    group.add_argument("--preset", choices=tuple(PRESETS), help="a trainer's defaults (LossConfig.preset), the "
+                       "options given here on top")
     hints = typing.get_type_hints(LossConfig)
     for f in dataclasses.fields(LossConfig):
-        if f.name == "preset":
-            continue
         kind = next(t for t in (typing.get_args(hints[f.name]) or (hints[f.name],)) if t is not type(None))
         flags = [f"--{f.name.replace('_', '-')}"] + (["--kl"] if f.name == "kl_coef" else [])
-        default = getattr(DEFAULT_LOSS, f.name)
         extra = {"action": argparse.BooleanOptionalAction} if kind is bool else {"type": kind}
-        group.add_argument(*flags, dest=f.name, default=default, help=f"(default {default})", **extra)
+        group.add_argument(*flags, dest=f.name, default=argparse.SUPPRESS, **extra,
+                           help=f"{f.metadata['doc']} (default {getattr(DEFAULT_LOSS, f.name)})".replace("%", "%%"))
+
+
+def _loss(args: argparse.Namespace) -> LossConfig:
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(LossConfig) if hasattr(args, f.name)}
+    if args.preset is None:
+        return dataclasses.replace(DEFAULT_LOSS, **given)
+    ours = {k: v for k, v in loss_options(DEFAULT_LOSS).items() if v != getattr(LossConfig(), k)}
+    return LossConfig.preset(args.preset, **{**ours, **given})
 
 
 def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
@@ -114,7 +123,8 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     s.add_argument("--target-entropy", type=float, default=DEFAULT_TARGET_ENTROPY, metavar="NATS",
                    help=f"mean token entropy of realistic data (default {DEFAULT_TARGET_ENTROPY:g}; RL policies "
                         "have about 0.3-2)")
-    _add_loss_options(p.add_argument_group("loss (the fields of fused_pg.LossConfig)"))
+    _add_loss_options(p.add_argument_group("loss (fused_pg.LossConfig; default: REPO decorrelate, entropy bonus "
+                                           f"{DEFAULT_LOSS.entropy_coef:g})"))
     t = p.add_argument_group("measurement and output")
     t.add_argument("--repeats", type=int, help="timed repeats (default: CPU 5, CUDA 10)")
     t.add_argument("--warmup", type=int, help="warm-up iterations, >= 1 (default: CPU 1, CUDA 3)")
@@ -166,8 +176,7 @@ def _impls(args: argparse.Namespace, suite_impls: Sequence[str]) -> tuple[str, .
 def _config(args: argparse.Namespace, p: argparse.ArgumentParser, argv: Sequence[str] | None) -> BenchConfig:
     try:
         device = pick_device(args.device)
-        loss = LossConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(LossConfig)
-                             if f.name != "preset"})
+        loss = _loss(args)
     except ValueError as exc:
         p.error(str(exc))
     suite = default_suite(device.type, args.quick)

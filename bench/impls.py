@@ -30,7 +30,6 @@ import fused_pg
 from fused_pg import LossConfig
 
 from . import peers
-from .config import loss_options
 from .problem import Problem, StepOutput, loss_from_logprobs
 
 Step = Callable[[], StepOutput]
@@ -90,8 +89,8 @@ def fused_loss(problem: Problem, loss: LossConfig, backend: str, precision: str 
     """:func:`fused_pg.repo_loss` on the problem (the anchor of the loss check uses it too)."""
     return fused_pg.repo_loss(
         problem.hidden, problem.weight, problem.targets, problem.advantages, problem.old_logprobs,
-        problem.mask, ref_logprobs=problem.ref_logprobs, backend=backend, precision=precision,
-        validate=False, **loss_options(loss))
+        problem.mask, ref_logprobs=problem.ref_logprobs, config=loss, backend=backend, precision=precision,
+        validate=False)
 
 
 def _fused_make(backend: str, precision: str) -> MakeStep:

@@ -36,7 +36,7 @@ from torch import Tensor
 import fused_pg
 from fused_pg import LossConfig
 
-from .config import CALIBRATION_TOKENS, DEFAULT_TARGET_ENTROPY, Shape, loss_options
+from .config import CALIBRATION_TOKENS, DEFAULT_TARGET_ENTROPY, Shape
 
 LOGIT_STD = 3.0            # background logit standard deviation (both kinds of data)
 GAP_SPREAD = 3.0           # std of the per-token logit gap, nats (realistic data)
@@ -248,5 +248,5 @@ def loss_from_logprobs(problem: Problem, loss: LossConfig, logprobs: Tensor, ent
     out = fused_pg.policy_loss_from_logprobs(
         logprobs.reshape(lead), problem.advantages, problem.old_logprobs, problem.mask,
         entropy=None if entropy is None else entropy.reshape(lead),
-        ref_logprobs=problem.ref_logprobs, validate=False, **loss_options(loss))
+        ref_logprobs=problem.ref_logprobs, config=loss, validate=False)
     return out.loss

@@ -84,6 +84,7 @@ def make_token_batch(
     cfg: LossConfig,
     validate: bool,
     what: str,
+    like: str = "hidden",
     weights: Tensor | None = None,
     kl_num_items_in_batch=None,
     entropy_num_items_in_batch=None,
@@ -95,21 +96,22 @@ def make_token_batch(
              or None (all).
     dtype:   epilogue arithmetic dtype (fp64 when the head runs in fp64, else fp32).
     what:    how error messages name ``lead`` ("the leading shape of hidden", ...).
+    like:    the argument whose device every tensor must share ("hidden", "logprobs").
     """
     N = 1
     for s in lead:
         N *= s
-    checks.tensor("advantages", advantages, floating=True, device=device)
+    checks.tensor("advantages", advantages, floating=True, device=device, like=like)
     if old_logprobs is not None:
-        checks.tensor("old_logprobs", old_logprobs, floating=True, device=device)
+        checks.tensor("old_logprobs", old_logprobs, floating=True, device=device, like=like)
         checks.shape("old_logprobs", old_logprobs, lead, what)
     optional = {"ref_logprobs": ref_logprobs, "rollout_logprobs": rollout_logprobs}
     for name, x in optional.items():
         if x is not None:
-            checks.tensor(name, x, floating=True, device=device)
+            checks.tensor(name, x, floating=True, device=device, like=like)
             checks.shape(name, x, lead, what)
     if mask is not None:
-        checks.tensor("mask", mask, device=device)
+        checks.tensor("mask", mask, device=device, like=like)
         checks.shape("mask", mask, lead, what)
         if mask.dtype.is_complex:
             raise TypeError(f"mask must be bool, integer or float, got {mask.dtype}")
@@ -125,7 +127,7 @@ def make_token_batch(
         B, T = lead
         layout = SeqLayout(num_seqs=B, num_tokens=N, seq_len=T)
     elif cu_seqlens is not None:
-        checks.tensor("cu_seqlens", cu_seqlens, dims=(1,), integer=True, device=device)
+        checks.tensor("cu_seqlens", cu_seqlens, dims=(1,), integer=True, device=device, like=like)
         if cu_seqlens.numel() < 2:
             raise ValueError("cu_seqlens must hold at least two offsets [0, ..., N]")
         if validate:
@@ -155,7 +157,7 @@ def make_token_batch(
 
     adv = per_token("advantages", advantages)
     if weights is not None:
-        checks.tensor("weights", weights, floating=True, device=device)
+        checks.tensor("weights", weights, floating=True, device=device, like=like)
         weights = per_token("weights", weights)
 
     # --- hyper-parameters that depend on the inputs --------------------------------------

@@ -8,6 +8,7 @@ only when ``validate`` is true: by default on CPU tensors, on request on GPU.
 from __future__ import annotations
 
 import math
+import sys
 from numbers import Real
 
 import torch
@@ -68,8 +69,9 @@ def resolve_validate(validate: bool | None, device: torch.device) -> bool:
 
 
 def tensor(name: str, x, *, dims: tuple[int, ...] | None = None, floating: bool = False,
-           integer: bool = False, device: torch.device | None = None) -> Tensor:
-    """Check type, rank, dtype family and device of one argument."""
+           integer: bool = False, device: torch.device | None = None, like: str = "hidden") -> Tensor:
+    """Check type, rank, dtype family and device of one argument (``device``: that of the
+    argument named ``like``, which every tensor argument must share)."""
     if not isinstance(x, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if dims is not None and x.dim() not in dims:
@@ -79,7 +81,7 @@ def tensor(name: str, x, *, dims: tuple[int, ...] | None = None, floating: bool 
     if integer and (x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool):
         raise TypeError(f"{name} must be an integer tensor, got {x.dtype}")
     if device is not None and x.device != device:
-        raise ValueError(f"{name} is on {x.device} but hidden is on {device}")
+        raise ValueError(f"{name} is on {x.device} but {like} is on {device}")
     return x
 
 
@@ -138,3 +140,55 @@ def cu_seqlens_values(cu_seqlens: Tensor, num_tokens: int) -> None:
                          f"got {int(cu_seqlens[0])} ... {int(cu_seqlens[-1])}")
     if bool((cu_seqlens[1:] < cu_seqlens[:-1]).any()):
         raise ValueError("cu_seqlens must be non-decreasing")
+
+
+# ---------------------------------------------------------------------------------------------
+# the LM head's arguments
+# ---------------------------------------------------------------------------------------------
+
+
+def not_dtensor(name: str, x) -> None:
+    """A ``DTensor`` (FSDP2's sharded parameter, or a tensor-parallel tensor) is refused by name:
+    the sweeps work on local tensors, and a sharded weight used outside its module's forward
+    would get neither FSDP2's all-gather nor its gradient reduce-scatter."""
+    if x is None or "torch.distributed.tensor" not in sys.modules:
+        return  # no DTensor can exist before that module is imported
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(x, DTensor):
+        raise TypeError(
+            f"{name} is a DTensor (placements {tuple(x.placements)}); fused_pg needs local tensors. "
+            "With FSDP2 (fully_shard), compute the loss inside the forward of the module that owns the "
+            "LM-head weight: FSDP2 then gathers the full weight for the sweep and reduce-scatters its "
+            "gradient (see docs/distributed.md). For a vocabulary split over ranks, pass the local "
+            f"shard ({name}.to_local()) with parallel=VocabParallel(group).")
+
+
+def head_args(hidden, weight, targets, bias, ignore_index) -> None:
+    """Types and shapes of the LM-head arguments (host metadata only, no value reads)."""
+    for name, x in (("hidden", hidden), ("weight", weight), ("bias", bias)):
+        not_dtensor(name, x)
+    tensor("hidden", hidden, dims=(2, 3), floating=True)
+    dev = hidden.device
+    tensor("weight", weight, dims=(2,), floating=True, device=dev)
+    tensor("targets", targets, integer=True, device=dev)
+    if weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"weight must have shape (V, {hidden.shape[-1]}) to match hidden's last "
+                         f"dimension, got {tuple(weight.shape)}")
+    shape("targets", targets, hidden.shape[:-1], "the leading shape of hidden")
+    if bias is not None:
+        tensor("bias", bias, dims=(1,), floating=True, device=dev)
+        shape("bias", bias, (weight.shape[0],), "one entry per vocabulary row of weight")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    if hidden.shape[-1] == 0 or weight.shape[0] == 0:
+        raise ValueError(f"hidden {tuple(hidden.shape)} and weight {tuple(weight.shape)} must have "
+                         "a non-empty hidden size and vocabulary")
+
+
+def head_values(hidden: Tensor, weight: Tensor, bias: Tensor | None, valid: Tensor) -> None:
+    """Value checks (they read tensors): finite weight and bias, finite hidden rows that count."""
+    finite("hidden", hidden.reshape(valid.numel(), hidden.shape[-1])[valid.reshape(-1)])
+    finite("weight", weight)
+    if bias is not None:
+        bias_values(bias)

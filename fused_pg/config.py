@@ -1,13 +1,17 @@
-"""Frozen option objects, validated once at construction.
+"""Options as values: :class:`LossConfig` (the policy-gradient epilogue) and :class:`HeadConfig`
+(the LM-head sweep), frozen and validated once, at construction.
 
-``HeadConfig`` travels into the vocabulary sweeps (and the autograd ``Function``);
-``LossConfig`` into the O(N) loss epilogue. Every check raises an error that names the
-public argument it concerns.
+Each option is documented once, on its field (the ``doc`` of :func:`option`); the README's
+option tables are generated from those docs (:func:`options_markdown`). The public functions
+take ``config=`` / ``head=`` and also accept any field as a keyword override, checked by name
+(:func:`resolve`): ``repo_loss(..., eps_high=0.3)`` and
+``repo_loss(..., config=LossConfig(eps_high=0.3))`` are the same call.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+import difflib
+from dataclasses import MISSING, dataclass, field, fields, replace
 
 from .checks import boolean, choice, positive_int, real
 
@@ -21,66 +25,172 @@ PRECISIONS = ("native", "tf32", "ieee")
 BACKENDS = ("auto", "triton", "torch", "reference")
 
 
+def option(default, doc: str):
+    """A config field with its one documentation string."""
+    return field(default=default, metadata={"doc": doc})
+
+
+def _set(obj, name: str, value) -> None:
+    object.__setattr__(obj, name, value)
+
+
 @dataclass(frozen=True)
 class HeadConfig:
-    """Options of the LM-head sweep: ``z = softcap((hidden @ weight.T + bias) / temperature)``.
+    """Options of the LM-head sweep ``z = softcap((hidden @ weight.T + bias) / temperature)``."""
 
-    temperature:   logits are divided by it (sampling temperature of the rollout).
-    softcap:       if set, ``z = softcap * tanh(z / softcap)`` after the temperature.
-    precision:     dot-product precision. ``"native"``: operands in their storage dtype
-                   (bf16/fp16 tensor cores, fp32 as IEEE fp32; mixed dtypes promote), fp32
-                   accumulation. ``"tf32"``: fp32 operands rounded to TF32 (Triton only).
-                   ``"ieee"``: operands upcast to fp32, IEEE fp32 products.
-    deterministic: bitwise reproducible results (fixed tile configs, no autotuning; the
-                   sweeps never use atomics in any mode).
-    token_chunk, vocab_chunk: tile of logits a chunked sweep holds at once (None: backend
-                   default).
-    compact_rows:  sweep only the rows that count (one host sync for their number); None:
-                   on CPU only.
-    """
-
-    temperature: float = 1.0
-    softcap: float | None = None
-    precision: str = "native"
-    deterministic: bool = False
-    token_chunk: int | None = None
-    vocab_chunk: int | None = None
-    compact_rows: bool | None = None
+    temperature: float = option(1.0, "logits are divided by it (the sampling temperature of the rollout); > 0")
+    softcap: float | None = option(
+        None, "if set, `z = softcap * tanh(z / softcap)` after the temperature (Gemma-2 style)")
+    precision: str = option(
+        "native", '"native": operands in their storage dtype (bf16/fp16 tensor cores; mixed dtypes '
+        'promote to fp32), fp32 accumulation; "tf32": fp32 operands rounded to TF32 (triton only); '
+        '"ieee": operands upcast to fp32, IEEE fp32 products')
+    deterministic: bool = option(
+        False, "bitwise reproducible results (fixed tile configs, no autotuning; the sweeps never use atomics)")
+    token_chunk: int | None = option(None, "rows of the logits tile a chunked sweep holds at once (None: backend default)")
+    vocab_chunk: int | None = option(
+        None, "vocabulary columns of the logits tile a chunked sweep holds at once (None: backend default)")
+    compact_rows: bool | None = option(
+        None, "sweep only the rows that count (one host sync for their number); None: on CPU only")
+    backend: str = option(
+        "auto", '"triton" (CUDA kernels), "torch" (chunked PyTorch), "reference" (materialised logits, '
+        'fp64-capable), "auto" (triton on CUDA, torch otherwise)')
+    ignore_index: int = option(-100, "target id of tokens that never count (HF padding convention)")
 
     def __post_init__(self):
-        if self.compact_rows is not None:
-            boolean("compact_rows", self.compact_rows)
-        object.__setattr__(self, "temperature", real("temperature", self.temperature, lo=0.0, lo_open=True))
+        _set(self, "temperature", real("temperature", self.temperature, lo=0.0, lo_open=True))
         if self.softcap is not None:
-            object.__setattr__(self, "softcap", real("softcap", self.softcap, lo=0.0, lo_open=True))
+            _set(self, "softcap", real("softcap", self.softcap, lo=0.0, lo_open=True))
         choice("precision", self.precision, PRECISIONS)
         boolean("deterministic", self.deterministic)
-        if self.token_chunk is not None:
-            positive_int("token_chunk", self.token_chunk)
-        if self.vocab_chunk is not None:
-            positive_int("vocab_chunk", self.vocab_chunk)
+        for name in ("token_chunk", "vocab_chunk"):
+            if getattr(self, name) is not None:
+                positive_int(name, getattr(self, name))
+        if self.compact_rows is not None:
+            boolean("compact_rows", self.compact_rows)
+        choice("backend", self.backend, BACKENDS)
+        if isinstance(self.ignore_index, bool) or not isinstance(self.ignore_index, int):
+            raise TypeError(f"ignore_index must be an int, got {type(self.ignore_index).__name__}")
 
 
-class Default:
-    """A keyword argument's library default, marking "not passed by the caller".
+@dataclass(frozen=True)
+class LossConfig:
+    """Hyper-parameters of the policy-gradient epilogue (the formulas: :func:`fused_pg.repo_loss`).
 
-    The preset-able options of the loss functions (:data:`PRESET_OPTIONS`) have a ``Default``
-    as their signature default, so that ``preset=`` can replace a value the caller did not
-    pass while an explicit value (``None`` included) always wins. ``repr`` shows the value.
+    Build one directly, or from a trainer's defaults with :meth:`preset`.
     """
 
-    __slots__ = ("value",)
+    eps_low: float = option(0.2, "lower clip offset: the ratio is clipped at `1 - eps_low` where A' < 0; in [0, 1)")
+    eps_high: float = option(
+        0.28, "upper clip offset: the ratio is clipped at `1 + eps_high` where A' > 0 (DAPO clip-higher)")
+    dual_clip: float | None = option(None, "verl's `clip_ratio_c` (> 1): caps the loss at `-dual_clip * A'` where A' < 0")
+    delta: float | None = option(None, "TRL's two-sided cap (> 1): `min(r, delta)` in the unclipped term, whatever the sign of A'")
+    repo: str = option(
+        "decorrelate", '"none" | "fixed" | "decorrelate": the REPO advantage correction '
+        "`A' = A - zeta (logp - mu)`, logp detached")
+    repo_coef: float = option(
+        1.0, 'zeta for "fixed" (>= 0); gamma in [0, 1] for "decorrelate" (`zeta = gamma Cov(A, logp) / Var(logp)`)')
+    repo_center: bool = option(True, "mu = the batch mean of logp (True) or 0 (False)")
+    kl_coef: float = option(0.0, "weight of the KL penalty to the reference policy (needs `ref_logprobs`); >= 0")
+    kl_estimator: str = option(
+        "k3", '"k1" | "k2" | "k3" | "abs", or "k1+" | "k3+" | "abs+" (that value with the gradient of k2)')
+    kl_clamp: float | None = option(None, "bounds the per-token KL value to `[-kl_clamp, kl_clamp]` (None: no bound)")
+    kl_ratio_weight: bool = option(
+        False, "multiply the per-token KL by the importance ratio (TRL's `use_bias_correction_kl`)")
+    kl_aggregation: str | None = option(
+        None, "aggregation of the KL term (None: `aggregation`, sharing its normaliser)")
+    entropy_coef: float = option(0.0, "entropy bonus: the loss subtracts `entropy_coef * agg(H)`")
+    entropy_aggregation: str | None = option(None, "aggregation of the entropy term (None: `aggregation`)")
+    aggregation: str = option(
+        "token-mean", '"token-mean" | "token-sum" | "seq-mean-token-mean" | "seq-mean-token-sum" | '
+        '"seq-mean-token-sum-norm" (Dr.GRPO: divisor num_seqs * max_length)')
+    max_length: int | None = option(
+        None, 'Dr.GRPO\'s constant length for "seq-mean-token-sum-norm" (default: T of [B, T] inputs)')
+    importance_level: str = option(
+        "token", '"token", or "sequence" (GSPO: the geometric-mean ratio of the sequence)')
+    tis_cap: float | None = option(
+        None, "truncated importance sampling against the inference engine: "
+        "`min(exp(old - rollout), tis_cap)` multiplies the policy term (needs `rollout_logprobs`)")
+    tis_level: str = option("token", '"token", or "sequence" (the sum of a sequence\'s log-ratios)')
 
-    def __init__(self, value):
-        self.value = value
+    def __post_init__(self):
+        _set(self, "eps_low", real("eps_low", self.eps_low, lo=0.0, hi=1.0, hi_open=True))
+        _set(self, "eps_high", real("eps_high", self.eps_high, lo=0.0))
+        if self.dual_clip is not None:
+            # verl's clip_ratio_c: the lower bound -c*A only makes sense above the clip range
+            _set(self, "dual_clip", real("dual_clip", self.dual_clip, lo=1.0, lo_open=True))
+        if self.delta is not None:
+            _set(self, "delta", real("delta", self.delta, lo=1.0, lo_open=True))
+        choice("repo", self.repo, REPO_MODES)
+        hi = 1.0 if self.repo == "decorrelate" else None
+        _set(self, "repo_coef", real("repo_coef", self.repo_coef, lo=0.0, hi=hi))
+        boolean("repo_center", self.repo_center)
+        _set(self, "kl_coef", real("kl_coef", self.kl_coef, lo=0.0))
+        choice("kl_estimator", self.kl_estimator, KL_ESTIMATORS)
+        if self.kl_clamp is not None:
+            _set(self, "kl_clamp", real("kl_clamp", self.kl_clamp, lo=0.0, lo_open=True))
+        boolean("kl_ratio_weight", self.kl_ratio_weight)
+        _set(self, "entropy_coef", real("entropy_coef", self.entropy_coef))
+        for name in ("aggregation", "kl_aggregation", "entropy_aggregation"):
+            if getattr(self, name) is not None:
+                choice(name, getattr(self, name), AGGREGATIONS)
+        if self.max_length is not None:
+            positive_int("max_length", self.max_length)
+        choice("importance_level", self.importance_level, IMPORTANCE_LEVELS)
+        if self.tis_cap is not None:
+            _set(self, "tis_cap", real("tis_cap", self.tis_cap, lo=0.0, lo_open=True))
+        choice("tis_level", self.tis_level, IMPORTANCE_LEVELS)
 
-    def __repr__(self) -> str:
-        return repr(self.value)
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "LossConfig":
+        """A trainer's defaults (:data:`PRESETS`) with ``overrides`` on top.
+
+        A preset sets the clip range, dual clip / delta, aggregation, importance level and KL
+        estimator of its trainer, never the REPO options. A preset value may depend on the
+        other options (verl clamps only its k3 estimates), so pass overrides here rather than
+        ``dataclasses.replace`` a preset's result. Dr.GRPO's ``max_length`` applies only where
+        some term uses "seq-mean-token-sum-norm".
+        """
+        choice("preset", name, tuple(PRESETS))
+        _check_names("LossConfig.preset", overrides, LOSS_FIELDS)
+        table = PRESETS[name]
+        resolved = {**{k: v for k, v in table.items() if not callable(v)}, **overrides}
+        for k, v in table.items():  # preset values that depend on other resolved options
+            if callable(v) and k not in overrides:
+                resolved[k] = v(resolved)
+        if "max_length" in table and "max_length" not in overrides:
+            modes = [resolved.get(k) or resolved.get("aggregation", "token-mean")
+                     for k in ("aggregation", "kl_aggregation", "entropy_aggregation")]
+            if "seq-mean-token-sum-norm" not in modes:
+                del resolved["max_length"]
+        return cls(**resolved)
+
+    @property
+    def kl_mode(self) -> str:
+        """Aggregation of the KL term (``kl_aggregation``, default ``aggregation``)."""
+        return self.kl_aggregation or self.aggregation
+
+    @property
+    def entropy_mode(self) -> str:
+        """Aggregation of the entropy term (``entropy_aggregation``, default ``aggregation``)."""
+        return self.entropy_aggregation or self.aggregation
+
+    @property
+    def modes(self) -> tuple[str, str, str]:
+        """Aggregations of the policy, KL and entropy terms."""
+        return self.aggregation, self.kl_mode, self.entropy_mode
+
+    @property
+    def needs_sequences(self) -> bool:
+        """Whether any option needs the sequence structure of the batch."""
+        return (any(m in SEQUENCE_AGGREGATIONS for m in self.modes)
+                or self.importance_level == "sequence"
+                or (self.tis_cap is not None and self.tis_level == "sequence"))
 
 
 def _verl_kl_clamp(options: dict) -> float | None:
     # verl clamps its "low_var_kl" (k3) estimate, and the value of "k3+", to [-10, 10]; not k1/k2/abs
-    return 10.0 if options["kl_estimator"] in ("k3", "k3+") else None
+    return 10.0 if options.get("kl_estimator", "k3") in ("k3", "k3+") else None
 
 
 _TRL = dict(eps_low=0.2, eps_high=0.2, dual_clip=None, delta=None, importance_level="token",
@@ -105,138 +215,78 @@ PRESETS: dict[str, dict] = {
     "openrlhf": dict(eps_low=0.2, eps_high=0.2, dual_clip=None, delta=None, aggregation="token-mean",
                      importance_level="token", kl_estimator="k1", kl_clamp=10.0),
 }
-"""Trainer defaults a ``preset=`` applies to the options the caller did not pass. A value may be
-a function of the other resolved options. Presets never touch REPO / ADAPO options."""
+"""Trainer defaults, applied by :meth:`LossConfig.preset`. A value may be a function of the other
+resolved options."""
 
 PRESET_OPTIONS = ("eps_low", "eps_high", "dual_clip", "delta", "aggregation", "importance_level",
                   "kl_estimator", "kl_clamp", "max_length")
-"""The options a preset may set (their signature defaults are :class:`Default` markers)."""
+"""The options a preset may set."""
+
+LOSS_FIELDS = tuple(f.name for f in fields(LossConfig))
+HEAD_FIELDS = tuple(f.name for f in fields(HeadConfig))
 
 
-@dataclass(frozen=True)
-class LossConfig:
-    """Hyper-parameters of the policy-gradient epilogue (see :func:`fused_pg.repo_loss`).
+# ---------------------------------------------------------------------------------------------
+# keyword overrides of the public functions
+# ---------------------------------------------------------------------------------------------
 
-    Build it with :meth:`from_options` to resolve ``preset`` and :class:`Default` markers.
+def _check_names(where: str, given, valid) -> None:
+    for name in given:
+        if name not in valid:
+            near = difflib.get_close_matches(name, valid, n=1)
+            hint = f"; did you mean {near[0]!r}?" if near else ""
+            raise TypeError(f"{where}() got an unexpected keyword argument {name!r}{hint}")
+
+
+def resolve(where: str, config: LossConfig | None, head: HeadConfig | None, overrides: dict,
+            *, extras: tuple[str, ...] = (), head_fields: bool = True) -> tuple[LossConfig, HeadConfig | None, dict]:
+    """The configs of one call: ``config`` / ``head`` (or the defaults) with the keyword
+    ``overrides`` applied, every name checked.
+
+    ``preset=`` builds the base ``LossConfig`` with :meth:`LossConfig.preset` (it cannot be
+    combined with ``config=``). ``extras`` names further keywords the caller handles itself;
+    they are returned in the third dict. Raises ``TypeError`` for an unknown keyword, naming
+    the nearest valid one.
     """
-
-    eps_low: float = 0.2
-    eps_high: float = 0.28
-    dual_clip: float | None = None
-    delta: float | None = None
-    repo: str = "decorrelate"
-    repo_coef: float = 1.0
-    repo_center: bool = True
-    kl_coef: float = 0.0
-    kl_estimator: str = "k3"
-    kl_clamp: float | None = None
-    kl_ratio_weight: bool = False
-    kl_aggregation: str | None = None
-    entropy_coef: float = 0.0
-    entropy_aggregation: str | None = None
-    aggregation: str = "token-mean"
-    max_length: int | None = None
-    importance_level: str = "token"
-    tis_cap: float | None = None
-    tis_level: str = "token"
-    preset: str | None = None
-
-    def __post_init__(self):
-        set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731
-        for name in _LOSS_DEFAULTS:
-            if isinstance(getattr(self, name), Default):
-                raise TypeError(f"{name}: unresolved Default marker; build LossConfig with from_options()")
-        set_("eps_low", real("eps_low", self.eps_low, lo=0.0, hi=1.0, hi_open=True))
-        set_("eps_high", real("eps_high", self.eps_high, lo=0.0))
-        if self.dual_clip is not None:
-            # verl's clip_ratio_c: the lower bound -c*A only makes sense above the clip range
-            set_("dual_clip", real("dual_clip", self.dual_clip, lo=1.0, lo_open=True))
-        if self.delta is not None:
-            # TRL's two-sided cap min(r, delta) on the unclipped ratio
-            set_("delta", real("delta", self.delta, lo=1.0, lo_open=True))
-        choice("repo", self.repo, REPO_MODES)
-        if self.repo == "decorrelate":
-            set_("repo_coef", real("repo_coef", self.repo_coef, lo=0.0, hi=1.0))
-        else:
-            set_("repo_coef", real("repo_coef", self.repo_coef, lo=0.0))
-        boolean("repo_center", self.repo_center)
-        set_("kl_coef", real("kl_coef", self.kl_coef, lo=0.0))
-        choice("kl_estimator", self.kl_estimator, KL_ESTIMATORS)
-        if self.kl_clamp is not None:
-            set_("kl_clamp", real("kl_clamp", self.kl_clamp, lo=0.0, lo_open=True))
-        boolean("kl_ratio_weight", self.kl_ratio_weight)
-        if self.kl_aggregation is not None:
-            choice("kl_aggregation", self.kl_aggregation, AGGREGATIONS)
-        set_("entropy_coef", real("entropy_coef", self.entropy_coef))
-        if self.entropy_aggregation is not None:
-            choice("entropy_aggregation", self.entropy_aggregation, AGGREGATIONS)
-        choice("aggregation", self.aggregation, AGGREGATIONS)
-        if self.max_length is not None:
-            positive_int("max_length", self.max_length)
-        choice("importance_level", self.importance_level, IMPORTANCE_LEVELS)
-        if self.tis_cap is not None:
-            set_("tis_cap", real("tis_cap", self.tis_cap, lo=0.0, lo_open=True))
-        choice("tis_level", self.tis_level, IMPORTANCE_LEVELS)
-        if self.preset is not None:
-            choice("preset", self.preset, tuple(PRESETS))
-
-    @classmethod
-    def from_options(cls, preset: str | None = None, **options) -> "LossConfig":
-        """Resolve ``preset`` and :class:`Default` markers, then validate.
-
-        An option passed as a plain value (``None`` included) is used as is. An option left at
-        its :class:`Default` marker, or not passed at all, takes the preset's value when ``preset`` names one that sets
-        it, else the marker's library default. A preset's ``max_length`` only applies when some
-        term uses ``"seq-mean-token-sum-norm"``.
-        """
-        if preset is not None:
-            choice("preset", preset, tuple(PRESETS))
-        table = PRESETS[preset] if preset is not None else {}
-        options = {**{k: Default(_LOSS_DEFAULTS[k]) for k in PRESET_OPTIONS if k not in options}, **options}
-        resolved = {k: v for k, v in options.items() if not isinstance(v, Default)}
-        deferred = []
-        for k, v in options.items():
-            if not isinstance(v, Default):
-                continue
-            if k in table:
-                if callable(table[k]):
-                    deferred.append(k)
-                else:
-                    resolved[k] = table[k]
-            else:
-                resolved[k] = v.value
-        for k in deferred:  # preset values that depend on other resolved options
-            resolved[k] = table[k](resolved)
-        cfg = cls(preset=preset, **resolved)
-        if "max_length" in table and isinstance(options.get("max_length"), Default) \
-                and "seq-mean-token-sum-norm" not in cfg.modes:
-            # the preset's Dr.GRPO length only concerns that aggregation
-            cfg = cls(preset=preset, **dict(resolved, max_length=None))
-        return cfg
-
-    @property
-    def kl_mode(self) -> str:
-        """Aggregation of the KL term (``kl_aggregation``, default ``aggregation``)."""
-        return self.kl_aggregation or self.aggregation
-
-    @property
-    def entropy_mode(self) -> str:
-        """Aggregation of the entropy term (``entropy_aggregation``, default ``aggregation``)."""
-        return self.entropy_aggregation or self.aggregation
-
-    @property
-    def modes(self) -> tuple[str, str, str]:
-        """Aggregations of the policy, KL and entropy terms."""
-        return self.aggregation, self.kl_mode, self.entropy_mode
-
-    @property
-    def needs_sequences(self) -> bool:
-        """Whether any option needs the sequence structure of the batch."""
-        return (
-            any(m in SEQUENCE_AGGREGATIONS for m in self.modes)
-            or self.importance_level == "sequence"
-            or (self.tis_cap is not None and self.tis_level == "sequence")
-        )
+    valid = ("preset", *LOSS_FIELDS, *(HEAD_FIELDS if head_fields else ()), *extras)
+    _check_names(where, overrides, valid)
+    if config is not None and not isinstance(config, LossConfig):
+        raise TypeError(f"config must be a fused_pg.LossConfig, got {type(config).__name__}")
+    if head is not None and not isinstance(head, HeadConfig):
+        raise TypeError(f"head must be a fused_pg.HeadConfig, got {type(head).__name__}")
+    loss_kw = {k: v for k, v in overrides.items() if k in LOSS_FIELDS}
+    preset = overrides.get("preset")
+    if preset is not None:
+        if config is not None:
+            raise TypeError(f"{where}(): pass either config= or preset=, not both "
+                            "(LossConfig.preset(name, ...) builds a config from a preset)")
+        config = LossConfig.preset(preset, **loss_kw)
+    elif config is None:
+        config = LossConfig(**loss_kw)
+    elif loss_kw:
+        config = replace(config, **loss_kw)
+    if head_fields:
+        head_kw = {k: v for k, v in overrides.items() if k in HEAD_FIELDS}
+        head = (head or HeadConfig()) if not head_kw else replace(head or HeadConfig(), **head_kw)
+    return config, head, {k: v for k, v in overrides.items() if k in extras}
 
 
-_LOSS_DEFAULTS = {f.name: f.default for f in fields(LossConfig)}  # (computed once: torch.compile traces lookups)
+def head_config(where: str, head: HeadConfig | None, overrides: dict) -> HeadConfig:
+    """``head`` (or the defaults) with keyword overrides of its fields, every name checked."""
+    _check_names(where, overrides, HEAD_FIELDS)
+    if head is not None and not isinstance(head, HeadConfig):
+        raise TypeError(f"head must be a fused_pg.HeadConfig, got {type(head).__name__}")
+    return replace(head or HeadConfig(), **overrides) if overrides else (head or HeadConfig())
+
+
+# ---------------------------------------------------------------------------------------------
+# documentation generated from the fields
+# ---------------------------------------------------------------------------------------------
+
+def options_markdown(cls) -> str:
+    """A Markdown table of ``cls``'s fields: option, default, meaning (from the fields' docs)."""
+    rows = ["| option | default | meaning |", "| --- | --- | --- |"]
+    for f in fields(cls):
+        default = f.default if f.default is not MISSING else None
+        rows.append(f"| `{f.name}` | `{default!r}` | {f.metadata['doc']} |")
+    return "\n".join(rows)

@@ -29,12 +29,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import replace
 from numbers import Real
 
 import torch
 from torch import Tensor
 
+from . import comm
 from .checks import real as _finite
+from .config import LossConfig
 
 _STATE_VERSION = 1
 
@@ -139,7 +142,7 @@ class EntropyController:
         if process_group is not None:
             device = next((t.device for t in (total, tokens) if isinstance(t, Tensor)), torch.device("cpu"))
             pending = torch.stack([torch.as_tensor(x, dtype=torch.float64, device=device) for x in (total, tokens)])
-            torch.distributed.all_reduce(pending, group=process_group)
+            comm.all_reduce_sum(pending, process_group)
             total, tokens = pending.tolist()
         total, tokens = float(total), float(tokens)
         if not math.isfinite(tokens) or tokens < 0:
@@ -170,6 +173,14 @@ class EntropyController:
         if tokens == 0:
             return 0.0
         return self._step(total / tokens)
+
+    def controlled(self) -> dict[str, float]:
+        """The loss options this controller sets: ``{field of LossConfig: value}``."""
+        return {self._value_name: self.value}
+
+    def apply(self, config: LossConfig) -> LossConfig:
+        """``config`` with the controlled options set to their current values."""
+        return replace(config, **self.controlled())
 
     @property
     def saturated(self) -> bool:
@@ -353,6 +364,9 @@ class AdaptiveClip(EntropyController):
     @property
     def eps_high(self) -> float:
         return self.value
+
+    def controlled(self) -> dict[str, float]:
+        return {"eps_low": self.eps_low, "eps_high": self.value}
 
     def _step(self, h: float) -> float:
         change = super()._step(h)

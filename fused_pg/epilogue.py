@@ -26,6 +26,8 @@ policy term's), so that a trainer's separate normalisers are reproduced exactly.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
@@ -97,14 +99,52 @@ def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, estimator: str, clamp: fl
     return k2 - k2.detach() + value.detach()
 
 
-METRIC_KEYS = (
-    "pg_loss", "entropy_mean", "logprob_mean", "ratio_mean", "ratio_max",
-    "clip_frac_low", "clip_frac_high", "clip_frac_dual", "approx_kl", "kl_mean",
-    "tis_weight_mean", "kl_loss", "entropy_loss", "repo_zeta", "adv_logp_cov_before", "adv_logp_cov_after",
-    "n_tokens", "n_seqs", "empty_batch", "eps_low", "eps_high",
-)
-"""Keys of ``metrics``: always all present (0 where an option is off), so loggers see the same
-columns every step."""
+@dataclass(frozen=True)
+class Metric:
+    """One key of ``metrics``: how data-parallel ranks combine it, and what it means.
+
+    reduction: "mean" (over counted tokens, weighted by each rank's ``n_tokens``), "sum",
+               "max", "same" (already the whole group's: computed from the group's REPO
+               statistics, or a hyper-parameter), or "empty" (1 iff the group counted no token).
+    """
+
+    reduction: str
+    doc: str
+
+
+METRICS: dict[str, Metric] = {
+    "pg_loss": Metric("sum", "the policy-gradient term of the loss, aggregated (this rank's share under data parallelism)"),
+    "entropy_mean": Metric("mean", "mean token entropy H of the current policy over counted tokens (nats)"),
+    "logprob_mean": Metric("mean", "mean log-probability of the sampled tokens under the current policy"),
+    "ratio_mean": Metric("mean", "mean importance ratio r (token or sequence level, before `delta` and clipping)"),
+    "ratio_max": Metric("max", "largest importance ratio r"),
+    "clip_frac_low": Metric("mean", "share of counted tokens with A' < 0 and r < 1 - eps_low (the low clip stops their gradient)"),
+    "clip_frac_high": Metric("mean", "share of counted tokens with A' > 0 and r > 1 + eps_high (the high clip stops their gradient)"),
+    "clip_frac_dual": Metric("mean", "share of counted tokens with A' < 0 whose loss the dual-clip bound `-dual_clip A'` caps"),
+    "approx_kl": Metric("mean", "mean of `old - logp` over counted tokens: the k1 estimate of KL(pi_old || pi) on tokens sampled from pi_old"),
+    "kl_mean": Metric("mean", "mean per-token KL estimate to the reference policy, after `kl_clamp` (0 without ref_logprobs)"),
+    "tis_weight_mean": Metric("mean", "mean truncated importance weight (0 without tis_cap)"),
+    "kl_loss": Metric("sum", "the KL term, aggregated, before `kl_coef` (0 without ref_logprobs)"),
+    "entropy_loss": Metric("sum", "the entropy term, aggregated, before `entropy_coef`"),
+    "repo_zeta": Metric("same", "the zeta of the REPO correction"),
+    "adv_logp_cov_before": Metric("same", "Cov(A, logp) over the batch the REPO statistics describe"),
+    "adv_logp_cov_after": Metric("same", "Cov(A', logp) after the correction, over the same batch"),
+    "n_tokens": Metric("sum", "number of counted tokens"),
+    "n_seqs": Metric("sum", "number of sequences with at least one counted token (0 for packed inputs without cu_seqlens)"),
+    "empty_batch": Metric("empty", "1 when no token counted (the loss is then 0 with zero gradients), else 0"),
+    "eps_low": Metric("same", "the lower clip offset used (a float)"),
+    "eps_high": Metric("same", "the upper clip offset used (a float)"),
+}
+"""The one table of ``metrics`` keys: every key is always present (0 where an option is off), so
+loggers see the same columns every step; the data-parallel reduction and the README's list are
+read from here."""
+
+METRIC_KEYS = tuple(METRICS)
+
+
+def metrics_markdown() -> str:
+    """The README's list of metrics, generated from :data:`METRICS`."""
+    return "\n".join(f"* `{k}`: {m.doc}." for k, m in METRICS.items())
 
 
 def policy_loss(logprobs: Tensor, entropy: Tensor, batch: TokenBatch, cfg: LossConfig):

@@ -1,121 +1,77 @@
 """The LM-head building block: per-token log-probability and entropy, fused.
 
-Public entry point :func:`fused_logprobs_entropy`, and :class:`FusedHead`, the one
-``torch.autograd.Function`` that serves every sweep backend: its forward calls the backend's
-``forward_sweep`` (online log-sum-exp, entropy, target logit) and its backward the backend's
-``backward_sweep`` (logits recomputed tile by tile). Between them, autograd runs whatever the
-caller does with the two outputs, e.g. the policy-loss epilogue. Backends and their
-capabilities live in :mod:`fused_pg.backends`.
+Three steps, each used once by every public function that has a head:
+:func:`prepare` (argument checks that read no values, the backend, the vocabulary layout),
+:func:`check_values` (checks that read values, when ``validate``), :func:`sweep` (the sweep
+itself, through :class:`fused_pg.backends.sweep.Sweep`). :func:`fused_logprobs_entropy` is the
+public entry point.
 """
 
 from __future__ import annotations
 
-from types import ModuleType
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
-from . import backends, checks, distributed
+from . import backends, checks
 from .backends.common import compute_dtype
-from .config import HeadConfig
+from .backends.sweep import Sweep
+from .config import HeadConfig, head_config
+from .parallel import LOCAL, Parallel
 
 
-class FusedHead(torch.autograd.Function):
-    """(hidden [N, D], weight [V, D], bias [V] | None, targets [N]) -> (logprobs, entropy).
+@dataclass(frozen=True)
+class HeadInputs:
+    """The head's arguments, checked and flattened.
 
-    Saves the inputs plus ``lse`` and ``entropy`` ([N] each) for backward: O(N) extra memory.
-    Both sweeps run with autocast disabled, on the inputs' own dtypes, so forward and backward
-    see the same logits whatever autocast region the caller is in.
+    hidden [N, D], weight [V_r, D], bias [V_r] | None; targets [N] int64 as given (global ids);
+    counted [N] bool: tokens whose target is not ``ignore_index`` (and, without ``validate``,
+    a vocabulary id: unchecked ids outside [0, V) never count); vocab: the bound vocabulary
+    layout (``vocab_size``, ``local_targets``, ``check_values``, the sweep's ``hooks``);
+    validate: whether the checks that read values run.
     """
 
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, sweeps: ModuleType, cfg: HeadConfig):
-        with torch.autocast(hidden.device.type, enabled=False):
-            logprobs, entropy, lse = sweeps.forward_sweep(hidden, weight, bias, targets, cfg)
-        ctx.save_for_backward(hidden, weight, bias, targets, lse, entropy)
-        ctx.sweeps, ctx.cfg = sweeps, cfg
-        return logprobs, entropy
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_logprobs, grad_entropy):
-        return (*sweep_gradients(ctx, grad_logprobs, grad_entropy), None, None, None)
+    hidden: Tensor
+    weight: Tensor
+    bias: Tensor | None
+    targets: Tensor
+    counted: Tensor
+    vocab: object
+    backend: backends.Backend
+    cfg: HeadConfig
+    validate: bool
 
 
-def sweep_gradients(ctx, grad_logprobs: Tensor, grad_entropy: Tensor, reduce_d_hidden=None):
-    """The backward of a sweep ``Function`` whose ctx saved (hidden, weight, bias, targets,
-    lse, entropy) and holds ``sweeps`` and ``cfg``: (d_hidden, d_weight, d_bias) in the
-    inputs' dtypes, None where not needed. ``reduce_d_hidden`` (in place, fp32) sums d_hidden
-    over the ranks that each swept a slice of the vocabulary.
-    """
-    hidden, weight, bias, targets, lse, entropy = ctx.saved_tensors
-    # tokens that do not count output constants: their upstream gradients must not flow back
-    valid = targets >= 0
-    g = torch.where(valid, grad_logprobs, 0.0)
-    e = torch.where(valid, grad_entropy, 0.0)
-    need_dh, need_dw, need_db = ctx.needs_input_grad[:3]
-    with torch.autocast(hidden.device.type, enabled=False):
-        d_hidden, d_weight, d_bias = ctx.sweeps.backward_sweep(
-            hidden, weight, bias, targets, lse, entropy, g, e, ctx.cfg,
-            needs=(need_dh, need_dw, need_db and bias is not None))
-    if need_dh and reduce_d_hidden is not None:
-        reduce_d_hidden(d_hidden)
-    return (
-        d_hidden.to(hidden.dtype) if need_dh else None,
-        d_weight.to(weight.dtype) if need_dw else None,
-        d_bias.to(bias.dtype) if need_db and bias is not None else None,
-    )
+def prepare(hidden: Tensor, weight: Tensor, targets: Tensor, bias: Tensor | None, cfg: HeadConfig,
+            parallel: Parallel, validate: bool | None) -> HeadInputs:
+    """Check the head's arguments (no value reads), pick the backend, bind the vocabulary layout.
+    ``validate=None``: value checks on CPU tensors only."""
+    checks.head_args(hidden, weight, targets, bias, cfg.ignore_index)
+    validate = checks.resolve_validate(validate, hidden.device)
+    backend = backends.resolve(cfg.backend, hidden.device)
+    dtypes = (hidden.dtype, weight.dtype) + ((bias.dtype,) if bias is not None else ())
+    backend.check(hidden.device, dtypes, cfg.precision)
+    if parallel.vocab is not LOCAL and not backend.sweeps:
+        raise ValueError("a vocabulary split over ranks (parallel=VocabParallel, or process_group=) needs a "
+                         f"sweep backend ('torch' or 'triton'), not backend={backend.name!r}")
+    vocab = parallel.vocab.bind(weight)
+    # targets widened to int64 first: a small integer dtype (uint8 wraps -100 to 156) must not
+    # alias a vocabulary id. Unchecked ids outside [0, V) never count (a sync-free guard).
+    wide = targets.reshape(-1).long()
+    counted = wide != cfg.ignore_index
+    if not validate:
+        counted = counted & (wide >= 0) & (wide < vocab.vocab_size)
+    return HeadInputs(hidden=hidden.reshape(wide.numel(), hidden.shape[-1]), weight=weight, bias=bias,
+                      targets=wide, counted=counted, vocab=vocab, backend=backend, cfg=cfg, validate=validate)
 
 
-def check_head_args(hidden, weight, targets, bias, ignore_index) -> tuple[int, int]:
-    """Check types and shapes of the LM-head arguments (no value reads); returns (N, V)."""
-    for name, x in (("hidden", hidden), ("weight", weight), ("bias", bias)):
-        distributed.reject_dtensor(name, x)
-    checks.tensor("hidden", hidden, dims=(2, 3), floating=True)
-    dev = hidden.device
-    checks.tensor("weight", weight, dims=(2,), floating=True, device=dev)
-    checks.tensor("targets", targets, integer=True, device=dev)
-    if weight.shape[1] != hidden.shape[-1]:
-        raise ValueError(f"weight must have shape (V, {hidden.shape[-1]}) to match hidden's last "
-                         f"dimension, got {tuple(weight.shape)}")
-    checks.shape("targets", targets, hidden.shape[:-1], "the leading shape of hidden")
-    V = weight.shape[0]
-    if bias is not None:
-        checks.tensor("bias", bias, dims=(1,), floating=True, device=dev)
-        checks.shape("bias", bias, (V,), "one entry per vocabulary row of weight")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
-    if hidden.shape[-1] == 0 or V == 0:
-        raise ValueError(f"hidden {tuple(hidden.shape)} and weight {tuple(weight.shape)} must have "
-                         "a non-empty hidden size and vocabulary")
-    return targets.numel(), V
-
-
-def check_head_values(hidden: Tensor, weight: Tensor, bias: Tensor | None, valid: Tensor) -> None:
-    """Value checks (they read tensors): finite weight and bias, finite hidden rows that count."""
-    checks.finite("hidden", hidden.reshape(valid.numel(), hidden.shape[-1])[valid.reshape(-1)])
-    checks.finite("weight", weight)
-    if bias is not None:
-        checks.bias_values(bias)
-
-
-def _sweep(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, cfg: HeadConfig,
-           backend: backends.Backend,
-           shard: "distributed.VocabShard | None" = None) -> tuple[Tensor, Tensor]:
-    if hidden.shape[0] == 0:  # nothing to sweep: empty outputs, still connected (zero gradients)
-        anchor = hidden.sum() + weight.sum() + (bias.sum() if bias is not None else 0.0)
-        dtype = compute_dtype(hidden, weight)
-        empty = torch.zeros(0, dtype=dtype, device=hidden.device) * anchor.to(dtype)
-        return empty, empty.clone()
-    if not backend.skips_invalid_rows:
-        hidden = torch.where((targets >= 0)[:, None], hidden, 0.0)
-    impl = backend.load()
-    if shard is not None:
-        return distributed.vocab_parallel_sweep(hidden, weight, bias, targets, cfg, backend, impl, shard)
-    if not backend.sweeps:
-        return impl.logprobs_entropy(hidden, weight, bias, targets, cfg)
-    return FusedHead.apply(hidden, weight, bias, targets, impl, cfg)
+def check_values(inputs: HeadInputs, valid: Tensor, ids: Tensor | None = None) -> None:
+    """The checks that read values (``validate=True``): the targets of the tokens ``ids``
+    (default: ``valid``) are vocabulary ids not excluded by a -inf bias; weight, bias and the
+    hidden rows that count (``valid``) are finite (made across the group for a split vocabulary)."""
+    inputs.vocab.check_values(inputs.hidden, inputs.weight, inputs.bias, inputs.targets,
+                              valid if ids is None else ids, valid, inputs.cfg.ignore_index)
 
 
 def compacts_rows(cfg: HeadConfig, device: torch.device) -> bool:
@@ -126,34 +82,41 @@ def compacts_rows(cfg: HeadConfig, device: torch.device) -> bool:
     return cfg.compact_rows if cfg.compact_rows is not None else device.type == "cpu"
 
 
-def run_head(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor,
-             cfg: HeadConfig, backend: backends.Backend,
-             shard: "distributed.VocabShard | None" = None) -> tuple[Tensor, Tensor]:
-    """Flat inputs, hidden [N, D], targets [N] int64 (-1 = not counted) -> (logprobs, entropy).
+def _sweep_rows(inputs: HeadInputs, hidden: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+    weight, bias, backend = inputs.weight, inputs.bias, inputs.backend
+    if hidden.shape[0] == 0:  # nothing to sweep: empty outputs, still connected (zero gradients)
+        anchor = hidden.sum() + weight.sum() + (bias.sum() if bias is not None else 0.0)
+        dtype = compute_dtype(hidden, weight)
+        empty = torch.zeros(0, dtype=dtype, device=hidden.device) * anchor.to(dtype)
+        return empty, empty.clone()
+    if not backend.skips_invalid_rows:
+        hidden = torch.where((targets >= 0)[:, None], hidden, 0.0)
+    impl = backend.load()
+    if not backend.sweeps:
+        return impl.logprobs_entropy(hidden, weight, bias, targets, inputs.cfg)
+    return Sweep.apply(hidden, weight, bias, inputs.vocab.local_targets(targets), impl, inputs.cfg,
+                       inputs.vocab.hooks)
+
+
+def sweep(inputs: HeadInputs, valid: Tensor) -> tuple[Tensor, Tensor]:
+    """(logprobs, entropy), flat [N], 0 where ``valid`` is False (no gradient there).
 
     Rows that do not count never touch an output: either only the rows that count are swept
     (``compact_rows``: padded and packed batches are often 30-70% masked, and those rows then
-    cost nothing), or they are zeroed before any product (padding rows may hold NaN); their
-    outputs are 0 and their gradient exactly 0 either way. With ``shard`` the weight is one
-    rank's slice of a vocabulary split over a process group (targets stay global ids; every
-    rank has the same targets, so compaction keeps the same rows everywhere).
+    cost nothing), or they are zeroed before any product (padding rows may hold NaN). With a
+    vocabulary split over ranks every rank has the same targets, so compaction keeps the same
+    rows everywhere.
     """
-    dtypes = (hidden.dtype, weight.dtype) + ((bias.dtype,) if bias is not None else ())
-    backend.check(hidden.device, dtypes, cfg.precision)
+    targets = torch.where(valid, inputs.targets, -1)
+    hidden = inputs.hidden
     N = hidden.shape[0]
-    if N and compacts_rows(cfg, hidden.device):
-        rows = (targets >= 0).nonzero().squeeze(1)  # the one host sync of compaction
+    if N and compacts_rows(inputs.cfg, hidden.device):
+        rows = valid.nonzero().squeeze(1)  # the one host sync of compaction
         if rows.numel() < N:
-            logprobs, entropy = _sweep(hidden.index_select(0, rows), weight, bias,
-                                       targets.index_select(0, rows), cfg, backend, shard)
+            logprobs, entropy = _sweep_rows(inputs, hidden.index_select(0, rows), targets.index_select(0, rows))
             zeros = logprobs.new_zeros(N)
             return zeros.index_copy(0, rows, logprobs), zeros.index_copy(0, rows, entropy)
-    return _sweep(hidden, weight, bias, targets, cfg, backend, shard)
-
-
-def flat_head_targets(targets: Tensor, valid: Tensor) -> Tensor:
-    """int64 [N] targets for the sweeps: the id where ``valid``, -1 elsewhere."""
-    return torch.where(valid.reshape(-1), targets.reshape(-1).long(), -1)
+    return _sweep_rows(inputs, hidden, targets)
 
 
 def fused_logprobs_entropy(
@@ -162,17 +125,10 @@ def fused_logprobs_entropy(
     targets: Tensor,
     *,
     bias: Tensor | None = None,
-    temperature: float = 1.0,
-    softcap: float | None = None,
-    ignore_index: int = -100,
-    backend: str = "auto",
-    precision: str = "native",
-    deterministic: bool = False,
-    token_chunk: int | None = None,
-    vocab_chunk: int | None = None,
-    compact_rows: bool | None = None,
+    head: HeadConfig | None = None,
+    parallel=None,
     validate: bool | None = None,
-    process_group=None,
+    **overrides,
 ) -> tuple[Tensor, Tensor]:
     """Log-probability of the sampled tokens and entropy of the next-token distribution.
 
@@ -186,48 +142,32 @@ def fused_logprobs_entropy(
         weight:  [V, D] LM-head (unembedding) matrix; may differ in dtype from hidden.
         targets: integer, hidden's leading shape; ``ignore_index`` marks tokens to skip.
         bias:    optional [V]; ``-inf`` entries exclude tokens (e.g. a padded vocabulary).
-        temperature, softcap: see the formula; softcap is applied after the temperature.
-        backend: "triton" (CUDA), "torch" (chunked PyTorch), "reference" (materialised),
-                 "auto" (triton on CUDA, torch otherwise).
-        precision: "native" | "tf32" | "ieee", dot-product precision (see HeadConfig).
-        deterministic: bitwise reproducible kernels (fixed configs, no autotuning).
-        token_chunk, vocab_chunk: logits tile of the chunked sweeps (None: default).
-        compact_rows: sweep only the tokens that count (gathered first; needs one host sync
-                 for their number). Default: True on CPU, False on CUDA (no sync: rows that
-                 do not count are zeroed and swept).
+        head:    a :class:`fused_pg.HeadConfig` (temperature, softcap, backend, precision, ...);
+                 any of its fields may also be passed as a keyword (``temperature=0.7``).
+        parallel: ``VocabParallel(group)`` when ``weight`` (and ``bias``) hold this rank's
+                 consecutive slice ``[V_r, D]`` of the vocabulary, in rank order; every rank
+                 passes the same hidden and targets (global ids) and gets the same outputs
+                 (``process_group=group`` is the older spelling).
         validate: check values (NaN/Inf, target ids); default True on CPU, False on GPU
-                  (value checks synchronise with the device). Unchecked ids outside
-                  [0, V) are never read: they do not count (0, no gradient), on every backend.
-        process_group: vocabulary parallelism (see :mod:`fused_pg.distributed`): ``weight``
-                  (and ``bias``) hold this rank's consecutive slice ``[V_r, D]`` of the
-                  vocabulary, in rank order; every rank passes the same hidden and targets
-                  (global ids) and gets the same outputs; d_hidden is summed over the group.
+                 (value checks synchronise with the device). Unchecked ids outside [0, V)
+                 are never read: they do not count (0, no gradient), on every backend.
 
     Returns:
         ``(logprobs, entropy)``, fp32 (fp64 for fp64 inputs), shaped like ``targets``, 0 at
-        ignored tokens, differentiable w.r.t. hidden, weight and bias through both outputs.
+        tokens that do not count, differentiable w.r.t. hidden, weight and bias through both.
 
     Example:
-        >>> logp, ent = fused_logprobs_entropy(h, lm_head.weight, input_ids[:, 1:])
+        >>> logp, ent = fused_logprobs_entropy(h, lm_head.weight, input_ids[:, 1:], temperature=0.7)
     """
-    _, V = check_head_args(hidden, weight, targets, bias, ignore_index)
-    cfg = HeadConfig(temperature=temperature, softcap=softcap, precision=precision,
-                     deterministic=deterministic, token_chunk=token_chunk, vocab_chunk=vocab_chunk,
-                     compact_rows=compact_rows)
-    impl = backends.resolve(backend, hidden.device)
-    shard = None if process_group is None else distributed.VocabShard.of(process_group, weight)
-    if shard is not None:
-        V = shard.vocab_size  # the whole vocabulary (a 0-dim tensor: no host sync)
-    wide = targets.long()
-    valid = (wide != ignore_index) & (wide >= 0) & (wide < V)
-    if checks.resolve_validate(validate, hidden.device):
-        if shard is None:
-            checks.target_ids(wide, wide != ignore_index, V, ignore_index, bias)
-            check_head_values(hidden, weight, bias, valid)
-        else:
-            shard.check_values(hidden, weight, bias, wide.reshape(-1), (wide != ignore_index).reshape(-1),
-                               valid.reshape(-1), ignore_index)
-    flat = flat_head_targets(wide, valid)
-    logprobs, entropy = run_head(hidden.reshape(targets.numel(), hidden.shape[-1]), weight, bias, flat, cfg, impl,
-                                 shard=shard)
+    groups = {k: overrides.pop(k) for k in ("process_group",) if k in overrides}
+    cfg = head_config("fused_logprobs_entropy", head, overrides)
+    par = Parallel.of(parallel, **groups)
+    if par.data is not LOCAL:
+        raise ValueError("fused_logprobs_entropy has no batch-level statistics: pass only a VocabParallel")
+    inputs = prepare(hidden, weight, targets, bias, cfg, par, validate)
+    in_vocab = (inputs.targets >= 0) & (inputs.targets < inputs.vocab.vocab_size)
+    valid = inputs.counted & in_vocab
+    if inputs.validate:
+        check_values(inputs, valid, ids=inputs.counted)
+    logprobs, entropy = sweep(inputs, valid)
     return logprobs.view(targets.shape), entropy.view(targets.shape)

@@ -1,25 +1,35 @@
-"""Public loss functions: ``repo_loss`` (from hidden states), ``policy_loss_from_logprobs``
-(from per-token log-probs) and ``adapo_loss`` (``repo_loss`` with an ADAPO controller).
+"""The public losses: ``repo_loss`` (from hidden states), ``policy_loss_from_logprobs`` (from
+per-token log-probs), ``adapo_loss`` (``repo_loss`` with an ADAPO controller) and ``RepoLoss``
+(the same as a ``torch.nn.Module`` that holds its options and controller).
 
-``repo_loss`` is the fused head (:func:`fused_pg.head.run_head`) followed by the same
-epilogue ``policy_loss_from_logprobs`` runs, so both give identical losses on identical
-log-probs.
+One straight data path::
+
+    repo_loss                  = prepare (head + batch) -> head.sweep -> finish
+    policy_loss_from_logprobs  = prepare (batch)        ->               finish
+
+``prepare`` runs every check once, before the sweep; ``finish`` is the data-parallel
+strategy's whole-batch statistics, the shared epilogue (:mod:`fused_pg.epilogue`) and the
+metric reduction. Both losses therefore give identical results on identical log-probs.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
-from . import backends, checks, distributed
-from .batch import make_token_batch
-from .config import Default, HeadConfig, LossConfig
-from .control import AdaptiveClip
+from . import checks, head as head_mod
+from .batch import TokenBatch, make_token_batch
+from .config import LOSS_FIELDS, HeadConfig, LossConfig, resolve
+from .control import AdaptiveClip, EntropyController
 from .epilogue import policy_loss
-from .head import check_head_args, check_head_values, flat_head_targets, run_head
+from .parallel import LOCAL, Parallel
 from .stats import RepoStats
+
+# keywords the public losses accept besides the config fields: the older spellings of the
+# parallel groups, and the KL / entropy terms' own normalisers
+_EXTRAS = ("process_group", "data_parallel_group", "kl_num_items_in_batch", "entropy_num_items_in_batch")
 
 
 @dataclass
@@ -36,7 +46,7 @@ class PolicyLossOutput:
               dtype, detached, 0 where masked.
     ratio:    the importance ratio per token (token or sequence level; before ``delta`` and
               clipping), same shape and dtype, detached, 0 where masked.
-    metrics:  every key of :data:`fused_pg.epilogue.METRIC_KEYS`, always present (0 where an
+    metrics:  every key of :data:`fused_pg.epilogue.METRICS`, always present (0 where an
               option is off): 0-dim tensors (no host sync happens until you read them) and
               the float hyper-parameters used (eps_low, eps_high).
     """
@@ -74,18 +84,34 @@ def _explain_missing_grad(loss: Tensor, leaves: dict[str, Tensor | None], fn: st
     return _NoGradientPath.apply(loss, anchor, message)
 
 
-_LOSS_OPTIONS = tuple(f.name for f in fields(LossConfig) if f.name != "preset")
-
-
-def _loss_config(arguments: dict) -> LossConfig:
-    """The validated :class:`LossConfig` of a public loss function's arguments (``locals()``
-    on entry): every loss option has the same name there and in ``LossConfig``."""
-    return LossConfig.from_options(arguments["preset"], **{k: arguments[k] for k in _LOSS_OPTIONS})
-
-
 def _edt(*tensors: Tensor | None) -> torch.dtype:
     """Epilogue arithmetic dtype: fp64 when any input is fp64, else fp32."""
     return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+@dataclass(frozen=True)
+class _Call:
+    """One call, prepared: the checked configs, the flat token batch, the strategy."""
+
+    cfg: LossConfig
+    batch: TokenBatch
+    parallel: Parallel
+    lead: tuple[int, ...]
+
+
+def _finish(logprobs: Tensor, entropy: Tensor, call: _Call, leaves: dict, fn: str) -> PolicyLossOutput:
+    """Whole-batch statistics (data parallelism), the epilogue, the metrics of the whole batch."""
+    batch = call.parallel.data.whole_batch(call.batch, logprobs, call.cfg)
+    loss, metrics, per_token = policy_loss(logprobs, entropy, batch, call.cfg)
+    metrics = call.parallel.data.reduce_metrics(metrics)
+    return PolicyLossOutput(
+        loss=_explain_missing_grad(loss, leaves, fn),
+        logprobs=logprobs.detach().view(call.lead),
+        entropy=entropy.detach().view(call.lead),
+        metrics=metrics,
+        advantages=per_token["advantages"].view(call.lead),
+        ratio=per_token["ratio"].view(call.lead),
+    )
 
 
 def repo_loss(
@@ -93,7 +119,7 @@ def repo_loss(
     weight: Tensor,
     targets: Tensor,
     advantages: Tensor,
-    old_logprobs: Tensor | None,
+    old_logprobs: Tensor | None = None,
     mask: Tensor | None = None,
     *,
     bias: Tensor | None = None,
@@ -101,42 +127,13 @@ def repo_loss(
     rollout_logprobs: Tensor | None = None,
     cu_seqlens: Tensor | None = None,
     weights: Tensor | None = None,
-    preset: str | None = None,
-    eps_low: float = Default(0.2),
-    eps_high: float = Default(0.28),
-    dual_clip: float | None = Default(None),
-    delta: float | None = Default(None),
-    repo: str = "decorrelate",
-    repo_coef: float = 1.0,
-    repo_center: bool = True,
     repo_stats: RepoStats | None = None,
-    kl_coef: float = 0.0,
-    kl_estimator: str = Default("k3"),
-    kl_clamp: float | None = Default(None),
-    kl_ratio_weight: bool = False,
-    kl_aggregation: str | None = None,
-    kl_num_items_in_batch: float | Tensor | None = None,
-    entropy_coef: float = 0.0,
-    entropy_aggregation: str | None = None,
-    entropy_num_items_in_batch: float | Tensor | None = None,
-    temperature: float = 1.0,
-    softcap: float | None = None,
-    aggregation: str = Default("token-mean"),
     num_items_in_batch: float | Tensor | None = None,
-    max_length: int | None = Default(None),
-    importance_level: str = Default("token"),
-    tis_cap: float | None = None,
-    tis_level: str = "token",
-    ignore_index: int = -100,
-    backend: str = "auto",
-    precision: str = "native",
-    deterministic: bool = False,
-    token_chunk: int | None = None,
-    vocab_chunk: int | None = None,
-    compact_rows: bool | None = None,
+    config: LossConfig | None = None,
+    head: HeadConfig | None = None,
+    parallel=None,
     validate: bool | None = None,
-    process_group=None,
-    data_parallel_group=None,
+    **overrides,
 ) -> PolicyLossOutput:
     """Entropy-aware clipped policy-gradient loss straight from hidden states.
 
@@ -162,63 +159,38 @@ def repo_loss(
         mask:          1/True for tokens that count (bool, int or float 0/1); tokens whose
                        target is ``ignore_index`` never count.
         ref_logprobs:  reference-policy log-probs, for ``kl_coef`` (KL is reported whenever given).
-        rollout_logprobs, tis_cap, tis_level: truncated importance sampling against the
-                       inference engine: ``min(exp(old - rollout), tis_cap)`` per token or per
-                       sequence (sum of log-ratios), multiplied into the policy-gradient term.
+        rollout_logprobs: the inference engine's log-probs, for ``tis_cap``.
         cu_seqlens:    [S + 1] sequence offsets of packed inputs (needed for sequence-level
                        options with packed inputs).
         weights:       per-token ([B, T] / [N]) or per-sequence ([B] / [S]) weights multiplied
                        into the policy-gradient term only (not KL, not entropy): rollout
                        importance weights, masks from entropy quantiles, off-policy masks.
                        Constants (detached inside); the normalisers still count every valid token.
-        preset:        a trainer's defaults for the options you do not pass, one of
-                       :data:`fused_pg.config.PRESETS`: "verl", "verl-gspo", "trl-grpo",
-                       "trl-gspo", "trl-dapo", "trl-bnpo", "trl-dr-grpo", "trl-luspo",
-                       "openrlhf". It sets eps_low/eps_high, dual_clip, delta, aggregation,
-                       importance_level, kl_estimator, kl_clamp (and max_length for
-                       trl-dr-grpo); never the REPO options. An explicit argument always wins.
-        eps_low, eps_high: clip range offsets from 1 (DAPO clip-higher).
-        dual_clip:     verl's ``clip_ratio_c`` (> 1): caps the loss at ``-c A'`` where ``A' < 0``.
-        delta:         TRL's two-sided cap (> 1): ``min(r, delta)`` in the unclipped term.
-        repo:          "none" | "fixed" | "decorrelate" (see :func:`fused_pg.epilogue.repo_advantages`).
-        repo_coef:     zeta for "fixed" (>= 0), gamma in [0, 1] for "decorrelate".
-        repo_center:   mu = batch mean of logp (True) or 0.
         repo_stats:    REPO statistics of the whole batch (:func:`fused_pg.repo_statistics`),
                        for gradient accumulation and data parallelism; default: this batch's.
-        kl_coef, kl_estimator: ``"k1" | "k2" | "k3" | "abs"``, or ``"k1+" | "k3+" | "abs+"``
-                       (that value with the gradient of k2); see :func:`fused_pg.epilogue.kl_penalty`.
-        kl_clamp:      bounds the per-token KL value to [-kl_clamp, kl_clamp] (None: no bound).
-        kl_ratio_weight: multiply the per-token KL by the (differentiable) importance ratio r,
-                       TRL's ``use_bias_correction_kl`` (unbiased reverse-KL gradient off-policy).
-        kl_aggregation, kl_num_items_in_batch: aggregation and normaliser of the KL term.
-                       ``kl_aggregation=None``: ``aggregation``, with ``kl_num_items_in_batch``
-                       defaulting to ``num_items_in_batch``; an explicit ``kl_aggregation``
-                       uses ``kl_num_items_in_batch`` or else the local count.
-        entropy_coef:  entropy bonus coefficient (the loss subtracts ``entropy_coef * agg_ent(H)``).
-        entropy_aggregation, entropy_num_items_in_batch: the same for the entropy term (TRL
-                       averages the entropy bonus over the micro-batch's tokens whatever its
-                       loss_type: ``entropy_aggregation="token-mean"`` with its own normaliser).
-        temperature, softcap: LM-head options, see :func:`fused_logprobs_entropy`.
-        aggregation:   "token-mean" | "token-sum" | "seq-mean-token-mean" | "seq-mean-token-sum"
-                       | "seq-mean-token-sum-norm" (Dr.GRPO; divisor num_seqs * max_length).
         num_items_in_batch: global normaliser of the policy term replacing the local count
                        (valid tokens for token-mean, non-empty sequences for seq-mean-*, all
                        sequences for seq-mean-token-sum-norm, 1 for token-sum) for gradient
-                       accumulation / DP.
-        max_length:    Dr.GRPO's constant length (default: T of [B, T] inputs).
-        importance_level: "token" or "sequence" (GSPO).
-        ignore_index:  target id that marks tokens to skip.
-        backend, precision, deterministic, token_chunk, vocab_chunk, compact_rows, validate:
-                       see :func:`fused_logprobs_entropy`. ``validate`` also checks that the
-                       log-prob inputs are <= 0 (up to 1e-2) and finite where they count.
-        process_group: vocabulary parallelism: ``weight``/``bias`` are this rank's consecutive
-                       slice of the vocabulary (rank order); every rank passes the same batch
-                       and gets the same loss (see :mod:`fused_pg.distributed`).
-        data_parallel_group: data parallelism: each rank passes its part of the batch;
-                       ``repo_stats`` and ``num_items_in_batch`` (those not passed) and the
-                       metrics become those of the whole group's batch, and ``loss`` is this
-                       rank's share: the sum over ranks equals one process on the whole batch
-                       (DDP/FSDP average gradients: scale the loss by the group size).
+                       accumulation / DP. ``kl_num_items_in_batch`` / ``entropy_num_items_in_batch``
+                       (keywords) do the same for the KL / entropy terms when those have their
+                       own aggregation; otherwise they share this one.
+        config:        a :class:`fused_pg.LossConfig` (clip range, REPO, KL, entropy,
+                       aggregation, ...); ``preset="verl"`` etc. builds it from a trainer's
+                       defaults (:meth:`LossConfig.preset`).
+        head:          a :class:`fused_pg.HeadConfig` (temperature, softcap, backend, precision,
+                       ignore_index, ...), see :func:`fused_logprobs_entropy`.
+        overrides:     any field of ``LossConfig`` or ``HeadConfig`` as a keyword, applied on top
+                       of ``config`` / ``head`` (``repo_loss(..., eps_high=0.3, temperature=0.7)``);
+                       an unknown name raises ``TypeError`` naming the nearest valid one.
+        parallel:      ``VocabParallel(group)``: ``weight``/``bias`` are this rank's slice of the
+                       vocabulary, every rank passes the same batch and gets the same loss;
+                       ``DataParallel(group)``: each rank passes its part of the batch, and
+                       ``repo_stats``, ``num_items_in_batch`` (those not passed) and the metrics
+                       become the whole group's, ``loss`` being this rank's share (the sum over
+                       ranks equals one process on the whole batch); ``Parallel(vocab, data)``
+                       for both (see :mod:`fused_pg.parallel`).
+        validate:      value checks (NaN/Inf, ids, log-probs <= 0 up to 1e-2 where they count);
+                       default True on CPU, False on GPU (value checks synchronise).
 
     Returns:
         :class:`PolicyLossOutput` with ``loss``, ``logprobs``, ``entropy``, ``metrics``.
@@ -226,53 +198,25 @@ def repo_loss(
         ``metrics["empty_batch"] == 1``.
 
     Example:
-        >>> out = repo_loss(h, model.lm_head.weight, ids[:, 1:], adv, old_logp, mask)
+        >>> out = repo_loss(h, model.lm_head.weight, ids[:, 1:], adv, old_logp, mask, eps_high=0.28)
         >>> out.loss.backward()
     """
-    N, V = check_head_args(hidden, weight, targets, bias, ignore_index)
-    loss_cfg = _loss_config(locals())
-    head_cfg = HeadConfig(temperature=temperature, softcap=softcap, precision=precision,
-                          deterministic=deterministic, token_chunk=token_chunk, vocab_chunk=vocab_chunk,
-                          compact_rows=compact_rows)
-    impl = backends.resolve(backend, hidden.device)
-    validate = checks.resolve_validate(validate, hidden.device)
-    shard = None if process_group is None else distributed.VocabShard.of(process_group, weight)
-    if shard is not None:
-        V = shard.vocab_size  # the whole vocabulary (a 0-dim tensor: no host sync)
-    # targets widened to int64 first: a small integer dtype (uint8 wraps -100 to 156) must not
-    # alias a vocabulary id. Unchecked ids outside [0, V) never count (a sync-free guard).
-    wide = targets.reshape(-1).long()
-    counted = wide != ignore_index
-    if not validate:
-        counted = counted & (wide >= 0) & (wide < V)
+    cfg, head_cfg, extras = resolve("repo_loss", config, head, overrides, extras=_EXTRAS)
+    par = Parallel.of(parallel, process_group=extras.get("process_group"),
+                      data_parallel_group=extras.get("data_parallel_group"))
+    inputs = head_mod.prepare(hidden, weight, targets, bias, head_cfg, par, validate)
     batch = make_token_batch(
-        tuple(targets.shape), hidden.device, _edt(hidden, weight), counted=counted,
+        tuple(targets.shape), hidden.device, _edt(hidden, weight), counted=inputs.counted,
         advantages=advantages, old_logprobs=old_logprobs, mask=mask, ref_logprobs=ref_logprobs,
         rollout_logprobs=rollout_logprobs, cu_seqlens=cu_seqlens, num_items_in_batch=num_items_in_batch,
-        repo_stats=repo_stats, cfg=loss_cfg, validate=validate, what="the leading shape of hidden",
-        weights=weights, kl_num_items_in_batch=kl_num_items_in_batch,
-        entropy_num_items_in_batch=entropy_num_items_in_batch)
-    if validate and shard is None:
-        checks.target_ids(wide, batch.valid, V, ignore_index, bias)
-        check_head_values(hidden, weight, bias, batch.valid)
-    elif validate:
-        shard.check_values(hidden, weight, bias, wide, batch.valid, batch.valid, ignore_index)
-    logprobs, entropy = run_head(hidden.reshape(N, hidden.shape[-1]), weight, bias, flat_head_targets(wide, batch.valid),
-                                 head_cfg, impl, shard=shard)
-    if data_parallel_group is not None:
-        batch = distributed.data_parallel_batch(batch, logprobs, loss_cfg, data_parallel_group)
-    loss, metrics, per_token = policy_loss(logprobs, entropy, batch, loss_cfg)
-    if data_parallel_group is not None:
-        metrics = distributed.data_parallel_metrics(metrics, data_parallel_group)
-    loss = _explain_missing_grad(loss, {"hidden": hidden, "weight": weight, "bias": bias}, "repo_loss")
-    return PolicyLossOutput(
-        loss=loss,
-        logprobs=logprobs.detach().view(targets.shape),
-        entropy=entropy.detach().view(targets.shape),
-        metrics=metrics,
-        advantages=per_token["advantages"].view(targets.shape),
-        ratio=per_token["ratio"].view(targets.shape),
-    )
+        repo_stats=repo_stats, cfg=cfg, validate=inputs.validate, what="the leading shape of hidden",
+        weights=weights, kl_num_items_in_batch=extras.get("kl_num_items_in_batch"),
+        entropy_num_items_in_batch=extras.get("entropy_num_items_in_batch"))
+    if inputs.validate:
+        head_mod.check_values(inputs, batch.valid)
+    call = _Call(cfg=cfg, batch=batch, parallel=par, lead=tuple(targets.shape))
+    logprobs, entropy = head_mod.sweep(inputs, batch.valid)
+    return _finish(logprobs, entropy, call, {"hidden": hidden, "weight": weight, "bias": bias}, "repo_loss")
 
 
 def policy_loss_from_logprobs(
@@ -286,32 +230,12 @@ def policy_loss_from_logprobs(
     rollout_logprobs: Tensor | None = None,
     cu_seqlens: Tensor | None = None,
     weights: Tensor | None = None,
-    preset: str | None = None,
-    eps_low: float = Default(0.2),
-    eps_high: float = Default(0.28),
-    dual_clip: float | None = Default(None),
-    delta: float | None = Default(None),
-    repo: str = "decorrelate",
-    repo_coef: float = 1.0,
-    repo_center: bool = True,
     repo_stats: RepoStats | None = None,
-    kl_coef: float = 0.0,
-    kl_estimator: str = Default("k3"),
-    kl_clamp: float | None = Default(None),
-    kl_ratio_weight: bool = False,
-    kl_aggregation: str | None = None,
-    kl_num_items_in_batch: float | Tensor | None = None,
-    entropy_coef: float = 0.0,
-    entropy_aggregation: str | None = None,
-    entropy_num_items_in_batch: float | Tensor | None = None,
-    aggregation: str = Default("token-mean"),
     num_items_in_batch: float | Tensor | None = None,
-    max_length: int | None = Default(None),
-    importance_level: str = Default("token"),
-    tis_cap: float | None = None,
-    tis_level: str = "token",
+    config: LossConfig | None = None,
+    parallel=None,
     validate: bool | None = None,
-    data_parallel_group=None,
+    **overrides,
 ) -> PolicyLossOutput:
     """The policy loss of :func:`repo_loss` for callers that already have per-token log-probs.
 
@@ -322,39 +246,47 @@ def policy_loss_from_logprobs(
     Args:
         logprobs:  [B, T] or packed [N] log-probs of the sampled tokens under the current
                    policy, differentiable (any float dtype; the epilogue runs in fp32, or fp64).
-        advantages, old_logprobs, mask, ref_logprobs, rollout_logprobs, cu_seqlens: as in
-                   :func:`repo_loss`, with ``logprobs``' shape in place of hidden's leading
-                   shape; ``old_logprobs=None`` means on-policy.
+        advantages, old_logprobs, mask, ref_logprobs, rollout_logprobs, cu_seqlens, weights,
+                   repo_stats, num_items_in_batch: as in :func:`repo_loss`, with
+                   ``logprobs``' shape in place of hidden's leading shape; ``old_logprobs=None``
+                   means on-policy.
         entropy:   optional per-token entropies, ``logprobs``' shape, differentiable; needed
                    when ``entropy_coef != 0`` and reported as ``metrics["entropy_mean"]``
                    (0 when not given).
-        other options: exactly those of :func:`repo_loss` (``data_parallel_group`` included).
+        config, overrides, validate: as in :func:`repo_loss` (``LossConfig`` fields only).
+        parallel:  ``DataParallel(group)`` (or ``data_parallel_group=group``), as in :func:`repo_loss`.
 
     Returns:
         :class:`PolicyLossOutput`; ``loss`` is differentiable w.r.t. ``logprobs`` and ``entropy``.
 
     Example:
         >>> logp = model_logprobs(batch)                 # [B, T], requires grad
-        >>> out = policy_loss_from_logprobs(logp, adv, old_logp, response_mask)
+        >>> out = policy_loss_from_logprobs(logp, adv, old_logp, response_mask, preset="verl")
         >>> out.loss.backward()
     """
+    cfg, _, extras = resolve("policy_loss_from_logprobs", config, None, overrides, extras=_EXTRAS[1:],
+                             head_fields=False)
+    par = Parallel.of(parallel, data_parallel_group=extras.get("data_parallel_group"))
+    if par.vocab is not LOCAL:
+        raise ValueError("policy_loss_from_logprobs takes log-probs, not an LM head: a VocabParallel "
+                         "strategy does not apply (pass DataParallel(group))")
     checks.tensor("logprobs", logprobs, dims=(1, 2), floating=True)
     dev = logprobs.device
     lead = tuple(logprobs.shape)
     if entropy is not None:
-        checks.tensor("entropy", entropy, floating=True, device=dev)
+        checks.tensor("entropy", entropy, floating=True, device=dev, like="logprobs")
         checks.shape("entropy", entropy, lead, "the shape of logprobs")
-    loss_cfg = _loss_config(locals())
-    if entropy is None and loss_cfg.entropy_coef != 0:
+    if entropy is None and cfg.entropy_coef != 0:
         raise ValueError("entropy_coef != 0 needs entropy (per-token entropies, the shape of logprobs)")
     validate = checks.resolve_validate(validate, dev)
     edt = _edt(logprobs)
     batch = make_token_batch(
         lead, dev, edt, counted=None, advantages=advantages, old_logprobs=old_logprobs, mask=mask,
         ref_logprobs=ref_logprobs, rollout_logprobs=rollout_logprobs, cu_seqlens=cu_seqlens,
-        num_items_in_batch=num_items_in_batch, repo_stats=repo_stats, cfg=loss_cfg, validate=validate,
-        what="the shape of logprobs", weights=weights, kl_num_items_in_batch=kl_num_items_in_batch,
-        entropy_num_items_in_batch=entropy_num_items_in_batch)
+        num_items_in_batch=num_items_in_batch, repo_stats=repo_stats, cfg=cfg, validate=validate,
+        what="the shape of logprobs", like="logprobs", weights=weights,
+        kl_num_items_in_batch=extras.get("kl_num_items_in_batch"),
+        entropy_num_items_in_batch=extras.get("entropy_num_items_in_batch"))
     valid = batch.valid
     lp = logprobs.reshape(-1)
     if validate:
@@ -368,20 +300,15 @@ def policy_loss_from_logprobs(
         ent = torch.where(valid, ent.to(edt), 0.0)
     else:
         ent = torch.zeros_like(lp, requires_grad=False)
-    if data_parallel_group is not None:
-        batch = distributed.data_parallel_batch(batch, lp, loss_cfg, data_parallel_group)
-    loss, metrics, per_token = policy_loss(lp, ent, batch, loss_cfg)
-    if data_parallel_group is not None:
-        metrics = distributed.data_parallel_metrics(metrics, data_parallel_group)
-    loss = _explain_missing_grad(loss, {"logprobs": logprobs, "entropy": entropy}, "policy_loss_from_logprobs")
-    return PolicyLossOutput(
-        loss=loss,
-        logprobs=lp.detach().view(lead),
-        entropy=ent.detach().view(lead),
-        metrics=metrics,
-        advantages=per_token["advantages"].view(lead),
-        ratio=per_token["ratio"].view(lead),
-    )
+    call = _Call(cfg=cfg, batch=batch, parallel=par, lead=lead)
+    return _finish(lp, ent, call, {"logprobs": logprobs, "entropy": entropy}, "policy_loss_from_logprobs")
+
+
+def _loss_overrides(where: str, config: LossConfig | None, kwargs: dict) -> LossConfig:
+    """Pop the ``LossConfig`` keywords (and ``preset``) out of ``kwargs`` into one config."""
+    loss_kw = {k: kwargs.pop(k) for k in list(kwargs) if k in LOSS_FIELDS or k == "preset"}
+    cfg, _, _ = resolve(where, config, None, loss_kw, head_fields=False)
+    return cfg
 
 
 def adapo_loss(
@@ -389,32 +316,107 @@ def adapo_loss(
     weight: Tensor,
     targets: Tensor,
     advantages: Tensor,
-    old_logprobs: Tensor,
+    old_logprobs: Tensor | None = None,
     mask: Tensor | None = None,
     *,
     controller: AdaptiveClip,
     update_controller: bool = False,
+    config: LossConfig | None = None,
     **kwargs,
 ) -> PolicyLossOutput:
     """:func:`repo_loss` with the clip range read from an ADAPO controller.
 
-    ``eps_high`` (and ``eps_low``) come from ``controller``; passing them as well is an error.
-    With ``update_controller=True`` the controller takes one step from this batch's
-    ``metrics`` before returning (``controller.update(out.metrics)``: one scalar read from the
-    device; a batch with no valid token leaves it unchanged). Otherwise call
-    ``controller.update(out.metrics)`` yourself after the optimizer step -- or, with gradient
-    accumulation, ``controller.observe(out.metrics)`` per micro-batch and ``controller.update()``
-    once per optimizer step (a token-weighted mean over the micro-batches).
-    Other keyword arguments are those of :func:`repo_loss` (``repo`` defaults to "decorrelate":
-    pass ``repo="none"`` for pure ADAPO).
+    ``eps_high`` (and ``eps_low``) come from ``controller`` (an :class:`fused_pg.AdaptiveClip`);
+    passing them as well is an error. With ``update_controller=True`` the
+    controller takes one step from this batch's ``metrics`` before returning
+    (``controller.update(out.metrics)``: one scalar read from the device; a batch with no valid
+    token leaves it unchanged). Otherwise call ``controller.update(out.metrics)`` yourself
+    after the optimizer step -- or, with gradient accumulation, ``controller.observe(out.metrics)``
+    per micro-batch and ``controller.update()`` once per optimizer step (a token-weighted mean
+    over the micro-batches). Other keyword arguments are those of :func:`repo_loss` (``repo``
+    defaults to "decorrelate": pass ``repo="none"`` for pure ADAPO).
     """
     if not isinstance(controller, AdaptiveClip):
-        raise TypeError(f"controller must be an AdaptiveClip, got {type(controller).__name__}")
-    for name in ("eps_low", "eps_high"):
+        raise TypeError(f"controller must be an AdaptiveClip, got {type(controller).__name__} "
+                        "(RepoLoss(controller=...) takes any fused_pg controller)")
+    for name in controller.controlled():
         if name in kwargs:
             raise TypeError(f"adapo_loss takes {name} from the controller; do not pass {name}")
-    out = repo_loss(hidden, weight, targets, advantages, old_logprobs, mask,
-                    eps_low=controller.eps_low, eps_high=controller.eps_high, **kwargs)
+    cfg = controller.apply(_loss_overrides("adapo_loss", config, kwargs))
+    out = repo_loss(hidden, weight, targets, advantages, old_logprobs, mask, config=cfg, **kwargs)
     if update_controller:
         controller.update(out.metrics)
     return out
+
+
+class RepoLoss(torch.nn.Module):
+    """:func:`repo_loss` as a module: it holds the options (``config``, ``head``, ``parallel``)
+    and an optional entropy controller, so a trainer builds them once.
+
+    The controller's state is part of the module's ``state_dict`` (``get_extra_state``): a
+    trainer that checkpoints the module (or a model that owns it) checkpoints the controller.
+    While the module is in training mode every call observes its metrics
+    (``controller.observe(out.metrics)``); call :meth:`update_controller` once per optimiser step.
+
+    Example::
+
+        loss_fn = RepoLoss(preset="trl-dapo", controller=AdaptiveClip(target_entropy=0.6))
+        out = loss_fn(hidden, lm_head.weight, targets, advantages, old_logprobs, mask)
+        out.loss.backward(); optimizer.step(); loss_fn.update_controller()
+    """
+
+    def __init__(self, config: LossConfig | None = None, head: HeadConfig | None = None, parallel=None,
+                 controller: EntropyController | None = None, **overrides):
+        super().__init__()
+        if controller is not None and not isinstance(controller, EntropyController):
+            raise TypeError(f"controller must be a fused_pg controller, got {type(controller).__name__}")
+        if controller is not None:
+            clash = set(controller.controlled()) & set(overrides)
+            if clash:
+                raise TypeError(f"RepoLoss takes {sorted(clash)} from the controller; do not pass them")
+        self.config, self.head, _ = resolve("RepoLoss", config, head, overrides)
+        self.parallel = Parallel.of(parallel)
+        self.controller = controller
+
+    def _config(self) -> LossConfig:
+        return self.controller.apply(self.config) if self.controller is not None else self.config
+
+    def _observe(self, out: PolicyLossOutput) -> PolicyLossOutput:
+        if self.controller is not None and self.training:
+            self.controller.observe(out.metrics)
+        return out
+
+    def forward(self, hidden: Tensor, weight: Tensor, targets: Tensor, advantages: Tensor,
+                old_logprobs: Tensor | None = None, mask: Tensor | None = None, **data) -> PolicyLossOutput:
+        """:func:`repo_loss` with this module's options; ``data``: its per-call tensor arguments
+        (bias, ref_logprobs, rollout_logprobs, cu_seqlens, weights, repo_stats, num_items_in_batch,
+        validate, kl_num_items_in_batch, entropy_num_items_in_batch)."""
+        return self._observe(repo_loss(hidden, weight, targets, advantages, old_logprobs, mask,
+                                       config=self._config(), head=self.head, parallel=self.parallel, **data))
+
+    def from_logprobs(self, logprobs: Tensor, advantages: Tensor, old_logprobs: Tensor | None = None,
+                      mask: Tensor | None = None, **data) -> PolicyLossOutput:
+        """:func:`policy_loss_from_logprobs` with this module's loss options."""
+        par = Parallel(data=self.parallel.data)
+        return self._observe(policy_loss_from_logprobs(logprobs, advantages, old_logprobs, mask,
+                                                       config=self._config(), parallel=par, **data))
+
+    def update_controller(self, *, process_group=None) -> float:
+        """One controller step from what was observed since the last (see
+        :meth:`fused_pg.EntropyController.update`); 0.0 without a controller."""
+        return self.controller.update(process_group=process_group) if self.controller is not None else 0.0
+
+    def get_extra_state(self) -> dict:
+        return {"controller": self.controller.state_dict() if self.controller is not None else None}
+
+    def set_extra_state(self, state: dict) -> None:
+        saved = state.get("controller")
+        if (saved is None) != (self.controller is None):
+            raise ValueError("RepoLoss state and module disagree on whether there is a controller: "
+                             f"state has {'none' if saved is None else saved.get('controller')}, the module "
+                             f"{'none' if self.controller is None else type(self.controller).__name__}")
+        if saved is not None:
+            self.controller.load_state_dict(saved)
+
+    def extra_repr(self) -> str:
+        return f"config={self.config}, head={self.head}, parallel={self.parallel}, controller={self.controller}"

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from . import checks
+from . import checks, comm
 
 
 @dataclass(frozen=True)
@@ -106,10 +106,12 @@ class RepoStats:
 
     def all_reduce(self, process_group) -> "RepoStats":
         """Statistics of the union of every rank's tokens in ``process_group`` (a data-parallel
-        group), identical on every rank: one all-gather of the [5] vectors, merged in rank order."""
-        from .distributed import all_reduce_repo_stats
-
-        return all_reduce_repo_stats(self, process_group)
+        group), identical on every rank: one all-gather of the [5] float64 vectors, merged in rank
+        order (Chan's pairwise update is not a sum, and a fixed order keeps the result bitwise
+        reproducible)."""
+        comm.check_group("process_group", process_group)
+        parts = comm.all_gather(self.as_tensor(), process_group)
+        return RepoStats.merge_all([RepoStats.from_tensor(p) for p in parts.unbind(0)])
 
 
 def repo_statistics(logprobs: Tensor, advantages: Tensor, mask: Tensor | None = None, *,

@@ -41,29 +41,36 @@ def _sequences(lead: tuple[int, ...], cu_seqlens: Tensor | None) -> list[list[in
     return [list(range(cu[i], cu[i + 1])) for i in range(len(cu) - 1)]
 
 
-class Default:
-    """Signature default of an option a preset may set ("not passed by the caller")."""
-
-    __slots__ = ("value",)
-
-    def __init__(self, value):
-        self.value = value
-
-    def __repr__(self) -> str:
-        return repr(self.value)
+OPTION_DEFAULTS = dict(
+    eps_low=0.2, eps_high=0.28, dual_clip=None, delta=None, repo="decorrelate", repo_coef=1.0, repo_center=True,
+    kl_coef=0.0, kl_estimator="k3", kl_clamp=None, kl_ratio_weight=False, kl_aggregation=None, entropy_coef=0.0,
+    entropy_aggregation=None, aggregation="token-mean", max_length=None, importance_level="token", tis_cap=None,
+    tis_level="token",
+)
+"""The loss options the oracle understands and what each means when not given."""
 
 
-def _preset_values(preset: str | None, kl_estimator) -> dict:
+def resolve_options(options: dict) -> dict:
+    """Every option's value: given, else the preset's (``preset=``), else the default."""
+    unknown = set(options) - set(OPTION_DEFAULTS) - {"preset"}
+    if unknown:
+        raise TypeError(f"unknown loss options {sorted(unknown)}")
+    preset = options.get("preset")
+    table = _preset_values(preset, options.get("kl_estimator"))
+    return {**OPTION_DEFAULTS, **table, **{k: v for k, v in options.items() if k != "preset"}}
+
+
+def _preset_values(preset: str | None, kl_estimator: str | None) -> dict:
     """The trainers' defaults, written out per trainer (see each trainer's own configuration).
 
-    kl_estimator: the caller's estimator (or a Default), needed for verl's k3-only clamp.
+    kl_estimator: the caller's estimator (None: not given), needed for verl's k3-only clamp.
     """
     if preset is None:
         return {}
     trl = dict(eps_low=0.2, eps_high=0.2, dual_clip=None, delta=None, importance_level="token",
                kl_estimator="k3", kl_clamp=None)
     if preset in ("verl", "verl-gspo"):
-        est = "k3" if isinstance(kl_estimator, Default) else kl_estimator  # verl's default: low_var_kl
+        est = "k3" if kl_estimator is None else kl_estimator  # verl's default: low_var_kl
         out = dict(eps_low=0.2, eps_high=0.2, dual_clip=3.0, delta=None, aggregation="token-mean",
                    importance_level="token", kl_estimator="k3",
                    kl_clamp=10.0 if est in ("k3", "k3+") else None)
@@ -136,33 +143,15 @@ def policy_loss_ref(
     rollout_logprobs: Tensor | None = None,
     cu_seqlens: Tensor | None = None,
     weights: Tensor | None = None,
-    preset: str | None = None,
-    eps_low: float = Default(0.2),
-    eps_high: float = Default(0.28),
-    dual_clip: float | None = Default(None),
-    delta: float | None = Default(None),
-    repo: str = "decorrelate",
-    repo_coef: float = 1.0,
-    repo_center: bool = True,
     repo_stats=None,
-    kl_coef: float = 0.0,
-    kl_estimator: str = Default("k3"),
-    kl_clamp: float | None = Default(None),
-    kl_ratio_weight: bool = False,
-    kl_aggregation: str | None = None,
-    kl_num_items_in_batch: float | None = None,
-    entropy_coef: float = 0.0,
-    entropy_aggregation: str | None = None,
-    entropy_num_items_in_batch: float | None = None,
-    aggregation: str = Default("token-mean"),
     num_items_in_batch: float | None = None,
-    max_length: int | None = Default(None),
-    importance_level: str = Default("token"),
-    tis_cap: float | None = None,
-    tis_level: str = "token",
+    kl_num_items_in_batch: float | None = None,
+    entropy_num_items_in_batch: float | None = None,
     dtype: torch.dtype | None = None,
+    **options,
 ) -> ReferenceOutput:
-    """Literal reference of :func:`fused_pg.policy_loss_from_logprobs` (same arguments).
+    """Literal reference of :func:`fused_pg.policy_loss_from_logprobs` (same arguments; the loss
+    options, :data:`OPTION_DEFAULTS` and ``preset``, as keywords).
 
     ``logprobs`` ([B, T] or packed [N]) and ``entropy`` are used as given (differentiable);
     ``old_logprobs=None`` is on-policy. ``repo_stats``, if given, is any object with
@@ -171,19 +160,14 @@ def policy_loss_ref(
     The loss is ``agg(pg) + kl_coef * agg_kl(kl) - entropy_coef * agg_ent(H)``, each term with
     its own aggregation and normaliser (KL and entropy default to the policy term's).
     """
-    # --- presets: a trainer's defaults for the options the caller did not pass --------------
-    table = _preset_values(preset, kl_estimator)
-
-    def pick(name, value):
-        if not isinstance(value, Default):
-            return value
-        return table[name] if name in table else value.value
-
-    eps_low, eps_high = pick("eps_low", eps_low), pick("eps_high", eps_high)
-    dual_clip, delta = pick("dual_clip", dual_clip), pick("delta", delta)
-    kl_estimator, kl_clamp = pick("kl_estimator", kl_estimator), pick("kl_clamp", kl_clamp)
-    aggregation, max_length = pick("aggregation", aggregation), pick("max_length", max_length)
-    importance_level = pick("importance_level", importance_level)
+    o = resolve_options(options)
+    eps_low, eps_high, dual_clip, delta = o["eps_low"], o["eps_high"], o["dual_clip"], o["delta"]
+    repo, repo_coef, repo_center = o["repo"], o["repo_coef"], o["repo_center"]
+    kl_coef, kl_estimator, kl_clamp = o["kl_coef"], o["kl_estimator"], o["kl_clamp"]
+    kl_ratio_weight, kl_aggregation = o["kl_ratio_weight"], o["kl_aggregation"]
+    entropy_coef, entropy_aggregation = o["entropy_coef"], o["entropy_aggregation"]
+    aggregation, max_length, importance_level = o["aggregation"], o["max_length"], o["importance_level"]
+    tis_cap, tis_level = o["tis_cap"], o["tis_level"]
 
     lead = tuple(logprobs.shape)
     seqs = _sequences(lead, cu_seqlens)

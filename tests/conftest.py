@@ -37,6 +37,11 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+        # backend="triton" without a GPU runs under the interpreter: mark it (-m "not interpreter"
+        # leaves the interpreter out; its example budget is helpers.backends.LIMITS["triton"])
+        callspec = getattr(item, "callspec", None)
+        if callspec is not None and callspec.params.get("backend") == "triton":
+            item.add_marker(pytest.mark.interpreter)
 
 
 def pytest_configure(config):

@@ -207,35 +207,30 @@ def test_metric_keys_are_stable():
 
 
 def test_signatures_of_the_api_and_the_oracle_stay_in_step():
-    """policy_loss_from_logprobs and its oracle take the same arguments; repo_loss takes those
-    (minus the log-prob inputs) plus the head's, and repo_loss_ref forwards every loss option."""
+    """policy_loss_from_logprobs and its oracle take the same per-call arguments, and the oracle
+    knows every loss option with the same default; repo_loss takes those (minus the log-prob
+    inputs) plus the head's; presets only set preset-able options."""
+    from dataclasses import fields
+
+    from fused_pg.config import HeadConfig, LossConfig
+    from fused_pg.reference.loss import OPTION_DEFAULTS
+
     api = inspect.signature(fused_pg.policy_loss_from_logprobs).parameters
     ref = inspect.signature(policy_loss_ref).parameters
-    distributed = {"data_parallel_group"}  # the oracle is one process: no process groups
-    assert set(api) - {"validate"} - distributed == set(ref) - {"dtype"}
-
-    def marked(d):  # a preset-able option's default is a Default marker holding the library default
-        return type(d).__name__ == "Default"
-
-    for name in set(api) & set(ref):
-        a, r = api[name].default, ref[name].default
-        assert marked(a) == marked(r), f"{name}: preset-able in one signature only"
-        assert (a.value if marked(a) else a) == (r.value if marked(r) else r), name
-    presettable = {n for n, p in api.items() if marked(p.default)}
-    assert presettable == set(PRESET_OPTIONS)
+    values = {"config", "parallel", "validate", "overrides"}  # option values and scale-out: the API's
+    normalisers = {"kl_num_items_in_batch", "entropy_num_items_in_batch"}  # keywords in the API
+    assert set(api) - values == set(ref) - {"dtype", "options"} - normalisers
+    assert {f.name: f.default for f in fields(LossConfig)} == OPTION_DEFAULTS
+    assert set(PRESET_OPTIONS) <= set(OPTION_DEFAULTS)
     for name, table in PRESETS.items():
-        assert set(table) <= presettable, f"preset {name} sets an option that is not preset-able"
-    for fn in (fused_pg.repo_loss, repo_loss_ref):
-        sig = inspect.signature(fn).parameters
-        for n in presettable & set(sig):
-            assert marked(sig[n].default) and sig[n].default.value == api[n].default.value, (fn.__name__, n)
-    head_only = {"hidden", "weight", "targets", "bias", "temperature", "softcap", "ignore_index"}
-    fused_only = {"backend", "precision", "deterministic", "token_chunk", "vocab_chunk", "compact_rows",
-                  "validate", "process_group"}
+        assert set(table) <= set(PRESET_OPTIONS), f"preset {name} sets an option that is not preset-able"
+    head_only = {"hidden", "weight", "targets", "bias", "head"}
     repo = set(inspect.signature(fused_pg.repo_loss).parameters)
-    assert repo == (set(api) - {"logprobs", "entropy"}) | head_only | fused_only
+    assert repo == (set(api) - {"logprobs", "entropy"}) | head_only
     ref_head = set(inspect.signature(repo_loss_ref).parameters)
-    assert head_only | {"advantages", "old_logprobs", "mask", "dtype", "loss_options"} == ref_head
+    assert {"hidden", "weight", "targets", "bias", "temperature", "softcap", "ignore_index", "advantages",
+            "old_logprobs", "mask", "dtype", "loss_options"} == ref_head
+    assert {"temperature", "softcap", "ignore_index"} <= {f.name for f in fields(HeadConfig)}
 
 
 def test_reference_on_policy_gradient_by_hand():

@@ -73,6 +73,35 @@ def test_no_code_imports_the_generic_names_bare():
     assert not offenders, offenders
 
 
+def test_library_layers_have_no_cycles():
+    """The layers contract of pyproject.toml ([tool.importlinter]): every fused_pg module imports
+    only from the layers below its own."""
+    pytest.importorskip("importlinter", reason="import-linter is a test dependency (pip install -e '.[test]')")
+    from importlinter.cli import lint_imports
+
+    cwd = os.getcwd()
+    try:
+        os.chdir(ROOT)
+        assert lint_imports(config_filename=str(ROOT / "pyproject.toml")) == 0, "run `lint-imports` for details"
+    finally:
+        os.chdir(cwd)
+
+
+@pytest.mark.parametrize("folder", ["kernels", "reference"])
+def test_kernels_and_the_oracle_import_nothing_from_the_library(folder):
+    """An oracle that shares code with what it checks proves nothing; the kernels take plain
+    tensors and options. Both may import torch, triton and their own folder only."""
+    offenders = []
+    for path in (ROOT / folder).glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom) and node.level >= 2:
+                offenders.append(f"{path.name}:{node.lineno} relative import out of {folder}/")
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else []
+            offenders += [f"{path.name}:{node.lineno} {n}" for n in names if n.split(".")[0] == "fused_pg"]
+    assert not offenders, offenders
+
+
 def test_installed_packages_win_over_the_checkouts_folders(tmp_path):
     """With packages called kernels/reference/bench installed, importing them from the checkout's
     root gets the installed ones (PYTHONPATH comes after the working directory on sys.path, so a

@@ -6,7 +6,7 @@ A backend turns flat LM-head inputs into per-token log-probabilities and entropi
         -> logprobs [N], entropy [N]   (0 where targets < 0)
 
 A target ``>= V`` means "the row counts, its target logit is not in this weight" (one rank's
-slice of a vocabulary-parallel head, :data:`fused_pg.distributed.OFF_SHARD`): entropy and
+slice of a vocabulary-parallel head, :data:`fused_pg.parallel.OFF_SHARD`): entropy and
 log-sum-exp are those of this weight's rows, the log-prob is ``-lse``, and the backward sweep
 has no one-hot term for the row.
 
@@ -15,7 +15,7 @@ Two kinds exist:
 * **sweep backends** (``"torch"``, ``"triton"``) provide ``forward_sweep`` (online
   log-sum-exp, entropy and target logit, tile by tile) and ``backward_sweep`` (logits
   recomputed tile by tile, given the per-token ``g = dL/dlogp`` and ``e = dL/dH``);
-  :class:`fused_pg.head.FusedHead` wires them into autograd.
+  :class:`fused_pg.backends.sweep.Sweep` wires them into autograd.
 * **autograd backends** (``"reference"``) return differentiable outputs themselves.
 
 Capabilities (``fp64``, ``tf32``, the devices a backend runs on) are declared here, next to
@@ -42,7 +42,7 @@ class Backend:
 
     module:   ``fused_pg.backends.<module>``; a sweep backend defines ``forward_sweep`` and
               ``backward_sweep``, an autograd backend ``logprobs_entropy``.
-    sweeps:   True for a sweep backend (wrapped by ``FusedHead``).
+    sweeps:   True for a sweep backend (wrapped by :class:`~fused_pg.backends.sweep.Sweep`).
     fp64:     accepts float64 inputs.
     tf32:     implements ``precision="tf32"``.
     skips_invalid_rows: rows with ``targets < 0`` never enter a product inside the backend

@@ -259,9 +259,9 @@ def loss_cases(draw, backend: str, layouts=("dense", "packed", "packed-nocu"), m
 
 def effective_options(opts: dict) -> dict:
     """The values the oracle uses for the preset-able options (from its own preset table)."""
-    from fused_pg.reference.loss import Default, _preset_values
+    from fused_pg.reference.loss import _preset_values
 
-    table = _preset_values(opts.get("preset"), opts.get("kl_estimator", Default("k3")))
+    table = _preset_values(opts.get("preset"), opts.get("kl_estimator"))
     out = dict(opts)
     for name in PRESET_OPTIONS:
         if name not in opts:

@@ -1,19 +1,19 @@
 """Scale-out against one process and the fp64 oracle, with gloo on CPU, 2 and 4 processes.
 
 One forked process group per world size runs every multi-process check (start-up dominates;
-see tests/multiproc.py); the assertions run here, in the test process, on what each rank
+see tests/helpers/multiproc.py); the assertions run here, in the test process, on what each rank
 returned:
 
-* vocabulary parallelism (``process_group=``): the vocabulary cut into unequal consecutive
-  shards (-inf bias entries, i.e. padded vocabularies, included; a shard may be all -inf);
+* vocabulary parallelism (``parallel=VocabParallel(group)``): the vocabulary cut into unequal
+  consecutive shards (-inf bias entries, i.e. padded vocabularies, included; a shard may be all -inf);
   loss, log-probs, entropy, metrics and the gradients of hidden (all-reduced), weight and
   bias (each rank's shard) against the oracle and the one-process result, for every REPO
   variant, dense and packed layouts, fp32 and fp64; identical outputs on every rank;
-* data parallelism (``data_parallel_group=``): the batch split by sequences over the ranks
-  (some ranks may hold no sequence); the sum of the ranks' losses and gradients, and the
+* data parallelism (``parallel=DataParallel(group)``): the batch split by sequences over the
+  ranks (some ranks may hold no sequence); the sum of the ranks' losses and gradients, and the
   (global) metrics against the oracle on the whole batch;
-* both at once on a 2 x 2 mesh, DDP's gradient averaging with the documented loss scaling,
-  gradient accumulation with ``repo_statistics(process_group=)``, the Triton kernels under
+* both at once on a 2 x 2 mesh (spelt ``process_group=`` / ``data_parallel_group=``), DDP's
+  gradient averaging with the documented loss scaling, gradient accumulation with ``repo_statistics(process_group=)``, the Triton kernels under
   the interpreter, and the errors that must be raised on every rank.
 """
 
@@ -30,7 +30,8 @@ import torch.distributed as dist
 from hypothesis import HealthCheck, Phase, assume, given, seed, settings
 
 import fused_pg
-from fused_pg.distributed import OFF_SHARD, CommLog, merge_shard_stats, vocab_parallel_comm_bytes
+from fused_pg.comm import CommLog
+from fused_pg.parallel import OFF_SHARD, merge_shard_stats, vocab_parallel_comm_bytes
 from helpers import (TOLS, assert_close, check_grads, check_head_values, check_metrics, loss_cases,
                      make_loss_inputs, oracle_guards, run_oracle_loss)
 from helpers.multiproc import run_group
@@ -112,7 +113,7 @@ def _tp_job(case, inp, cuts, group_of=None, backend="torch"):
         h, w, b = inp.head.leaves()
         w = w[a:c].detach().clone().requires_grad_()
         b = None if b is None else b[a:c].detach().clone().requires_grad_()
-        kw = dict(case.fused_kwargs(backend), process_group=group)
+        kw = dict(case.fused_kwargs(backend), parallel=fused_pg.VocabParallel(group))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # the interpreter's log(0) on an all -inf shard
             out = fused_pg.repo_loss(h, w, inp.head.targets, inp.advantages, inp.old_logprobs, inp.mask,
@@ -187,14 +188,16 @@ def _dp_job(case, inp, parts, group_of=None, tp=None):
         kw = dict(kw)
         h = kw.pop("hidden").detach().clone().requires_grad_()
         _, w, b = inp.head.leaves()
-        opts = dict(case.fused_kwargs("torch"), data_parallel_group=group)
+        # the data-parallel case alone uses the strategy value, the 2 x 2 mesh the keyword spelling
+        opts = dict(case.fused_kwargs("torch"), parallel=fused_pg.DataParallel(group))
         if tp is not None:
             cuts, tp_group_of = tp
             tp_group = tp_group_of(rank)
             r = dist.get_rank(tp_group)
             w = w[cuts[r]:cuts[r + 1]].detach().clone().requires_grad_()
             b = None if b is None else b[cuts[r]:cuts[r + 1]].detach().clone().requires_grad_()
-            opts["process_group"] = tp_group
+            del opts["parallel"]
+            opts.update(data_parallel_group=group, process_group=tp_group)
         out = fused_pg.repo_loss(h, w, kw.pop("targets"), kw.pop("advantages"), kw.pop("old_logprobs"),
                                  kw.pop("mask"), bias=b, **{k: v for k, v in kw.items() if v is not None}, **opts)
         out.loss.backward()
@@ -662,7 +665,7 @@ ERRORS = {
     "out_of_range": "targets contains id 34 outside [0, 29)",
     "all_excluded": "bias excludes every vocabulary entry (all -inf on every rank",
     "nan_weight": "of process_group: weight contains NaN",
-    "reference_backend": "process_group needs a sweep backend",
+    "reference_backend": "needs a sweep backend ('torch' or 'triton'), not backend='reference'",
     "not_a_group": "process_group must be a torch.distributed ProcessGroup",
 }
 
@@ -752,15 +755,15 @@ def test_sweeps_honour_off_shard_targets(backend):
 
 
 def test_metric_reductions_cover_every_metric():
-    from fused_pg.distributed import METRIC_REDUCTION
-
-    assert set(METRIC_REDUCTION) == set(fused_pg.METRIC_KEYS)
+    """Every metric of the one table says how data-parallel ranks combine it."""
+    assert set(fused_pg.METRICS) == set(fused_pg.METRIC_KEYS)
+    assert {m.reduction for m in fused_pg.METRICS.values()} <= {"mean", "sum", "max", "same", "empty"}
 
 
 def test_measured_communication_matches_the_formula():
     """measure_vocab_parallel (the benchmark's entry point) on a small head: the bytes gloo sends
     per step are the predicted ring volume (plus a little framing)."""
-    from fused_pg.distributed import measure_vocab_parallel
+    from fused_pg.bench.vocab_parallel import measure_vocab_parallel
 
     try:
         with open("/proc/self/io") as f:

@@ -1,4 +1,4 @@
-"""Guards against defects an adversarial probe found: padding rows that hold NaN, autocast
+"""Inputs the losses must tolerate on every backend: padding rows that hold NaN, autocast
 around the head, small integer target dtypes, and bad values with ``validate=False`` (which
 must never read out of bounds or be counted, and on which the backends agree)."""
 

@@ -1,7 +1,8 @@
-"""The options trainers use, beyond the property tests (which draw them all against the oracle):
-presets (an explicit value always wins, None included), verl's k3-only KL clamp, the preset
-Dr.GRPO length, per-term normalisers by hand, per-token weights, errors that name the argument,
-and ``import fused_pg`` needing no trainer package.
+"""Loss options beyond the property tests (which draw them all against the oracle): options as
+values (LossConfig / HeadConfig, keyword overrides checked by name, RepoLoss), presets (an
+explicit value always wins, None included), verl's k3-only KL clamp, the preset Dr.GRPO length,
+per-term normalisers by hand, per-token weights, errors that name the argument, and
+``import fused_pg`` needing no trainer package.
 """
 
 from __future__ import annotations
@@ -34,30 +35,30 @@ def _inputs(seed=0, B=3, T=6):
 
 @pytest.mark.parametrize("preset", list(PRESETS))
 def test_preset_sets_the_trainer_defaults_and_explicit_values_win(preset):
-    cfg = LossConfig.from_options(preset)
+    cfg = LossConfig.preset(preset)
     for name, value in PRESETS[preset].items():
         want = value(dict(kl_estimator=cfg.kl_estimator)) if callable(value) else value
         if name == "max_length" and "seq-mean-token-sum-norm" not in cfg.modes:
             want = None
         assert getattr(cfg, name) == want, (preset, name)
     assert cfg.repo == "decorrelate"  # presets never touch REPO
-    explicit = LossConfig.from_options(preset, eps_high=0.33, dual_clip=None, aggregation="token-sum")
+    explicit = LossConfig.preset(preset, eps_high=0.33, dual_clip=None, aggregation="token-sum")
     assert explicit.eps_high == 0.33 and explicit.dual_clip is None and explicit.aggregation == "token-sum"
 
 
 def test_presets_by_hand():
-    verl = LossConfig.from_options("verl")
+    verl = LossConfig.preset("verl")
     assert (verl.eps_low, verl.eps_high, verl.dual_clip, verl.aggregation, verl.kl_estimator, verl.kl_clamp) == \
         (0.2, 0.2, 3.0, "token-mean", "k3", 10.0)
-    assert LossConfig.from_options("verl", kl_estimator="k1").kl_clamp is None  # verl clamps k3 only
-    assert LossConfig.from_options("verl", kl_estimator="k3+").kl_clamp == 10.0
-    dr = LossConfig.from_options("trl-dr-grpo")
+    assert LossConfig.preset("verl", kl_estimator="k1").kl_clamp is None  # verl clamps k3 only
+    assert LossConfig.preset("verl", kl_estimator="k3+").kl_clamp == 10.0
+    dr = LossConfig.preset("trl-dr-grpo")
     assert (dr.aggregation, dr.max_length, dr.eps_high) == ("seq-mean-token-sum-norm", 512, 0.2)
-    assert LossConfig.from_options("trl-dr-grpo", aggregation="token-mean").max_length is None
-    assert LossConfig.from_options("trl-luspo").importance_level == "sequence"
-    o = LossConfig.from_options("openrlhf")
+    assert LossConfig.preset("trl-dr-grpo", aggregation="token-mean").max_length is None
+    assert LossConfig.preset("trl-luspo").importance_level == "sequence"
+    o = LossConfig.preset("openrlhf")
     assert (o.dual_clip, o.kl_estimator, o.kl_clamp) == (None, "k1", 10.0)
-    assert LossConfig.from_options(None).eps_high == 0.28  # the library default without a preset
+    assert LossConfig().eps_high == 0.28  # the library default without a preset
 
 
 def test_preset_through_the_loss_matches_the_oracle_and_the_explicit_options():
@@ -79,6 +80,105 @@ def test_unknown_preset_is_named():
     lp, old, adv, mask = _inputs()
     with pytest.raises(ValueError, match="preset"):
         fused_pg.policy_loss_from_logprobs(lp, adv, old, mask, preset="trl")
+
+
+# ---------------------------------------------------------------------------------------------
+# options as values: configs, keyword overrides, RepoLoss
+# ---------------------------------------------------------------------------------------------
+
+def _head_batch(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(2, 5, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    W = torch.randn(30, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, 30, (2, 5), generator=g)
+    adv = torch.randn(2, generator=g, dtype=torch.float64)
+    old = -torch.rand(2, 5, generator=g, dtype=torch.float64) - 1.0
+    return h, W, y, adv, old
+
+
+def test_config_values_and_keyword_overrides_are_the_same_call():
+    from fused_pg import HeadConfig
+
+    h, W, y, adv, old = _head_batch()
+    kw = fused_pg.repo_loss(h, W, y, adv, old, eps_high=0.4, repo="fixed", repo_coef=0.3, temperature=0.7,
+                            vocab_chunk=7)
+    cfg = fused_pg.repo_loss(h, W, y, adv, old, config=LossConfig(eps_high=0.4, repo="fixed", repo_coef=0.3),
+                             head=HeadConfig(temperature=0.7, vocab_chunk=7))
+    mixed = fused_pg.repo_loss(h, W, y, adv, old, config=LossConfig(repo="fixed", repo_coef=0.3), eps_high=0.4,
+                               head=HeadConfig(vocab_chunk=7), temperature=0.7)
+    assert torch.equal(kw.loss, cfg.loss) and torch.equal(kw.loss, mixed.loss)
+    default = fused_pg.repo_loss(h, W, y, adv, old, repo="fixed", repo_coef=0.3)
+    assert not torch.equal(default.loss, kw.loss)  # the overrides did reach the loss
+
+
+@pytest.mark.parametrize("fn,bad,near", [
+    ("repo_loss", "eps_hihg", "eps_high"), ("repo_loss", "temprature", "temperature"),
+    ("repo_loss", "kl_coeff", "kl_coef"), ("policy_loss_from_logprobs", "aggregaton", "aggregation"),
+    ("policy_loss_from_logprobs", "temperature", None), ("fused_logprobs_entropy", "soft_cap", "softcap"),
+])
+def test_unknown_keywords_name_themselves_and_the_nearest_option(fn, bad, near):
+    h, W, y, adv, old = _head_batch()
+    call = {"repo_loss": lambda **k: fused_pg.repo_loss(h, W, y, adv, old, **k),
+            "policy_loss_from_logprobs": lambda **k: fused_pg.policy_loss_from_logprobs(old, adv, **k),
+            "fused_logprobs_entropy": lambda **k: fused_pg.fused_logprobs_entropy(h, W, y, **k)}[fn]
+    with pytest.raises(TypeError, match=f"unexpected keyword argument '{bad}'") as err:
+        call(**{bad: 1.0})
+    if near is not None:
+        assert f"did you mean '{near}'" in str(err.value)
+
+
+def test_config_and_preset_together_are_refused():
+    h, W, y, adv, old = _head_batch()
+    with pytest.raises(TypeError, match="either config= or preset="):
+        fused_pg.repo_loss(h, W, y, adv, old, config=LossConfig(), preset="verl")
+    with pytest.raises(TypeError, match="config must be a fused_pg.LossConfig"):
+        fused_pg.repo_loss(h, W, y, adv, old, config={"eps_high": 0.3})
+
+
+def test_preset_keyword_equals_the_preset_value():
+    h, W, y, adv, old = _head_batch()
+    a = fused_pg.repo_loss(h, W, y, adv, old, preset="verl", kl_estimator="k1", repo="none")
+    b = fused_pg.repo_loss(h, W, y, adv, old, config=LossConfig.preset("verl", kl_estimator="k1", repo="none"))
+    assert torch.equal(a.loss, b.loss)
+    with pytest.raises(TypeError, match="did you mean 'eps_high'"):
+        LossConfig.preset("verl", eps_hgh=0.3)
+
+
+def test_repo_loss_module_holds_options_and_checkpoints_its_controller():
+    from fused_pg import AdaptiveClip, HeadConfig, RepoLoss
+
+    h, W, y, adv, old = _head_batch()
+    ctrl = AdaptiveClip(target_entropy=9.0, eps_low=0.1, eps_high=0.3)
+    module = RepoLoss(LossConfig.preset("trl-dapo", repo="none"), HeadConfig(temperature=0.9), controller=ctrl)
+    out = module(h, W, y, adv, old)
+    want = fused_pg.repo_loss(h, W, y, adv, old, config=LossConfig.preset("trl-dapo", repo="none", eps_low=0.1,
+                                                                            eps_high=0.3), temperature=0.9)
+    assert torch.equal(out.loss, want.loss)
+    assert module.update_controller() > 0  # entropy far below the target: eps_high rises
+    state = module.state_dict()
+    restored = RepoLoss(LossConfig.preset("trl-dapo", repo="none"), controller=AdaptiveClip(target_entropy=9.0))
+    restored.load_state_dict(state)
+    assert restored.controller.state_dict() == ctrl.state_dict()
+    with pytest.raises(TypeError, match="takes \\['eps_high'\\] from the controller"):
+        RepoLoss(controller=AdaptiveClip(target_entropy=1.0), eps_high=0.3)
+    with pytest.raises(ValueError, match="disagree on whether there is a controller"):
+        RepoLoss().load_state_dict(state)
+    # in eval mode the module observes nothing
+    module.eval()
+    module(h, W, y, adv, old)
+    assert module.update_controller() == 0.0
+
+
+def test_options_tables_are_generated_from_the_fields():
+    """The README's option and metric tables are the generated ones (each option documented once)."""
+    from pathlib import Path
+
+    from fused_pg.config import HeadConfig, options_markdown
+    from fused_pg.epilogue import metrics_markdown
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    for text in (options_markdown(LossConfig), options_markdown(HeadConfig), metrics_markdown()):
+        assert text in readme, "README table out of date: paste the generated one\n" + text
 
 
 # ---------------------------------------------------------------------------------------------
