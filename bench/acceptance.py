@@ -1,25 +1,10 @@
 """The GPU acceptance run: ``python -m bench --acceptance`` (about 8 minutes on one H100/H200).
 
-Five stages, each in its own process (a crashed CUDA context or a hung compile cannot take the
-next stage with it) and each time-boxed: SIGINT at its deadline, SIGKILL :data:`GRACE_S` later.
-Every stage writes its files as results come in, so a stage cut short keeps what finished.
-
-``env``      device, driver, CUDA/torch/triton/peer versions, git commit (``env.json``); on CUDA
-             a tiny fused forward+backward against the torch backend (the first compile).
-``tests``    ``pytest tests/test_cuda.py`` (``tests.log``, ``pytest-junit.xml``).
-``table``    the benchmark (``bench.json``, ``table.md``, ``bench.png``, rewritten after every
-             row): N = 4096..32768, D = 4096, V = 151936 and 128256, bf16, REPO-decorrelate with
-             an entropy bonus, every implementation of :data:`IMPLS`.
-``profile``  CUDA time per kernel of one fused-pg fwd+bwd (``backend="triton"``) at N = 16384
-             under ``torch.profiler`` (``profile.json``, ``profile.txt``).
-``probes``   host synchronisations in the step (``torch.cuda.set_sync_debug_mode("error")``),
-             CUDA-graph capture and replay against eager, ``torch.compile`` of the loss
-             (``probes.json``).
-
-``acceptance.json`` records each stage's status, seconds and exit code, ``summary.md`` the key
-numbers; all in ``results/<device>/acceptance/`` unless ``--out`` is given. ``--device cpu``
-runs the same stages at tiny shapes with any GPU hidden (the profile under the Triton
-interpreter; the probes, which need CUDA, recorded as skipped): a test of the command.
+Five stages (:data:`STAGES`, each described in docs/benchmark.md), each in its own process (a
+crashed CUDA context or a hung compile cannot take the next stage with it) and time-boxed:
+SIGINT at its deadline, SIGKILL :data:`GRACE_S` later. Every stage writes its files as results
+come in, so a stage cut short keeps what finished. ``--device cpu`` runs the same stages at tiny
+shapes with any GPU hidden: a test of the command.
 """
 
 from __future__ import annotations
@@ -29,6 +14,7 @@ import json
 import os
 import re
 import signal
+import statistics
 import subprocess
 import sys
 import threading
@@ -188,10 +174,11 @@ def summary(out_dir: str, records: list[dict]) -> str:
             lines.append("- (the table was cut short: the rows above are the ones that finished)")
     prof = _load(out_dir, "profile.json")
     if prof:
-        lines += ["", f"profile N={prof['shape'][0]}: fwd+bwd {prof['step_ms']:.2f} ms = {prof['step_ms'] / prof['floor_ms']:.3f}"
-                      f" x the 4-GEMM floor ({prof['floor_ms']:.2f} ms); per group: "
-                      + ", ".join(f"{k} {v:.2f} ms" for k, v in prof["groups_ms"].items())]
-    lines += [f"- probe {k}: {json.dumps(v, default=str)[:300]}" for k, v in (_load(out_dir, "probes.json") or {}).items()]
+        lines += ["", f"profile N={prof['shape'][0]}: fwd+bwd {prof['step_ms']:.2f} ms = "
+                      f"{prof['step_ms'] / prof['floor_ms']:.3f} x the 4-GEMM floor ({prof['floor_ms']:.2f} ms); "
+                      "per group: " + ", ".join(f"{k} {v:.2f} ms" for k, v in prof["groups_ms"].items())]
+    probes = _load(out_dir, "probes.json") or {}
+    lines += [f"- probe {k}: {json.dumps(v, default=str)[:300]}" for k, v in probes.items()]
     return "\n".join(lines)
 
 
@@ -199,8 +186,6 @@ def summary(out_dir: str, records: list[dict]) -> str:
 
 def stage_env(device, out_dir: str, **_) -> None:
     import torch
-
-    import fused_pg
 
     from .report import device_info, git_commit, versions
     info = {"device": device_info(device), "versions": versions(), "git": git_commit(), "cuda": torch.version.cuda,
@@ -215,21 +200,6 @@ def stage_env(device, out_dir: str, **_) -> None:
             info["driver"] = f"nvidia-smi failed: {exc}"
     print(json.dumps(info, indent=1, default=str), flush=True)
     _write_json(os.path.join(out_dir, "env.json"), info)
-    if device.type == "cuda":  # first compile on this GPU: a tiny fwd+bwd, triton against torch
-        t0 = time.perf_counter()
-        g = torch.Generator(device=device).manual_seed(0)
-        h = torch.randn(300, 256, device=device, generator=g).bfloat16().requires_grad_()
-        w = (torch.randn(5003, 256, device=device, generator=g) / 16).bfloat16().requires_grad_()
-        y = torch.randint(0, 5003, (300,), device=device, generator=g)
-        out = {}
-        for backend in ("triton", "torch"):
-            lp, ent = fused_pg.fused_logprobs_entropy(h, w, y, backend=backend)
-            out[backend] = (lp, ent, *torch.autograd.grad(lp.sum() + 0.1 * ent.sum(), [h, w]))
-        errs = [float((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30))
-                for a, b in zip(out["triton"], out["torch"])]
-        info["smoke"] = {"max_rel_diff_logp_entropy_dh_dw": errs, "seconds": time.perf_counter() - t0}
-        print(f"smoke: triton vs torch backend, max rel diff (logp, entropy, dh, dW) {errs}", flush=True)
-        _write_json(os.path.join(out_dir, "env.json"), info)
 
 
 def stage_table(device, out_dir: str, impls: tuple[str, ...] | None, **_) -> int:
@@ -276,7 +246,7 @@ def stage_profile(device, out_dir: str, **_) -> None:
     problem, loss_fn = _fused_loss(shape, device)
     first = time_ms(lambda: _fwd_bwd(problem, loss_fn)) / 1e3
     floor = measure_floor(problem.hidden, problem.weight, repeats=3)
-    step_ms = sorted(time_ms(lambda: _fwd_bwd(problem, loss_fn)) for _ in range(3 if cuda else 1))[(3 if cuda else 1) // 2]
+    step_ms = statistics.median(time_ms(lambda: _fwd_bwd(problem, loss_fn)) for _ in range(3 if cuda else 1))
     with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
         _fwd_bwd(problem, loss_fn)
         if cuda:

@@ -1,18 +1,6 @@
 """Command line of ``python -m bench`` (installed: ``fused-pg-bench``): arguments ->
 :class:`~bench.config.BenchConfig` -> run -> tables, JSON and plot; ``--tune``; ``--acceptance``.
-
-Without arguments it runs the default suite of the machine: on CPU a ~1-minute comparison of
-fused-pg's torch backend with naive materialised PyTorch; on CUDA the GPU suite (bf16, D=4096,
-V=151936 and 128256, N=4096..32768, every implementation that can run). The loss options are
-the fields of :class:`fused_pg.LossConfig` (``--eps-low``, ``--kl-coef``, ...).
-
-Before running it drops the implementations that cannot run here (saying why; none left is an
-error) and estimates the run time from one small GEMM on this device: a run estimated above
-``--max-minutes`` (or above the memory available) is refused unless ``--yes`` is given. Ctrl-C
-stops a run cleanly: the rows finished so far are printed and written. ``--tune`` times the
-Triton kernels' candidate configs on the local GPU (``fused_pg.kernels.tuning.sweep``) and prints
-config-table rows. Exit status: 0 done; 1 a run, a stage or the sweep failed; 2 bad arguments,
-nothing can run here, or the estimate was refused; 130 interrupted.
+``--help`` lists the options and exit statuses; docs/benchmark.md says what a run does.
 """
 
 from __future__ import annotations

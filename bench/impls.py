@@ -1,17 +1,8 @@
-"""The implementations compared side by side, behind one small interface, and their registry.
-
-Each :class:`Impl` turns a :class:`~bench.problem.Problem` into a ``step()`` closure that runs
-the *forward* pass and returns a :class:`~bench.problem.StepOutput` (the scalar loss, plus
-per-token log-probs / entropies where the implementation exposes them); the runner times
-``step()`` as the forward and ``torch.autograd.grad(loss, [hidden, weight])`` as the backward.
-``--list`` prints the keys; the baselines:
-
-* ``naive``: materialised logits as trainers write them (:func:`naive_logprobs_entropy`, also the
-  plain-PyTorch baseline of the tests' low-precision rule), fused-pg's epilogue, autograd backward.
-* ``compiled``: ``torch.compile``d chunked logits with activation checkpointing, what a careful
-  PyTorch user writes without a fused kernel: tokens in chunks (2048 on CUDA, 1024 on CPU), per
-  chunk one compiled, checkpointed function of ``(h @ W.T).float()`` -> log-sum-exp, target
-  log-prob, entropy. One chunk of logits is alive in the forward; the backward recomputes them.
+"""The implementations compared side by side (docs/benchmark.md says how each is called), behind
+one small interface, and their registry. Each :class:`Impl` turns a :class:`~bench.problem.Problem`
+into a ``step()`` closure that runs the forward pass and returns a :class:`~bench.problem.StepOutput`
+(the scalar loss, plus per-token log-probs / entropies where exposed); the runner times ``step()``
+and ``torch.autograd.grad(loss, [hidden, weight])``.
 """
 
 from __future__ import annotations

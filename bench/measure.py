@@ -1,34 +1,5 @@
-"""How the benchmark measures: one clock, peak memory above the inputs (the probe the tests use
-too), the GEMM floor, and the run-time estimate made before a run starts.
-
-Timing
-    Every time is the wall time of one call read from ``torch.utils.benchmark.timer``, the clock
-    of PyTorch's benchmark utilities: it synchronises the accelerator (CUDA) before reading
-    ``timeit.default_timer``, so a call is timed with the device drained before and after. One
-    timed repeat runs the forward (``step()``) and then the backward (``torch.autograd.grad``),
-    reading the clock before, between and after: ``fwd``, ``bwd`` and ``fwd+bwd`` of the *same*
-    iteration. Warm-up repeats run first and are not recorded. Each measurement keeps its samples, median, min, max and its
-    *spread*: the inter-quartile range over the median (robust to one pre-empted repeat).
-
-Peak memory above the inputs (what the loss itself costs)
-    CUDA: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``, minus
-    ``memory_allocated`` before (PyTorch tensors; not the allocator's reserve or the context).
-    CPU (Linux): the process's resident-set high-water mark. Before the step, freed heap memory
-    is returned to the OS (``malloc_trim(0)``) and the high-water mark reset to the current RSS
-    (``echo 5 > /proc/self/clear_refs``); the peak is ``VmHWM`` after minus ``VmRSS`` before. It
-    sees every allocation (torch's CPU allocator keeps no statistics), at page granularity.
-
-The GEMM floor (same run, device and dtype, plain ``torch.matmul``)
-    ``logits``: ``h [N, D] @ W.T``; ``grad_hidden``: ``dZ [N, V] @ W``; ``grad_weight``:
-    ``dZ.T @ h``; ``2 N D V`` FLOPs each. Forward = 1 GEMM, backward with recomputation = 3,
-    forward+backward = 4. An implementation's *floor ratio* is its time over the 4-GEMM floor, its
-    *TFLOP/s* the 4-GEMM FLOP count over its time; its *own floor* is the GEMMs it must do (4 when
-    it recomputes the logits, 3 when it keeps them or forms the gradients in the forward).
-
-The estimate
-    A small GEMM, an ``exp`` over fp32 values and a tiny GEMM (latency) give this device's rates;
-    the run is modelled from them (:func:`estimate_run`). It is rough (a factor of two either way):
-    it exists to refuse shapes that would take hours, not to predict results.
+"""How the benchmark measures (docs/benchmark.md): one clock, the peak memory above the inputs
+(the probe tests/test_memory.py uses too), the GEMM floor, and the run-time estimate.
 """
 
 from __future__ import annotations
@@ -43,7 +14,7 @@ import torch
 from torch import Tensor
 from torch.utils.benchmark import timer as clock
 
-from .config import CALIBRATION_TOKENS, Shape
+from .config import Shape
 
 NOISY_SPREAD = 0.10  # a measurement whose inter-quartile range exceeds this share of its median
 
@@ -178,7 +149,6 @@ def measure_floor(hidden: Tensor, weight: Tensor, *, repeats: int) -> dict:
     ops = {"logits": lambda: torch.matmul(h, w.T, out=z), "grad_hidden": lambda: z @ w, "grad_weight": lambda: z.T @ h}
     with torch.no_grad():
         gemm = {name: stats([time_ms(op) for _ in range(repeats + 1)][1:]) for name, op in ops.items()}
-    del z
     fwd = gemm["logits"]["median"]
     bwd = fwd + gemm["grad_hidden"]["median"] + gemm["grad_weight"]["median"]
     return {"n": shape.n, "d": shape.d, "v": shape.v, "gemm_ms": gemm,
@@ -196,18 +166,15 @@ def own_floor_ms(floor: dict, gemms: int) -> float:
 # --- the run-time estimate --------------------------------------------------------------------------
 
 # Per forward+backward iteration: 4 GEMMs, PASSES fp32 elementwise passes over N x V (softmax,
-# entropy and their gradients: fused-pg's torch backend does about 14 beyond its GEMMs on CPU,
-# naive PyTorch about 8) and OPS small operations whose latency adds up (what dominates tiny
-# shapes, or any shape on a busy CPU); a batch costs BATCH_PASSES passes plus solving its entropy
-# on CALIBRATION_TOKENS tokens (about 60 passes over their logits); compilation seconds per compiled
-# implementation.
-PASSES, OPS, BATCH_PASSES, ACCURACY_ITERATIONS = 15, 40, 8, 4
+# entropy and their gradients) and OPS small operations whose latency adds up (what dominates tiny
+# shapes); the batch, the floor and the oracle cost about BATCH iterations per shape; compilation
+# COMPILE_S seconds per compiled implementation.
+PASSES, OPS, BATCH = 15, 40, 3
 COMPILE_S = {"cpu": 20.0, "cuda": 40.0}
 
 
 def measure_rates(device: torch.device, dtype: torch.dtype, d: int, v: int) -> dict:
-    """This device's GEMM FLOP/s at (d, dtype), fp32 elementwise values/s, and the latency of one
-    small operation (s): best of 3 of a small GEMM and an ``exp``, median of 5 tiny GEMMs."""
+    """GEMM FLOP/s at (d, dtype), fp32 elementwise values/s, latency of a tiny operation (s)."""
     v0 = min(v, 4096 if device.type == "cpu" else 32768)
     n0 = int(max(16, min(4096, (1e9 if device.type == "cpu" else 2e11) // (2 * d * v0))))
     gen = torch.Generator(device=device).manual_seed(0)
@@ -222,27 +189,21 @@ def measure_rates(device: torch.device, dtype: torch.dtype, d: int, v: int) -> d
 
 
 def estimate_run(shapes: Sequence[Shape], impl_keys: Sequence[str], rates: dict[tuple[int, int], dict], *,
-                 device_type: str, warmup: int, repeats: int, accuracy: bool = True) -> dict:
-    """Modelled seconds of a run; ``rates`` maps (D, V) to :func:`measure_rates`. Iterations per
-    implementation and shape: the warm-up and the timed repeats."""
+                 device_type: str, warmup: int, repeats: int) -> dict:
+    """Modelled seconds of a run; ``rates`` maps (D, V) to :func:`measure_rates`."""
     per_shape = []
-    for shape in shapes:
-        r = rates[(shape.d, shape.v)]
-        gemm = 2.0 * shape.n * shape.d * shape.v / r["gemm_flops"]
-        passes = lambda s: s.n * s.v / r["elementwise"]  # noqa: E731
-        iteration = 4 * gemm + PASSES * passes(shape) + OPS * r["latency"]
-        batch = gemm + BATCH_PASSES * passes(shape) + 60 * passes(Shape(min(shape.n, CALIBRATION_TOKENS), 0, shape.v))
-        floor = 3 * (gemm + r["latency"]) * (repeats + 1)
-        seconds = batch + floor + len(impl_keys) * (warmup + repeats) * iteration
-        per_shape.append({"n": shape.n, "d": shape.d, "v": shape.v, "gemm_s": gemm, "seconds": seconds})
-    fixed = COMPILE_S[device_type] * sum(k in ("compiled", "liger-chunked") for k in impl_keys)
-    if accuracy and shapes:
-        fixed += len(impl_keys) * ACCURACY_ITERATIONS * OPS * max(r["latency"] for r in rates.values())
-    return {"seconds": sum(p["seconds"] for p in per_shape) + fixed, "per_shape": per_shape,
+    for s in shapes:
+        r = rates[(s.d, s.v)]
+        gemm = 2.0 * s.n * s.d * s.v / r["gemm_flops"]
+        iteration = 4 * gemm + PASSES * s.n * s.v / r["elementwise"] + OPS * r["latency"]
+        seconds = (len(impl_keys) * (warmup + repeats) + BATCH) * iteration
+        per_shape.append({"n": s.n, "d": s.d, "v": s.v, "gemm_s": gemm, "seconds": seconds})
+    compile_s = COMPILE_S[device_type] * sum(k in ("compiled", "liger-chunked") for k in impl_keys)
+    return {"seconds": sum(p["seconds"] for p in per_shape) + compile_s, "per_shape": per_shape,
             "gemm_tflops": {f"{d}x{v}": r["gemm_flops"] / 1e12 for (d, v), r in rates.items()},
             "model": f"per iteration 4 GEMMs + {PASSES} fp32 elementwise passes over N x V + {OPS} small-op "
-                     f"latencies; warm-up + timed repeats per implementation and shape; plus the floor, the batch, "
-                     "the accuracy check and compilation"}
+                     f"latencies; warm-up + timed repeats per implementation and shape, {BATCH} more per shape "
+                     "(batch, floor, oracle); compilation"}
 
 
 def memory_needed(shape: Shape, dtype: torch.dtype) -> int:

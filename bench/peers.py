@@ -1,26 +1,7 @@
-"""Adapters for peer libraries, imported lazily: a missing peer is skipped with its reason.
-Those that produce per-token log-probs get fused-pg's epilogue on top (the same loss for all).
-
-* ``trl``: TRL's chunked fused LM head (``trl.kernels.ChunkedLogProbFunction``, TRL >= 1.16),
-  called as ``add_fused_lm_head`` calls it: log-probs and entropy on ``[4096, 32768]`` logit
-  tiles, recomputed in the backward (entropy gradient included); where TRL uses Triton, only the
-  unmasked rows.
-* ``verl``: ``verl.utils.kernel.linear_cross_entropy`` (NVIDIA's ``efficient_entropy_*`` Triton
-  kernels): log-probs and entropy without materialising logits, the entropy's gradient included.
-  CUDA only (:data:`VERL_NO_CPU`). Its two kernel modules need only torch and triton: when
-  verl's package does not import (its own dependencies absent), they are loaded without
-  running ``verl/__init__.py``.
-* ``liger-chunked``: Liger-Kernel's ``LigerFusedLinearGRPOLoss``: logits per chunk of sequences,
-  gradients formed during the forward; DAPO-normalised clipped loss (+ k3 KL), no entropy, no
-  REPO; its loss math compiled on CUDA only (compiling on CPU takes ~25 s).
-* ``liger-triton``: Liger-Kernel's Triton GRPO loss on *materialised* logits (``h @ W.T``); it
-  expects ``B x (T+1)`` logit rows (it drops each sequence's last), so one dummy hidden row per
-  sequence is appended. CUDA only.
-* ``cce``: Cut Cross-Entropy's ``linear_cross_entropy(..., reduction="none")``: ``-logp`` per
-  token without logits (no entropy); ``impl="cce"`` (Triton) on CUDA, ``"torch_compile"`` on CPU.
-
-Install them with ``pip install trl liger-kernel cut-cross-entropy`` and ``pip install --no-deps verl``
-(none is a dependency of fused-pg).
+"""Adapters for the peer libraries (docs/benchmark.md says how each is called), imported lazily: a
+missing peer is skipped with its reason. Those that produce per-token log-probs get fused-pg's
+epilogue on top. Install: ``pip install trl liger-kernel cut-cross-entropy`` and
+``pip install --no-deps verl`` (none is a dependency of fused-pg).
 """
 
 from __future__ import annotations

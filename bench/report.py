@@ -31,8 +31,10 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
+from fused_pg import LossConfig
+
 from . import peers
-from .config import REPO_ROOT, device_name, slug
+from .config import REPO_ROOT, describe_loss, device_name, slug
 from .measure import NOISY_SPREAD
 
 SCHEMA = "fused-pg-bench/1"
@@ -185,18 +187,17 @@ def data_line(report: dict) -> str:
 
 def render(report: dict, markdown: bool = False) -> str:
     """The whole human-readable report: header, accuracy table, results table, loss check."""
-    cfg, v, loss = report["config"], report["versions"], report["config"]["loss"]
+    cfg, v = report["config"], report["versions"]
     title = f"fused-pg benchmark on {report['device']['name']}"
     lines = [f"## {title}" if markdown else title, ""]
     if report["interrupted"]:
         lines += ["INTERRUPTED (Ctrl-C): the tables hold the rows finished before it.", ""]
     odd = [f"N={b['n']}: {b['seqs']} x {b['seq_len']}" for b in report["batches"] if b["seq_len"] != cfg["seq_len"]]
-    kl = f"kl={loss['kl_coef']:g}" + (f" ({loss['kl_estimator']})" if loss["kl_coef"] else "")
     lines += [f"{report['created']}  torch {v['torch']}  triton {v['triton']}  git "
               f"{str(report['git']['commit'])[:10]}{' (dirty)' if report['git']['dirty'] else ''}",
-              f"dtype {cfg['dtype']}, {cfg['warmup']} warm-up + {cfg['repeats']} timed repeats, timer {report['timer']}",
-              f"loss: repo={loss['repo']} {kl} entropy_coef={loss['entropy_coef']:g} clip=[1-{loss['eps_low']:g}, "
-              f"1+{loss['eps_high']:g}] {loss['aggregation']}; {cfg['seq_len']} tokens per sequence"
+              f"dtype {cfg['dtype']}, {cfg['warmup']} warm-up + {cfg['repeats']} timed repeats, "
+              f"timer {report['timer']}",
+              f"loss: {describe_loss(LossConfig(**cfg['loss']))}; {cfg['seq_len']} tokens per sequence"
               + (f" ({', '.join(odd)})" if odd else ""),
               data_line(report), f"peak memory: {report['memory_method']}",
               *(f"skipped {s['label']}: {s['reason']}" for s in report["skipped"]), ""]

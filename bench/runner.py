@@ -1,30 +1,6 @@
-"""Runs a :class:`~bench.config.BenchConfig`: the accuracy check, then per shape the batch, the GEMM
-floor and every implementation. Returns the report that :mod:`bench.report` prints and writes.
-
-Per implementation and shape:
-
-1. the first call (forward + backward; compilation and autotuning happen here, its wall time is
-   ``first_call_s``) gives the loss, compared with fused-pg's torch backend on the same inputs
-   and loss options (the *loss check*), and the per-token log-probs and entropies where exposed,
-   compared with the fp64 oracle on :data:`ORACLE_ROWS` valid tokens of the batch
-   (``logprobs_max_abs``, ``entropy_max_abs``: a token's values depend on its own row only, so a
-   sample of rows is checked exactly at any N);
-2. the remaining warm-up iterations;
-3. ``repeats`` timed repeats, over which the peak memory above the inputs is taken; the row is
-   flagged ``noisy`` when the spread of its forward+backward times exceeds
-   :data:`bench.measure.NOISY_SPREAD`, and ``below-floor`` when its median beats its own GEMM
-   floor (a timing to distrust, or an implementation skipping work).
-
-Accuracy: on one small shape (:data:`ACCURACY_SHAPE`, the benchmark's dtype and device), each
-implementation's loss, log-probs, entropies and gradients against the fp64 oracle
-(:func:`fused_pg.reference.repo_loss_ref`) on the *same rounded values* on the CPU, for the loss it
-actually computes: ``loss_abs``, ``logprobs_max_abs`` and ``entropy_max_abs`` over valid tokens,
-``grad_hidden_max_rel`` and ``grad_weight_max_rel`` (``max |g - g_ref| / max |g_ref|``).
-
-Failures do not stop the run: a CUDA out-of-memory is recorded as ``oom``, any other exception
-as ``error`` with its message, an implementation that cannot run here (missing peer, no GPU) as
-``skipped`` with its reason. Ctrl-C stops it: the report holds the rows finished so far and
-``interrupted: true``.
+"""Runs a :class:`~bench.config.BenchConfig` (what one run does: docs/benchmark.md): the accuracy
+check, then per shape the batch, the GEMM floor, the sampled fp64 oracle and every implementation.
+Returns the report that :mod:`bench.report` prints and writes.
 """
 
 from __future__ import annotations
@@ -72,7 +48,7 @@ def estimate(cfg: BenchConfig, device: torch.device, impls: list[Impl]) -> dict:
     """:func:`bench.measure.estimate_run` for this run, with rates measured here."""
     rates = {(s.d, s.v): measure.measure_rates(device, cfg.torch_dtype, s.d, s.v) for s in cfg.shapes}
     est = measure.estimate_run(cfg.shapes, [i.key for i in impls], rates, device_type=device.type,
-                               warmup=cfg.warmup, repeats=cfg.repeats, accuracy=cfg.accuracy)
+                               warmup=cfg.warmup, repeats=cfg.repeats)
     est["memory_bytes"] = max((measure.memory_needed(s, cfg.torch_dtype) for s in cfg.shapes), default=0)
     est["available_bytes"] = measure.available_bytes(device)
     return est
@@ -185,53 +161,38 @@ def run_case(impl: Impl, problem: Problem, cfg: BenchConfig, device: torch.devic
     return row
 
 
-# --- accuracy against the fp64 oracle --------------------------------------------------------------
-
-def reference_outputs(problem: Problem, loss: LossConfig) -> dict:
-    """fp64 oracle on the problem's (rounded) inputs, on the CPU."""
-    cpu = lambda t: None if t is None else t.detach().cpu()  # noqa: E731
-    h = problem.hidden.detach().cpu().double().requires_grad_(True)
-    w = problem.weight.detach().cpu().double().requires_grad_(True)
-    out = repo_loss_ref(h, w, cpu(problem.targets), cpu(problem.advantages), cpu(problem.old_logprobs),
-                        cpu(problem.mask), ref_logprobs=cpu(problem.ref_logprobs), dtype=torch.float64,
-                        **loss_options(loss))
-    gh, gw = torch.autograd.grad(out.loss, [h, w])
-    return {"loss": float(out.loss.detach()), "logprobs": out.logprobs.detach(), "entropy": out.entropy.detach(),
-            "grad_hidden": gh, "grad_weight": gw}
-
-
-def impl_errors(impl: Impl, problem: Problem, loss: LossConfig, ref: dict) -> dict:
-    """Errors of one implementation (``loss`` is already its effective loss)."""
-    out = impl.make(problem, loss)()
-    gh, gw = torch.autograd.grad(out.loss, problem.grad_inputs())
-    valid = problem.mask.cpu()
-    max_abs = lambda got, r: None if got is None else float(  # noqa: E731
-        (got.detach().cpu().double().reshape(r.shape) - r).abs()[valid].max())
-    max_rel = lambda got, r: float((got.detach().cpu().double() - r).abs().max() / r.abs().max().clamp_min(1e-30))  # noqa: E731
-    return {"loss_abs": abs(float(out.loss.detach()) - ref["loss"]),
-            "logprobs_max_abs": max_abs(out.logprobs, ref["logprobs"]),
-            "entropy_max_abs": max_abs(out.entropy, ref["entropy"]),
-            "grad_hidden_max_rel": max_rel(gh, ref["grad_hidden"]),
-            "grad_weight_max_rel": max_rel(gw, ref["grad_weight"])}
-
-
 def run_accuracy(impls: list[Impl], cfg: BenchConfig, device: torch.device) -> dict:
-    """Max errors vs the fp64 reference on :data:`ACCURACY_SHAPE`."""
+    """Max errors vs the fp64 oracle on :data:`ACCURACY_SHAPE`, on the CPU, of each implementation's
+    loss, log-probs and entropies (abs, valid tokens) and gradients (max |g - g_ref| / max |g_ref|),
+    for the loss it actually computes."""
     problem = make_problem(ACCURACY_SHAPE, cfg.torch_dtype, device, cfg.loss, seq_len=ACCURACY_SEQ_LEN,
                            seed=cfg.seed + 1, data=cfg.data, target_entropy=cfg.target_entropy)
-    refs, rows = {}, []
+    cpu = lambda t: None if t is None else t.detach().cpu().double()  # noqa: E731
+    valid, refs, rows = problem.mask.cpu(), {}, []
     for impl in impls:
         loss, notes = impl.effective_loss(cfg.loss)
-        row = {"impl": impl.name, "label": impl.display, "notes": list(notes), "status": "ok", "reason": None,
-               **dict.fromkeys(("loss_abs", "logprobs_max_abs", "entropy_max_abs", "grad_hidden_max_rel",
-                                "grad_weight_max_rel"))}
+        row = {"impl": impl.name, "label": impl.display, "notes": list(notes), "status": "ok", "reason": None}
         try:
             if loss not in refs:
-                refs[loss] = reference_outputs(problem, loss)
-            row.update(impl_errors(impl, problem, loss, refs[loss]))
+                h, w = (cpu(t).requires_grad_(True) for t in problem.grad_inputs())
+                ref = repo_loss_ref(h, w, problem.targets.cpu(), cpu(problem.advantages), cpu(problem.old_logprobs),
+                                    valid, ref_logprobs=cpu(problem.ref_logprobs), dtype=torch.float64,
+                                    **loss_options(loss))
+                refs[loss] = (ref, *torch.autograd.grad(ref.loss, [h, w]))
+            ref, ref_gh, ref_gw = refs[loss]
+            out = impl.make(problem, loss)()
+            gh, gw = torch.autograd.grad(out.loss, problem.grad_inputs())
+            max_abs = lambda got, r: None if got is None else float(  # noqa: E731
+                (cpu(got).reshape(r.shape) - r).abs()[valid].max())
+            max_rel = lambda got, r: float((cpu(got) - r).abs().max() / r.abs().max().clamp_min(1e-30))  # noqa: E731
+            row.update(loss_abs=abs(float(out.loss.detach()) - float(ref.loss.detach())),
+                       logprobs_max_abs=max_abs(out.logprobs, ref.logprobs.detach()),
+                       entropy_max_abs=max_abs(out.entropy, ref.entropy.detach()),
+                       grad_hidden_max_rel=max_rel(gh, ref_gh), grad_weight_max_rel=max_rel(gw, ref_gw))
         except Exception as exc:  # noqa: BLE001 -- recorded, the run goes on
             row.update(status="error", reason=_first_line(exc))
-        rows.append(row)
+        rows.append({**dict.fromkeys(("loss_abs", "logprobs_max_abs", "entropy_max_abs", "grad_hidden_max_rel",
+                                      "grad_weight_max_rel")), **row})
         _free(device)
     shape = ACCURACY_SHAPE
     return {"shape": {"n": shape.n, "d": shape.d, "v": shape.v}, "dtype": cfg.dtype,

@@ -9,7 +9,6 @@ compile of one small graph).
 
 from __future__ import annotations
 
-import copy
 import io
 import json
 import os
