@@ -35,6 +35,9 @@ class FusedHead(torch.autograd.Function):
             logprobs, entropy, lse = sweeps.forward_sweep(hidden, weight, bias, targets, cfg)
         ctx.save_for_backward(hidden, weight, bias, targets, lse, entropy)
         ctx.sweeps, ctx.cfg = sweeps, cfg
+        # an output that gets no gradient (the entropy, when only logged) arrives as None,
+        # not as zeros: the backward sweep then skips its term (see upstream_grads)
+        ctx.set_materialize_grads(False)
         return logprobs, entropy
 
     @staticmethod
@@ -43,17 +46,28 @@ class FusedHead(torch.autograd.Function):
         return (*sweep_gradients(ctx, grad_logprobs, grad_entropy), None, None, None)
 
 
-def sweep_gradients(ctx, grad_logprobs: Tensor, grad_entropy: Tensor, reduce_d_hidden=None):
+def upstream_grads(targets: Tensor, lse: Tensor, grad_logprobs: Tensor | None,
+                   grad_entropy: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """(g, e) for a backward sweep, 0 at tokens that do not count (their outputs are constants).
+
+    A None upstream gradient (the ``Function`` does not materialise them) means that output
+    reaches no loss: g is then 0, and e stays None, which tells the sweep to skip the entropy
+    term ``e p (log p + H)`` of every logit instead of multiplying it by 0.
+    """
+    valid = targets >= 0
+    g = torch.where(valid, grad_logprobs, 0.0) if grad_logprobs is not None else torch.zeros_like(lse)
+    e = torch.where(valid, grad_entropy, 0.0) if grad_entropy is not None else None
+    return g, e
+
+
+def sweep_gradients(ctx, grad_logprobs: Tensor | None, grad_entropy: Tensor | None, reduce_d_hidden=None):
     """The backward of a sweep ``Function`` whose ctx saved (hidden, weight, bias, targets,
     lse, entropy) and holds ``sweeps`` and ``cfg``: (d_hidden, d_weight, d_bias) in the
     inputs' dtypes, None where not needed. ``reduce_d_hidden`` (in place, fp32) sums d_hidden
     over the ranks that each swept a slice of the vocabulary.
     """
     hidden, weight, bias, targets, lse, entropy = ctx.saved_tensors
-    # tokens that do not count output constants: their upstream gradients must not flow back
-    valid = targets >= 0
-    g = torch.where(valid, grad_logprobs, 0.0)
-    e = torch.where(valid, grad_entropy, 0.0)
+    g, e = upstream_grads(targets, lse, grad_logprobs, grad_entropy)
     need_dh, need_dw, need_db = ctx.needs_input_grad[:3]
     with torch.autocast(hidden.device.type, enabled=False):
         d_hidden, d_weight, d_bias = ctx.sweeps.backward_sweep(

@@ -76,7 +76,7 @@ class Backend:
 
     def check(self, device: torch.device, dtypes: tuple[torch.dtype, ...], precision: str) -> None:
         """Refuse, by name, inputs or options this backend cannot honour."""
-        if self.name == "triton" and device.type != "cuda" and not interpreting():
+        if self.module.startswith("triton") and device.type != "cuda" and not interpreting():
             raise ValueError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 to run the "
                              "kernels on CPU, for tests); use backend='torch' on CPU")
         if not self.fp64 and torch.float64 in dtypes:
@@ -94,11 +94,15 @@ REGISTRY: dict[str, Backend] = {
     "triton": Backend("triton", "triton_fused", sweeps=True, fp64=False, tf32=True),
     "reference": Backend("reference", "materialized", sweeps=False, fp64=True, tf32=False),
 }
+# backend="auto" on CUDA: the Triton sweeps, on the torch backend where a kernel cannot be
+# compiled or launched on the device (one warning; see ``triton_fused``)
+AUTO_CUDA = Backend("auto", "triton_failsafe", sweeps=True, fp64=False, tf32=True)
 
 
 def resolve(backend: str, device: torch.device) -> Backend:
-    """The backend for a ``backend=`` argument: ``"auto"`` is triton on CUDA, torch otherwise."""
+    """The backend for a ``backend=`` argument: ``"auto"`` is the fail-safe Triton backend on
+    CUDA (``AUTO_CUDA``), torch otherwise."""
     checks.choice("backend", backend, BACKENDS)
     if backend == "auto":
-        backend = "triton" if device.type == "cuda" else "torch"
+        return AUTO_CUDA if device.type == "cuda" else REGISTRY["torch"]
     return REGISTRY[backend]
