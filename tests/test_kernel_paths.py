@@ -15,7 +15,7 @@ import fused_pg.kernels.configs as configs
 import fused_pg.kernels.gemm as gemm_mod
 import fused_pg.kernels.launch as launch_mod
 from fused_pg.kernels.backward import FP16_DLOGITS_MAX, dlogits_scale, logprobs_entropy_bwd
-from fused_pg.kernels.forward import logprobs_entropy_fwd, num_vocab_splits
+from fused_pg.kernels.forward import logprobs_entropy_fwd, num_vocab_splits, split_time
 from fused_pg.kernels.tuning import Timing, candidates, describe, format_row, sweep
 from fused_pg.kernels.utils import grouped_tile
 from fused_pg.reference.head import logprobs_entropy_ref
@@ -118,13 +118,40 @@ def test_default_split_count_takes_the_grouped_path():
 def test_num_vocab_splits(N, V, programs, group):
     cfg = configs.sweep_config(128, 256, 64, group, 8, 4)
     splits = num_vocab_splits(N, V, cfg, programs)
-    tiles = triton.cdiv(V, 256)
+    blocks, tiles = triton.cdiv(N, 128), triton.cdiv(V, 256)
     assert 1 <= splits <= tiles
     if splits < tiles:
         assert group * splits >= programs                      # the resident set is one group wide
-        assert triton.cdiv(N, 128) * splits >= 2 * programs    # two waves at least
-    if (N, V, programs, group) == (16384, 151936, 132, 8):
-        assert splits == 17  # H100: 8 hidden tiles x 17 splits resident
+        assert blocks * splits >= 2 * programs                 # two waves at least
+    # no admissible split count (L2 and two-wave bounds, up to 4x the least, no idle split) is
+    # modelled faster: cdiv(programs in the grid, resident programs) waves of cdiv(tiles, splits)
+    lower = max(1, min(tiles, max(triton.cdiv(2 * programs, blocks), triton.cdiv(programs, group))))
+    time = lambda s: triton.cdiv(blocks * s, programs) * triton.cdiv(tiles, s)  # noqa: E731
+    for s in range(lower, min(4 * lower, tiles) + 1):
+        if s == lower or triton.cdiv(tiles, s) * (s - 1) < tiles:
+            assert time(splits) <= time(s), (splits, s)
+    assert split_time(blocks, tiles, splits, programs) == time(splits)
+
+
+@pytest.mark.parametrize("V", [151936, 128256])
+@pytest.mark.parametrize("N", [4096, 8192, 16384])
+def test_split_counts_fill_whole_waves(N, V):
+    """H100 / H200 (132 SMs), the default sm90 tile: the grid keeps the SMs busy to the last
+    wave. The split count before waves were modelled (17: L2 alone) ran N = 4096 in 5 waves
+    where 4.12 were needed; at V = 151936 (594 tiles = 33 x 18) 33 splits make whole waves of
+    equal programs at every N here."""
+    cfg = configs.lookup("fwd", "sm90", "bf16", 4096, V)
+    splits = num_vocab_splits(N, V, cfg, 132)
+    blocks, tiles = triton.cdiv(N, cfg["BLOCK_N"]), triton.cdiv(V, cfg["BLOCK_V"])
+    ideal = blocks * tiles / 132
+    modelled = split_time(blocks, tiles, splits, 132)
+    assert ideal / modelled >= 0.96, (splits, ideal / modelled)
+    assert modelled <= split_time(blocks, tiles, 17, 132)
+    assert triton.cdiv(tiles, splits) * (splits - 1) < tiles  # no idle split
+    if V == 151936:
+        assert blocks * splits % 132 == 0 and tiles % splits == 0 and modelled == ideal
+    if N == 4096:
+        assert ideal / split_time(blocks, tiles, 17, 132) < 0.83  # what wave-blind 17 splits gave
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -238,16 +265,31 @@ def test_dlogits_scale():
 
 def test_table_rows_are_well_formed():
     for row in configs.TABLE:
-        assert row.family in configs.FAMILIES and row.kind in configs.KINDS and row.dtype in configs.DTYPES
+        assert row.family in configs.FAMILIES and row.kind in configs.KINDS and row.dtype in configs.OPERANDS
+        assert row.epilogue in configs.EPILOGUES and (row.kind != "matmul" or row.epilogue == "plain"), row
         assert set(row.config) == set(configs.META_KEYS[row.kind]) | set(configs.LAUNCH_KEYS), row
         assert not configs.pathological(row.kind, row.config), row
         assert all(v & (v - 1) == 0 for k, v in row.config.items() if k.startswith("BLOCK")), row
         assert row.source, row
     for kind in configs.KINDS:
-        for dtype in configs.DTYPES:
+        for dtype in configs.OPERANDS:
             assert any(r.family == "fallback" and r.kind == kind and r.dtype == dtype for r in configs.TABLE)
+    # Hopper has its own rows for fp32 operands (tensor cores and IEEE) and for the soft-cap epilogue
+    for kind in configs.KINDS:
+        for dtype in ("tf32", "fp32"):
+            assert any(r.family == "sm90" and r.kind == kind and r.dtype == dtype for r in configs.TABLE)
+    for kind in ("fwd", "dlogits"):
+        assert any(r.family == "sm90" and r.kind == kind and r.epilogue == "softcap" for r in configs.TABLE)
     for kind, cfg in configs.INTERPRETER.items():
         assert set(cfg) == set(configs.META_KEYS[kind]) | set(configs.LAUNCH_KEYS)
+
+
+def test_operand_kinds():
+    assert configs.operand_kind(torch.bfloat16, "ieee") == "bf16"
+    assert configs.operand_kind(torch.float16, "ieee") == "fp16"
+    assert configs.operand_kind(torch.float32, "tf32x3") == "tf32"
+    assert configs.operand_kind(torch.float32, "tf32") == "tf32"
+    assert configs.operand_kind(torch.float32, "ieee") == "fp32"
 
 
 def test_lookup(monkeypatch):
@@ -256,7 +298,13 @@ def test_lookup(monkeypatch):
     assert describe("dlogits", configs.lookup("dlogits", "sm90", "bf16", 8192, 32000)) == "128x256x64/g8/w8/s4"
     fallback = configs.lookup("fwd", "fallback", "bf16", 4096, 151936)
     assert configs.lookup("fwd", "sm80", "bf16", 4096, 151936) == fallback  # no sm80 rows yet
-    assert configs.lookup("fwd", "sm90", "fp32", 4096, 151936) == configs.lookup("fwd", "fallback", "fp32", 1, 1)
+    # epilogue rows: the soft-cap's own on sm90; the plain rows where a family has none
+    softcap = configs.lookup("fwd", "sm90", "bf16", 4096, 151936, "softcap")
+    assert softcap != h100 and softcap["BLOCK_V"] < h100["BLOCK_V"]
+    assert configs.lookup("matmul", "sm90", "bf16", 4096, 151936, "softcap") == \
+        configs.lookup("matmul", "sm90", "bf16", 4096, 151936)
+    assert configs.lookup("fwd", "sm80", "bf16", 4096, 151936, "softcap") == fallback
+    assert configs.lookup("fwd", "sm90", "tf32", 4096, 151936) != configs.lookup("fwd", "sm90", "fp32", 4096, 151936)
     # nearest measured shape in log2 (D, V)
     table = [configs.Row("sm90", "fwd", "bf16", 4096, 151936, configs.sweep_config(128, 256, 64, 8, 8, 4), "a"),
              configs.Row("sm90", "fwd", "bf16", 1024, 32000, configs.sweep_config(64, 128, 64, 4, 4, 4), "b")]
@@ -265,7 +313,9 @@ def test_lookup(monkeypatch):
     assert configs.lookup("fwd", "sm90", "bf16", 4096, 128256)["BLOCK_N"] == 128
     with pytest.raises(ValueError):
         configs.lookup("bwd", "sm90", "bf16", 1, 1)
-    assert configs.default_config("fwd", torch.device("cpu"), torch.bfloat16, 8, 8, interpreter=True) == \
+    with pytest.raises(ValueError):
+        configs.lookup("fwd", "sm90", "bf16", 1, 1, "gelu")
+    assert configs.default_config("fwd", torch.device("cpu"), "bf16", 8, 8, interpreter=True) == \
         configs.INTERPRETER["fwd"]
 
 
@@ -358,7 +408,8 @@ def test_sweep_with_a_stand_in_timer(kind):
     rows = sweep(kind, (20, 16, 100), torch.float32, "cpu", configs=cands, timer=timer, verbose=False)
     assert [r.ms for r in rows] == [2.0, 3.0]
     assert [r.config for r in rows] == [cands[2], cands[0]]
-    assert all((r.kind, r.family, r.dtype, r.N, r.D, r.V) == (kind, "fallback", "fp32", 20, 16, 100) for r in rows)
+    # fp32 inputs: the tensor-core rows ("tf32": 3xTF32, what precision="native" multiplies fp32 with)
+    assert all((r.kind, r.family, r.dtype, r.N, r.D, r.V) == (kind, "fallback", "tf32", 20, 16, 100) for r in rows)
 
 
 def test_env_and_configs_import_without_triton():
