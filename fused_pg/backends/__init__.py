@@ -57,9 +57,10 @@ class Backend:
     skips_invalid_rows: bool = False
 
     def load(self) -> ModuleType:
-        """The implementation module. The Triton one is imported on first use (triton stays an
-        optional dependency); the PyTorch ones are imported with this package, so that
-        ``torch.compile`` traces through them without an import inside the graph."""
+        """The implementation module. Every one is imported with this package where it can be
+        (``torch.compile`` cannot trace an import inside a compiled region); the Triton one
+        only where triton imports (it stays an optional dependency), else on first use, which
+        then raises the error that names the package."""
         module = _LOADED.get(self.module)
         if module is None:
             try:
@@ -106,3 +107,15 @@ def resolve(backend: str, device: torch.device) -> Backend:
     if backend == "auto":
         return AUTO_CUDA if device.type == "cuda" else REGISTRY["torch"]
     return REGISTRY[backend]
+
+
+def _preload_triton() -> None:
+    """Import the Triton backend with this package when triton is importable, so that a first
+    use of backend="triton" or "auto" inside ``torch.compile`` finds it loaded."""
+    try:
+        REGISTRY["triton"].load()
+    except Exception:  # noqa: BLE001  (no usable triton: backend="triton" raises it when asked for)
+        pass
+
+
+_preload_triton()

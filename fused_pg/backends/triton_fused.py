@@ -43,10 +43,10 @@ def dot_mode(hidden: Tensor, weight: Tensor, cfg: HeadConfig) -> tuple[bool, str
             multiplied as 3xTF32 on tensor cores (``tl.dot(input_precision="tf32x3")``):
             a = a_hi + a_lo with a_hi = tf32(a), likewise b, and
             a b ~ a_hi b_hi + a_hi b_lo + a_lo b_hi, each product on tensor cores, fp32 sums.
-            Precision contract: each product within ~2^-21 |a b| (the dropped a_lo b_lo and
-            the tf32 rounding of the low parts), against 2^-24 for IEEE fp32 products; a bf16
-            or fp16 operand is exact in tf32 (a_lo = 0), so mixed dtypes lose only the
-            rounding of the fp32 side's low part. Accumulation in fp32, as for IEEE.
+            Precision contract: each product within 2^-20 |a b| (the dropped a_lo b_lo and the
+            tensor cores' truncation of the low parts to tf32), against 2^-24 for an IEEE fp32
+            product; a bf16 or fp16 operand is exact in tf32 (a_lo = 0), so with mixed dtypes
+            the bound is 2^-21 |a b|. Accumulation in fp32, as for IEEE.
     tf32:   fp32 operands, one TF32 product (10-bit mantissas: ~2^-11 relative per product).
     ieee:   fp32 operands, IEEE fp32 products on CUDA cores: no tensor-core instruction
             computes them, so these sweeps run an order of magnitude slower on a GPU (a
@@ -73,7 +73,7 @@ def _warn_ieee(device: torch.device) -> None:
         _WARNED_IEEE = True
         warnings.warn("precision='ieee' multiplies fp32 on CUDA cores (no tensor-core instruction computes "
                       "IEEE fp32 products): the Triton sweeps run an order of magnitude slower than with "
-                      "precision='native', whose 3xTF32 products are within ~2^-21 of IEEE fp32 ones",
+                      "precision='native', whose 3xTF32 products are within 2^-20 relative of exact ones",
                       stacklevel=4)
 
 
@@ -181,7 +181,7 @@ def _backward_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets
         grads = torch_chunked.backward_sweep(hidden, weight, bias, targets, lse, entropy, grad_logprobs,
                                              grad_entropy, _torch_cfg(temperature, softcap, token_chunk, vocab_chunk),
                                              needs)
-    return tuple(g.to(dt) if g is not None else hidden.new_empty(0)
+    return tuple(g.to(dt) if g is not None else hidden.new_empty(0, dtype=dt)
                  for g, dt in zip(grads, _grad_dtypes(weight)))
 
 
