@@ -28,9 +28,11 @@ class HeadConfig:
     temperature:   logits are divided by it (sampling temperature of the rollout).
     softcap:       if set, ``z = softcap * tanh(z / softcap)`` after the temperature.
     precision:     dot-product precision. ``"native"``: operands in their storage dtype
-                   (bf16/fp16 tensor cores, fp32 as IEEE fp32; mixed dtypes promote), fp32
-                   accumulation. ``"tf32"``: fp32 operands rounded to TF32 (Triton only).
-                   ``"ieee"``: operands upcast to fp32, IEEE fp32 products.
+                   (bf16/fp16 tensor cores; mixed dtypes promote to fp32; fp32 operands as
+                   IEEE fp32 on the PyTorch backends, as 3xTF32 on tensor cores with Triton:
+                   within 2^-20 relative per product), fp32 accumulation. ``"tf32"``: fp32
+                   operands rounded to TF32 (Triton only). ``"ieee"``: operands upcast to
+                   fp32, IEEE fp32 products.
     deterministic: bitwise reproducible results (fixed tile configs, no autotuning; the
                    sweeps never use atomics in any mode).
     token_chunk, vocab_chunk: tile of logits a chunked sweep holds at once (None: backend
