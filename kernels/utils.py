@@ -10,21 +10,25 @@ import triton.language as tl
 
 @triton.jit
 def tanh(x):
-    """tanh(x) in fp32 to a few ulp relative over the whole real line; never NaN (also for +-inf).
+    """tanh(x) in fp32 to a few ulp relative over the whole real line; NaN only for NaN.
 
     One formula loses accuracy somewhere: 1 - 2 / (e^(2x) + 1) cancels for small |x| (it
-    returns 0 for |x| < 3e-8, so a soft-cap c = 1e8 maps every logit to 0). Two branches:
+    returns 0 for |x| < 3e-8, so a soft-cap c = 1e8 maps every logit to 0). With x clamped to
+    [-9, 9] (tanh(9) rounds to 1 in fp32; nothing overflows; NaN stays NaN), two branches:
 
     * x^2 < 1/16: the Taylor series, truncated after x^9; the first omitted term,
       1382 x^11 / 155925, is below 8.5e-9 |x| (a seventh of fp32's half-ulp):
           tanh x = x - x^3/3 + 2x^5/15 - 17x^7/315 + 62x^9/2835
-    * elsewhere: (E - 1) / (E + 1), E = e^(2x), x clamped to [-9, 9] (tanh(9) rounds to 1 in
-      fp32 and E stays finite). E - 1 is exact in fp32 for these E, and a relative error d of
-      E moves the quotient by d / sinh(2x) <= 1.9 d relative (|x| >= 1/4).
+    * elsewhere: (E - 1) / (E + 1), E = e^(2x). E - 1 is exact in fp32 for these E, and a
+      relative error d of E moves the quotient by d / sinh(2x) <= 1.9 d relative (|x| >= 1/4).
+      Measured with an exact exp (the interpreter's): within 4 ulp; a GPU's ex2.approx adds
+      its own ~2 ulp to d.
     """
+    x = tl.minimum(tl.maximum(x, -9.0, propagate_nan=tl.PropagateNan.ALL), 9.0,
+                   propagate_nan=tl.PropagateNan.ALL)
     s = x * x
     small = x + x * s * (-1.0 / 3.0 + s * (2.0 / 15.0 + s * (-17.0 / 315.0 + s * (62.0 / 2835.0))))
-    e = tl.exp(2.0 * tl.minimum(tl.maximum(x, -9.0), 9.0))
+    e = tl.exp(2.0 * x)
     big = (e - 1.0) / (e + 1.0)
     return tl.where(s < 0.0625, small, big)
 
