@@ -208,7 +208,8 @@ def launches(family: str):
             w, hh = _empty(v_chunk, D, dtype=operand_dtype), _empty(n_chunk, D, dtype=operand_dtype)
             opts = dict(upcast_operands=upcast, input_precision=precision, deterministic=True, config=config)
             dw_dtype = torch.float32 if operand_dtype == torch.float32 else operand_dtype
-            yield dict(what, product="dh"), lambda dz=dz, w=w, o=opts: matmul(dz, w, _empty(n_chunk, D), accumulate=True, **o)
+            yield dict(what, product="dh"), lambda dz=dz, w=w, o=opts: matmul(
+                dz, w, _empty(n_chunk, D), accumulate=True, **o)
             yield dict(what, product="dW"), lambda dz=dz, hh=hh, o=opts, dt=dw_dtype: matmul(
                 dz.T, hh, _empty(v_chunk, D, dtype=dt), accumulate=False, **o)
 

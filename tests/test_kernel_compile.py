@@ -107,8 +107,8 @@ def _k_is_one_token(r: dict) -> bool:
 def test_every_config_of_the_table_is_compiled(compiled, target):
     records = compiled[target]
     for row, config in _served_rows(target):
-        found = {r["kernel"] for r in records
-                 if (r["kind"], r["operands"], r["epilogue"], r["config"]) == (row.kind, row.dtype, row.epilogue, config)}
+        wanted = (row.kind, row.dtype, row.epilogue, config)
+        found = {r["kernel"] for r in records if (r["kind"], r["operands"], r["epilogue"], r["config"]) == wanted}
         assert KERNELS[row.kind] <= found, f"{target}: {row} compiled only {found}"
     assert any(r.get("tokens") == 1 and r["kernel"] == "_matmul_kernel" for r in records)  # N = 1 constants
 
