@@ -42,9 +42,10 @@ class HeadConfig:
     softcap: float | None = option(
         None, "if set, `z = softcap * tanh(z / softcap)` after the temperature (Gemma-2 style)")
     precision: str = option(
-        "native", '"native": operands in their storage dtype (bf16/fp16 tensor cores; mixed dtypes '
-        'promote to fp32), fp32 accumulation; "tf32": fp32 operands rounded to TF32 (triton only); '
-        '"ieee": operands upcast to fp32, IEEE fp32 products')
+        "native", '"native": operands in their storage dtype (bf16/fp16 tensor cores; mixed dtypes promote '
+        "to fp32; fp32 operands as IEEE fp32 on the PyTorch backends, as 3xTF32 on tensor cores with Triton: "
+        'within 2^-20 relative per product), fp32 accumulation; "tf32": fp32 operands rounded to TF32 '
+        '(triton only); "ieee": operands upcast to fp32, IEEE fp32 products')
     deterministic: bool = option(
         False, "bitwise reproducible results (fixed tile configs, no autotuning; the sweeps never use atomics)")
     token_chunk: int | None = option(None, "rows of the logits tile a chunked sweep holds at once (None: backend default)")

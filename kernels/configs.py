@@ -8,12 +8,23 @@ A config is one dict of meta-parameters plus ``num_warps`` / ``num_stages``:
                    GROUP_N token blocks per launch group (see ``utils.grouped_tile``)
     matmul:        BLOCK_M x BLOCK_N output tile, BLOCK_K step, GROUP_M row blocks per group
 
-``TABLE`` holds one ``Row`` per measured point: GPU family, kernel, GEMM operand dtype and the
-(D, V) shape it was measured at. ``lookup`` takes the family's rows of that kernel and dtype
-(the ``fallback`` family's when it has none) and returns the config of the row nearest in
-(log2 D, log2 V). New rows come from ``kernels.tuning.sweep`` (``format_row`` prints them in
-this format). Where nothing was measured the rows keep the tile the kernels used before this
-table existed, and say so.
+``TABLE`` holds one ``Row`` per measured point: GPU family, kernel, GEMM operand kind, the
+sweep's epilogue and the (D, V) shape it was measured at. ``lookup`` takes the family's rows of
+that kernel, operand kind and epilogue (the family's plain-epilogue rows when it has no
+soft-cap row; the ``fallback`` family's when it has neither) and returns the config of the
+row nearest in (log2 D, log2 V). New rows come from ``kernels.tuning.sweep`` (``format_row``
+prints them in this format). Where nothing was measured a row says so and why it was chosen.
+
+Operand kinds (``OPERANDS``): how the kernel multiplies, not only what it loads:
+
+    "bf16", "fp16"  16-bit operands on tensor cores (wgmma on sm90, mma.sync on sm80)
+    "tf32"          fp32 operands on tensor cores: precision "tf32" (one TF32 product) and
+                    "tf32x3" (3xTF32, see ``fused_pg.backends.triton_fused.dot_mode``)
+    "fp32"          IEEE fp32 products (precision "ieee"): CUDA-core FMAs, no tensor cores
+
+Every config must compile for its family's GPUs with real launch specialisation, fit their
+shared memory and keep the K loop free of register spills: ``tests/test_kernel_compile.py``
+checks each row without a GPU (sm90: 227 KiB per block, sm80: 163 KiB).
 """
 
 from __future__ import annotations
@@ -25,7 +36,8 @@ import torch
 
 KINDS = ("fwd", "dlogits", "matmul")
 FAMILIES = ("sm90", "sm80", "fallback")
-DTYPES = ("bf16", "fp16", "fp32")
+OPERANDS = ("bf16", "fp16", "tf32", "fp32")
+EPILOGUES = ("plain", "softcap")  # the sweeps' per-logit work after the dot (matmul: plain only)
 LAUNCH_KEYS = ("num_warps", "num_stages")
 META_KEYS = {
     "fwd": ("BLOCK_N", "BLOCK_V", "BLOCK_D", "GROUP_N"),
@@ -40,11 +52,12 @@ class Row:
 
     family: str     # "sm90" (Hopper), "sm80" (A100), "fallback" (every other device)
     kind: str       # "fwd" | "dlogits" | "matmul"
-    dtype: str      # GEMM operands as the kernel multiplies them: "bf16" | "fp16" | "fp32"
+    dtype: str      # operand kind (``OPERANDS``): "bf16" | "fp16" | "tf32" | "fp32"
     D: int          # head shape the row was measured at (nearest row wins); the matmul is
     V: int          # looked up with D = its output width and V = its reduction length
     config: dict
     source: str = ""
+    epilogue: str = "plain"  # "softcap": the sweep's soft-cap epilogue (tanh per logit)
 
 
 def sweep_config(bn, bv, bd, group, warps, stages) -> dict:
@@ -69,6 +82,27 @@ _H100_SWEEP = sweep_config(128, 256, 64, 8, 8, 4)
 _UNMEASURED = "not measured: the tile used before this table existed"
 _H100_D, _H100_V = 4096, 151936
 
+# Tiles chosen without a GPU, by compiling for the target (tests/test_kernel_compile.py): the
+# smallest change from the measured tile that fits the target's shared memory and keeps every
+# register spill out of the K loop. Their speed is not measured.
+# * soft-cap epilogue: tanh per logit needs more registers than the 128 x 256 / 8-warp tile
+#   leaves (its 128 fp32 accumulators per thread already take half of the 255): ptxas spilled
+#   0.5-1.1 KB per thread in the epilogue of every vocabulary tile. A 128 x 128 tile holds 64.
+_SOFTCAP_SWEEP = sweep_config(128, 128, 64, 8, 8, 4)
+# * tf32 / 3xTF32 (fp32 operands on tensor cores): 4-byte operands double the shared memory of
+#   a stage, so BLOCK_D halves (128 x 128 x 32: 32 KiB per stage). On sm80 the mma.sync operands
+#   live in registers, and 3xTF32 splits each into two: BLOCK_D 32 spilled 0.4-0.6 KB per
+#   thread inside the K loop there, BLOCK_D 16 none.
+_TF32_SWEEP = sweep_config(128, 128, 32, 8, 8, 4)
+_TF32_SWEEP_MMA_SYNC = sweep_config(128, 128, 16, 8, 8, 4)
+_TF32_MATMUL = matmul_config(128, 128, 32, 8, 8, 4)
+# * IEEE fp32 (CUDA-core FMAs): the dot's operands live in registers, BLOCK_D x (BLOCK_N +
+#   BLOCK_V) of them per K step; the 128 x 128 x 64 tile spilled ~5.8 KB per thread inside
+#   the K loop.
+_FP32_SWEEP = sweep_config(64, 64, 16, 8, 4, 3)
+_FP32_MATMUL = matmul_config(64, 64, 16, 8, 4, 3)
+_COMPILED = "not measured: chosen by compiling for the target (no spill in the K loop)"
+
 TABLE: list[Row] = [
     # ---- sm90 (H100 80GB HBM3), measured at N=16384 -----------------------------------------
     Row("sm90", "fwd", "bf16", _H100_D, _H100_V, _H100_SWEEP,
@@ -81,11 +115,21 @@ TABLE: list[Row] = [
         "not measured: bf16's row (same tile footprint and tensor-core rate)"),
     Row("sm90", "matmul", "bf16", _H100_D, _H100_V, _PRE_TABLE_MATMUL,
         "H100 profile: dh + dW 91.8 ms in all at N=16384 (cuBLAS ~56 ms: used instead where available)"),
+    *[Row("sm90", kind, dtype, _H100_D, _H100_V, _SOFTCAP_SWEEP, _COMPILED, epilogue="softcap")
+      for kind in ("fwd", "dlogits") for dtype in ("bf16", "fp16")],
+    *[Row("sm90", kind, "tf32", _H100_D, _H100_V, _TF32_MATMUL if kind == "matmul" else _TF32_SWEEP, _COMPILED)
+      for kind in KINDS],
+    *[Row("sm90", kind, "fp32", _H100_D, _H100_V, _FP32_MATMUL if kind == "matmul" else _FP32_SWEEP, _COMPILED)
+      for kind in KINDS],
     # ---- sm80 (A100): no rows yet, lookup uses the fallback rows -----------------------------
-    # ---- fallback: every other device, and every kernel/dtype not listed above ---------------
+    # ---- fallback: every other device, and every kernel / operand kind not listed above ------
     *[Row("fallback", kind, dtype, _H100_D, _H100_V,
           _PRE_TABLE_MATMUL if kind == "matmul" else _PRE_TABLE_SWEEP, _UNMEASURED)
-      for kind in KINDS for dtype in DTYPES],
+      for kind in KINDS for dtype in ("bf16", "fp16")],
+    *[Row("fallback", kind, "tf32", _H100_D, _H100_V, _TF32_MATMUL if kind == "matmul" else _TF32_SWEEP_MMA_SYNC,
+          _COMPILED) for kind in KINDS],
+    *[Row("fallback", kind, "fp32", _H100_D, _H100_V, _FP32_MATMUL if kind == "matmul" else _FP32_SWEEP, _COMPILED)
+      for kind in KINDS],
 ]
 
 # Under TRITON_INTERPRET=1 the cost is (program instances) x (loop trips) of numpy work: few,
@@ -97,9 +141,12 @@ INTERPRETER: dict[str, dict] = {
 }
 
 
-def dtype_key(dtype: torch.dtype) -> str:
-    """Table key of a GEMM operand dtype (what the kernel multiplies, after any upcast)."""
-    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
+def operand_kind(dtype: torch.dtype, input_precision: str) -> str:
+    """Table key of how a kernel multiplies (``OPERANDS``): the dtype of its dot operands
+    (after any upcast) and, for fp32 operands, the product precision."""
+    if dtype in (torch.bfloat16, torch.float16):
+        return "bf16" if dtype == torch.bfloat16 else "fp16"
+    return "fp32" if input_precision == "ieee" else "tf32"
 
 
 def gpu_family(device: torch.device) -> str:
@@ -114,23 +161,28 @@ def gpu_family(device: torch.device) -> str:
     return "fallback"
 
 
-def lookup(kind: str, family: str, dtype: str, D: int, V: int) -> dict:
-    """Config of the table row nearest to (D, V) in log2 distance, for this family, kernel and
-    operand dtype; the ``fallback`` family's rows when the family has none. A fresh dict."""
-    if kind not in KINDS or dtype not in DTYPES:
-        raise ValueError(f"no configs for kernel {kind!r} / dtype {dtype!r}")
-    rows = [r for r in TABLE if r.family == family and r.kind == kind and r.dtype == dtype]
-    rows = rows or [r for r in TABLE if r.family == "fallback" and r.kind == kind and r.dtype == dtype]
+def lookup(kind: str, family: str, dtype: str, D: int, V: int, epilogue: str = "plain") -> dict:
+    """Config of the table row nearest to (D, V) in log2 distance, for this family, kernel,
+    operand kind and epilogue. Without such rows: the family's plain-epilogue rows, then the
+    ``fallback`` family's rows (same order). A fresh dict."""
+    if kind not in KINDS or dtype not in OPERANDS or epilogue not in EPILOGUES:
+        raise ValueError(f"no configs for kernel {kind!r} / operands {dtype!r} / epilogue {epilogue!r}")
+    rows = []
+    for fam in (family, "fallback"):
+        for epi in dict.fromkeys((epilogue, "plain")):
+            rows = rows or [r for r in TABLE
+                            if (r.family, r.kind, r.dtype, r.epilogue) == (fam, kind, dtype, epi)]
     dist = lambda r: abs(math.log2(max(D, 1) / r.D)) + abs(math.log2(max(V, 1) / r.V))  # noqa: E731
     return dict(min(rows, key=dist).config)
 
 
-def default_config(kind: str, device: torch.device, operand_dtype: torch.dtype, D: int, V: int,
-                   interpreter: bool) -> dict:
-    """The config a kernel launches with unless the caller passes one (or autotuning is on)."""
+def default_config(kind: str, device: torch.device, operands: str, D: int, V: int,
+                   interpreter: bool, epilogue: str = "plain") -> dict:
+    """The config a kernel launches with unless the caller passes one (or autotuning is on);
+    ``operands`` is an ``operand_kind``."""
     if interpreter:
         return dict(INTERPRETER[kind])
-    return lookup(kind, gpu_family(device), dtype_key(operand_dtype), D, V)
+    return lookup(kind, gpu_family(device), operands, D, V, epilogue)
 
 
 # ---------------------------------------------------------------------------------------

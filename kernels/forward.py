@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .configs import default_config
+from .configs import default_config, operand_kind
 from .env import interpreting
 from .launch import Tunable, launch
 from .utils import grouped_tile, logits_tile
@@ -47,7 +47,7 @@ def _fwd_split_kernel(
     # strides
     stride_hn, stride_hd, stride_wv, stride_wd, stride_b,
     # scalars
-    inv_temperature, softcap,
+    inv_temperature, softcap, inv_softcap,
     # meta
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     UPCAST_OPERANDS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
@@ -60,7 +60,10 @@ def _fwd_split_kernel(
     pid_n, pid_s = grouped_tile(tl.program_id(0), tl.cdiv(N, BLOCK_N), SPLITS, GROUP_N)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
+    # int32 target ids (compared with every column of every tile); -1 for ignored tokens and
+    # for ids >= V (another rank's vocabulary slice), which match no column
     y = tl.load(targets_ptr + offs_n, mask=mask_n, other=-1)
+    y = tl.where((y >= 0) & (y < V), y, -1).to(tl.int32)
 
     # this split's vocabulary range, a whole number of tiles
     tiles_per_split = tl.cdiv(tl.cdiv(V, BLOCK_V), SPLITS)
@@ -75,7 +78,7 @@ def _fwd_split_kernel(
         offs_v = v0 + tl.arange(0, BLOCK_V)
         # ---- 1. logits tile (fp32) --------------------------------------------------------
         z = logits_tile(hidden_ptr, weight_ptr, bias_ptr, offs_n, offs_v, N, V, D,
-                        stride_hn, stride_hd, stride_wv, stride_wd, stride_b, inv_temperature, softcap,
+                        stride_hn, stride_hd, stride_wv, stride_wd, stride_b, inv_temperature, softcap, inv_softcap,
                         HAS_BIAS, HAS_SOFTCAP, UPCAST_OPERANDS, INPUT_PRECISION,
                         BLOCK_N, BLOCK_V, BLOCK_D)  # [BLOCK_N, BLOCK_V]
         # ---- 2. online softmax statistics ---------------------------------------------------
@@ -164,24 +167,49 @@ def resident_programs(device: torch.device) -> int:
 
 
 def num_vocab_splits(N: int, V: int, config: dict, programs: int) -> int:
-    """Vocabulary splits of the forward grid, chosen for L2 reuse and enough parallelism.
+    """Vocabulary splits of the forward grid: L2 reuse first, then whole waves of programs.
 
-    Per vocabulary tile a program reads its [BLOCK_N, D] hidden tile (1 MiB at BLOCK_N=128,
-    D=4096, bf16) and one [BLOCK_V, D] weight tile. In the grouped order the ``programs``
-    resident programs cover GROUP_N token blocks x (programs / GROUP_N) splits, provided a
-    group holds that many, i.e. SPLITS >= programs / GROUP_N. Then the resident programs share
-    GROUP_N hidden tiles, each read by programs / GROUP_N of them and kept in L2 for their whole
-    sweep, and programs / GROUP_N weight tiles per step, each read by GROUP_N of them (H100:
-    8 + 17 x 2 MiB, inside its 50 MB L2; ~1000 flop per byte from memory where the tensor
-    cores need ~210). With fewer splits the resident set spreads over programs / SPLITS token
-    blocks, whose hidden tiles no longer fit L2 and are streamed again for every vocabulary
-    tile -- the token-block-fastest grid measured at 2.4x a GEMM. At least 2 * programs
-    programs in all (two waves) for short batches; at most one split per vocabulary tile.
+    L2 (lower bound). Per vocabulary tile a program reads its [BLOCK_N, D] hidden tile (1 MiB
+    at BLOCK_N=128, D=4096, bf16) and one [BLOCK_V, D] weight tile. In the grouped order the
+    ``programs`` resident programs cover GROUP_N token blocks x (programs / GROUP_N) splits,
+    provided a group holds that many, i.e. SPLITS >= programs / GROUP_N. Then the resident
+    programs share GROUP_N hidden tiles, each read by programs / GROUP_N of them and kept in L2
+    for their whole sweep, and programs / GROUP_N weight tiles per step, each read by GROUP_N
+    of them (H100: 8 + 17 x 2 MiB, inside its 50 MB L2; ~1000 flop per byte from memory where
+    the tensor cores need ~210). With fewer splits the resident set spreads over
+    programs / SPLITS token blocks, whose hidden tiles no longer fit L2 and are streamed again
+    for every vocabulary tile -- the token-block-fastest grid measured at 2.4x a GEMM. Short
+    batches also need two waves at least: SPLITS >= 2 * programs / token_blocks.
+
+    Waves (the choice above that bound). ``programs`` programs run at a time (one per SM);
+    the grid of token_blocks x SPLITS programs therefore runs in cdiv(token_blocks x SPLITS,
+    programs) waves, and a wave lasts as long as its longest program, cdiv(tiles, SPLITS)
+    vocabulary tiles. Modelled time, in tile-times::
+
+        T(SPLITS) = cdiv(token_blocks * SPLITS, programs) * cdiv(vocab_tiles, SPLITS)
+
+    against the ideal token_blocks * vocab_tiles / programs. The split count is the smallest
+    minimiser of T between the lower bound and four times it (more splits only add partial
+    states and shorter programs). H100 (132 SMs), 128 x 256 tiles, GROUP_N 8, V = 151936
+    (594 tiles): 17 splits run N = 4096 in 5 waves of 35 tiles where 4.12 are needed (82%);
+    33 splits make 8 whole waves of 18 tiles (100%), as at N = 8192 and 16384.
+    At most one split per vocabulary tile.
     """
     token_blocks = triton.cdiv(N, config["BLOCK_N"])
     vocab_tiles = triton.cdiv(V, config["BLOCK_V"])
-    splits = max(triton.cdiv(2 * programs, token_blocks), triton.cdiv(programs, config["GROUP_N"]))
-    return max(1, min(splits, vocab_tiles))
+    lower = max(triton.cdiv(2 * programs, token_blocks), triton.cdiv(programs, config["GROUP_N"]))
+    lower = max(1, min(lower, vocab_tiles))
+    upper = min(4 * lower, vocab_tiles)
+    # split counts whose last splits would hold no tile (tiles_per_split * (SPLITS - 1) >= tiles)
+    # launch idle programs: not candidates (SPLITS = lower is kept whatever it is)
+    candidates = [s for s in range(lower, upper + 1)
+                  if s == lower or triton.cdiv(vocab_tiles, s) * (s - 1) < vocab_tiles]
+    return min(candidates, key=lambda s: (split_time(token_blocks, vocab_tiles, s, programs), s))
+
+
+def split_time(token_blocks: int, vocab_tiles: int, splits: int, programs: int) -> int:
+    """Modelled time of the forward grid in tile-times (see ``num_vocab_splits``)."""
+    return triton.cdiv(token_blocks * splits, programs) * triton.cdiv(vocab_tiles, splits)
 
 
 def logprobs_entropy_fwd(
@@ -194,7 +222,8 @@ def logprobs_entropy_fwd(
     Args:
         hidden [N, D], weight [V, D], bias [V] or None: any strides (expanded and offset
             views included); targets [N] integer (-1: ignored), made contiguous here (O(N)).
-        upcast_operands: multiply as fp32 (mixed dtypes, tf32/ieee, bf16 under the interpreter).
+        upcast_operands: multiply as fp32 (mixed dtypes, fp32, bf16 under the interpreter).
+        input_precision: ``tl.dot``'s: "ieee", "tf32" or "tf32x3" (fp32 operands only).
         config: pins the tile config (default: ``kernels.configs`` table, or autotuned when
             FUSED_PG_AUTOTUNE=1); splits: pins the vocabulary split count.
     Returns:
@@ -205,9 +234,10 @@ def logprobs_entropy_fwd(
     dev = hidden.device
     targets = targets.contiguous()
     pinned = config is not None
-    operands = torch.float32 if upcast_operands else hidden.dtype
     if config is None:
-        config = default_config("fwd", dev, operands, D, V, interpreting())
+        operands = operand_kind(torch.float32 if upcast_operands else hidden.dtype, input_precision)
+        config = default_config("fwd", dev, operands, D, V, interpreting(),
+                                epilogue="plain" if softcap is None else "softcap")
     # the split count follows the default (or pinned) config even when autotuning picks the
     # tile, so that the partial buffers are allocated before the launch
     if splits is None:
@@ -221,6 +251,7 @@ def logprobs_entropy_fwd(
         stride_wv=weight.stride(0), stride_wd=weight.stride(1),
         stride_b=bias.stride(0) if bias is not None else 0,
         inv_temperature=inv_temperature, softcap=softcap,
+        inv_softcap=None if softcap is None else 1.0 / softcap,
         UPCAST_OPERANDS=upcast_operands, INPUT_PRECISION=input_precision,
     )
     launch(FWD_SPLIT, lambda meta: (triton.cdiv(N, meta["BLOCK_N"]) * splits,), args,

@@ -22,9 +22,16 @@ import functools
 from typing import Callable
 
 import triton
+from triton.errors import TritonError
 
 from .configs import LAUNCH_KEYS, search_space
 from .env import autotune_requested
+
+
+# What a kernel that cannot run on this GPU raises: Triton's compile errors, OutOfResources
+# (shared memory or registers beyond the device's limit), PTXASError; the driver's launch
+# errors are RuntimeErrors ("Triton Error [CUDA]: ...").
+KERNEL_ERRORS = (TritonError, RuntimeError)
 
 
 class Tunable:

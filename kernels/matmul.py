@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .configs import default_config
+from .configs import default_config, operand_kind
 from .env import interpreting
 from .launch import Tunable, launch
 from .utils import grouped_tile
@@ -85,7 +85,7 @@ def matmul(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, *, accumulate: b
         raise ValueError(f"matmul shapes: a {tuple(a.shape)}, b {tuple(b.shape)}, out {tuple(out.shape)}")
     pinned = config is not None
     if config is None:
-        operands = torch.float32 if upcast_operands else a.dtype
+        operands = operand_kind(torch.float32 if upcast_operands else a.dtype, input_precision)
         config = default_config("matmul", a.device, operands, N, K, interpreting())
     args = dict(
         a_ptr=a, b_ptr=b, c_ptr=out, M=M, N=N, K=K,

@@ -28,7 +28,7 @@ import torch
 import triton
 
 from .backward import default_chunks, logprobs_entropy_bwd
-from .configs import KINDS, META_KEYS, dtype_key, gpu_family, search_space
+from .configs import KINDS, META_KEYS, gpu_family, operand_kind, search_space
 from .forward import logprobs_entropy_fwd
 from .matmul import matmul
 
@@ -68,7 +68,7 @@ def _runner(kind: str, shape: tuple[int, int, int], dtype: torch.dtype, device: 
     h = torch.randn(N, D, device=device, generator=gen).to(dtype)
     W = (torch.randn(V, D, device=device, generator=gen) / D ** 0.5).to(dtype)
     y = torch.randint(0, V, (N,), device=device, generator=gen)
-    common = dict(inv_temperature=1.0, softcap=None, upcast_operands=False, input_precision="ieee",
+    common = dict(inv_temperature=1.0, softcap=None, upcast_operands=False, input_precision=_precision(dtype),
                   deterministic=True)
     if kind == "fwd":
         return lambda cfg: lambda: logprobs_entropy_fwd(h, W, None, y, config=cfg, **common)
@@ -79,7 +79,7 @@ def _runner(kind: str, shape: tuple[int, int, int], dtype: torch.dtype, device: 
             h, W, None, y, lse, ent, g, e, operand_dtype=dtype, needs=(False, False, False),
             dlogits_config=cfg, **common)
     # matmul: dh[n] += dz @ W[v] and dW[v] = dz^T @ h over the default slabs
-    n_chunk, v_chunk = default_chunks(N, V, D, None, None, dw_scratch=False)
+    n_chunk, v_chunk = default_chunks(N, V, D, operand_bytes=dtype.itemsize, weight_bytes=dtype.itemsize)
     dz = torch.randn(n_chunk, v_chunk, device=device, generator=gen).to(dtype)
     dh = torch.zeros(N, D, device=device)
     dW = torch.empty(v_chunk, D, device=device)
@@ -91,13 +91,16 @@ def _runner(kind: str, shape: tuple[int, int, int], dtype: torch.dtype, device: 
                 for n0 in range(0, N, n_chunk):
                     n1 = min(n0 + n_chunk, N)
                     a = dz[: n1 - n0, : v1 - v0]
-                    matmul(a, W[v0:v1], dh[n0:n1], accumulate=True, config=cfg, **_matmul_opts)
-                    matmul(a.T, h[n0:n1], dW[: v1 - v0], accumulate=n0 > 0, config=cfg, **_matmul_opts)
+                    matmul(a, W[v0:v1], dh[n0:n1], accumulate=v0 > 0, config=cfg, **opts)
+                    matmul(a.T, h[n0:n1], dW[: v1 - v0], accumulate=n0 > 0, config=cfg, **opts)
         return step
+    opts = dict(upcast_operands=False, input_precision=_precision(dtype), deterministic=True)
     return run
 
 
-_matmul_opts = dict(upcast_operands=False, input_precision="ieee", deterministic=True)
+def _precision(dtype: torch.dtype) -> str:
+    """What precision="native" multiplies with: 16-bit operands as they are, fp32 as 3xTF32."""
+    return "ieee" if dtype in (torch.bfloat16, torch.float16) else "tf32x3"
 
 
 def sweep(kind: str, shape: tuple[int, int, int], dtype: torch.dtype, device: str | torch.device = "cuda", *,
@@ -108,7 +111,8 @@ def sweep(kind: str, shape: tuple[int, int, int], dtype: torch.dtype, device: st
     Args:
         kind: "fwd" | "dlogits" | "matmul".
         shape: (N tokens, D hidden size, V vocabulary size).
-        dtype: input dtype (torch.bfloat16, torch.float16 or torch.float32).
+        dtype: input dtype (torch.bfloat16, torch.float16, or torch.float32: the "tf32" rows,
+            3xTF32 as precision="native" multiplies fp32).
         configs: candidates (default: ``candidates(kind)``); a config that does not compile on
             this GPU (e.g. out of shared memory) is reported and skipped.
         timer: ms of a zero-argument call (default: ``triton.testing.do_bench``, median).
@@ -136,7 +140,8 @@ def sweep(kind: str, shape: tuple[int, int, int], dtype: torch.dtype, device: st
             if verbose:
                 print(f"{kind} {describe(kind, cfg)}: skipped ({type(err).__name__}: {err})")
             continue
-        timings.append(Timing(kind, gpu_family(device), dtype_key(dtype), N, D, V, dict(cfg), ms, name))
+        timings.append(Timing(kind, gpu_family(device), operand_kind(dtype, _precision(dtype)), N, D, V, dict(cfg), ms,
+                              name))
         if verbose:
             print(f"{kind} {describe(kind, cfg)}: {ms:.3f} ms")
     timings.sort(key=lambda t: t.ms)

@@ -312,3 +312,73 @@ def test_tuning_sweep_on_the_gpu():
         rows = sweep(kind, (2048, 1024, 32000), torch.bfloat16, "cuda", configs=candidates(kind)[:2])
         assert rows and all(r.ms > 0 for r in rows) and rows == sorted(rows, key=lambda r: r.ms)
         print(format_row(rows[0]))
+
+
+# ---------------------------------------------------------------------------------------------
+# soft-cap range, entropy-gradient skip, torch.compile, the default table's tiles on this GPU
+# (GPU side of tests/test_softcap.py, test_entropy_grad_skip.py, test_compile.py, test_kernel_compile.py)
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("softcap", [1.0, 30.0, 1e4, 1e8])
+def test_softcap_over_the_range_of_caps(softcap):
+    """The kernels' tanh on the GPU (ex2.approx inside): fp32 inputs against fp64 for caps up
+    to 1e8 (the former 1 - 2/(e^2x + 1) returned 0 for every logit at 1e8)."""
+    h, W, b, y, u, w = _problem(1000, 512, 32003, torch.float32, bias=True)
+    lp, ent, dh, dW, db = _fused(h, W, b, y, u, w, softcap=softcap)
+    hh, WW, bb = (x.double().requires_grad_() for x in (h, W, b))
+    lp_r, ent_r = logprobs_entropy_ref(hh, WW, y, bb, softcap=softcap)
+    ((lp_r * u).sum() + (ent_r * w).sum()).backward()
+    _check_close("logprobs", lp_r, lp, TOL[torch.float32])
+    _check_close("entropy", ent_r, ent, TOL[torch.float32])
+    _check_grad(f"softcap {softcap:g} dhidden", hh.grad, dh, TOL[torch.float32])
+    _check_grad(f"softcap {softcap:g} dweight", WW.grad, dW, TOL[torch.float32])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_entropy_gradient_skip_is_exact(dtype):
+    """Entropy only logged (no gradient reaches it): the gradients equal, bitwise, those with a
+    zero entropy gradient (the kernel compiled without the term vs with it times 0)."""
+    h, W, b, y, u, _ = _problem(2048, 1024, 32000, dtype, bias=True)
+    runs = []
+    for weight in (None, 0.0):
+        hh, WW = h.detach().requires_grad_(), W.detach().requires_grad_()
+        lp, ent = fused_logprobs_entropy(hh, WW, y, bias=b, backend="triton", deterministic=True)
+        loss = (lp * u).sum() + (0.0 if weight is None else weight * ent.sum())
+        loss.backward()
+        runs.append((hh.grad, WW.grad))
+    for a, c in zip(*runs):
+        assert torch.equal(a, c)
+
+
+def test_triton_backend_under_torch_compile():
+    h, W, _, y, u, w = _problem(4096, 1024, 32000, torch.bfloat16)
+    y = y.clamp_min(0)
+
+    def step(h, W):
+        lp, ent = fused_logprobs_entropy(h, W, y, backend="triton", validate=False)
+        return (lp * u).sum() + (ent * w).sum()
+
+    grads = []
+    for fn in (torch.compile(step, fullgraph=True), step):
+        hh, WW = h.detach().requires_grad_(), W.detach().requires_grad_()
+        fn(hh, WW).backward()
+        grads.append((hh.grad, WW.grad))
+    for a, c in zip(*grads):
+        _check_grad("compiled vs eager", c.float(), a.float(), TOL[torch.bfloat16])
+
+
+def test_default_tiles_launch_on_this_gpu(recwarn):
+    """Every operand kind and epilogue with the table's tile for this GPU: launched, no fail-safe
+    fallback (backend="auto" would warn), and the compile test's shared-memory figure is real."""
+    for hd, wd, precision, softcap in ((torch.bfloat16, torch.bfloat16, "native", None),
+                                       (torch.bfloat16, torch.bfloat16, "native", 30.0),
+                                       (torch.float16, torch.float16, "native", 30.0),
+                                       (torch.bfloat16, torch.float32, "native", None),
+                                       (torch.float32, torch.float32, "tf32", None),
+                                       (torch.float32, torch.float32, "ieee", None)):
+        h, W, _, y, u, w = _problem(1024, 1024, 32000, torch.float32)
+        hh, WW = h.to(hd).requires_grad_(), W.to(wd).requires_grad_()
+        lp, ent = fused_logprobs_entropy(hh, WW, y, backend="auto", precision=precision, softcap=softcap)
+        ((lp * u).sum() + (ent * w).sum()).backward()
+        assert torch.isfinite(hh.grad).all() and torch.isfinite(WW.grad).all()
+    assert not [str(x.message) for x in recwarn if "Triton kernels failed" in str(x.message)]

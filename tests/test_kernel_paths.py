@@ -14,8 +14,10 @@ import triton.language as tl
 import fused_pg.kernels.configs as configs
 import fused_pg.kernels.gemm as gemm_mod
 import fused_pg.kernels.launch as launch_mod
-from fused_pg.kernels.backward import FP16_DLOGITS_MAX, dlogits_scale, logprobs_entropy_bwd
-from fused_pg.kernels.forward import logprobs_entropy_fwd, num_vocab_splits
+import fused_pg.kernels.backward as backward_mod
+from fused_pg.kernels.backward import (FP16_DLOGITS_MAX, SLAB_BYTES, default_chunks, dlogits_scale,
+                                      logprobs_entropy_bwd, slab_traffic)
+from fused_pg.kernels.forward import logprobs_entropy_fwd, num_vocab_splits, split_time
 from fused_pg.kernels.tuning import Timing, candidates, describe, format_row, sweep
 from fused_pg.kernels.utils import grouped_tile
 from fused_pg.reference.head import logprobs_entropy_ref
@@ -118,13 +120,40 @@ def test_default_split_count_takes_the_grouped_path():
 def test_num_vocab_splits(N, V, programs, group):
     cfg = configs.sweep_config(128, 256, 64, group, 8, 4)
     splits = num_vocab_splits(N, V, cfg, programs)
-    tiles = triton.cdiv(V, 256)
+    blocks, tiles = triton.cdiv(N, 128), triton.cdiv(V, 256)
     assert 1 <= splits <= tiles
     if splits < tiles:
         assert group * splits >= programs                      # the resident set is one group wide
-        assert triton.cdiv(N, 128) * splits >= 2 * programs    # two waves at least
-    if (N, V, programs, group) == (16384, 151936, 132, 8):
-        assert splits == 17  # H100: 8 hidden tiles x 17 splits resident
+        assert blocks * splits >= 2 * programs                 # two waves at least
+    # no admissible split count (L2 and two-wave bounds, up to 4x the least, no idle split) is
+    # modelled faster: cdiv(programs in the grid, resident programs) waves of cdiv(tiles, splits)
+    lower = max(1, min(tiles, max(triton.cdiv(2 * programs, blocks), triton.cdiv(programs, group))))
+    time = lambda s: triton.cdiv(blocks * s, programs) * triton.cdiv(tiles, s)  # noqa: E731
+    for s in range(lower, min(4 * lower, tiles) + 1):
+        if s == lower or triton.cdiv(tiles, s) * (s - 1) < tiles:
+            assert time(splits) <= time(s), (splits, s)
+    assert split_time(blocks, tiles, splits, programs) == time(splits)
+
+
+@pytest.mark.parametrize("V", [151936, 128256])
+@pytest.mark.parametrize("N", [4096, 8192, 16384])
+def test_split_counts_fill_whole_waves(N, V):
+    """H100 / H200 (132 SMs), the default sm90 tile: the grid keeps the SMs busy to the last
+    wave. The split count before waves were modelled (17: L2 alone) ran N = 4096 in 5 waves
+    where 4.12 were needed; at V = 151936 (594 tiles = 33 x 18) 33 splits make whole waves of
+    equal programs at every N here."""
+    cfg = configs.lookup("fwd", "sm90", "bf16", 4096, V)
+    splits = num_vocab_splits(N, V, cfg, 132)
+    blocks, tiles = triton.cdiv(N, cfg["BLOCK_N"]), triton.cdiv(V, cfg["BLOCK_V"])
+    ideal = blocks * tiles / 132
+    modelled = split_time(blocks, tiles, splits, 132)
+    assert ideal / modelled >= 0.96, (splits, ideal / modelled)
+    assert modelled <= split_time(blocks, tiles, 17, 132)
+    assert triton.cdiv(tiles, splits) * (splits - 1) < tiles  # no idle split
+    if V == 151936:
+        assert blocks * splits % 132 == 0 and tiles % splits == 0 and modelled == ideal
+    if N == 4096:
+        assert ideal / split_time(blocks, tiles, 17, 132) < 0.83  # what wave-blind 17 splits gave
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -219,6 +248,106 @@ def test_property_head_through_torch_gemm(monkeypatch):
                  examples=16, backend="triton")
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("token_chunk", [None, 17])
+def test_dw_is_written_directly_with_one_token_chunk(dtype, token_chunk, monkeypatch):
+    """dW of a 16-bit weight: one product per vocabulary chunk written in the weight's dtype
+    when all tokens fit one chunk and the dlogits carry no scale (bf16); summed in an fp32
+    scratch over token chunks (or to undo fp16's scale) otherwise."""
+    products = []
+    real = backward_mod.gemm
+
+    def spy(a, b, out, *, accumulate, **kw):
+        if b.shape[1] == out.shape[1] and a.shape[0] == out.shape[0] and a.stride(0) == 1:  # dlogits^T @ h
+            products.append((out.dtype, accumulate))
+        return real(a, b, out, accumulate=accumulate, **kw)
+
+    monkeypatch.setattr(backward_mod, "gemm", spy)
+    h, W, b, y, u, w = _problem(45, 24, 150, dtype)
+    lp, ent, lse = logprobs_entropy_fwd(h, W, b, y, upcast_operands=dtype == torch.bfloat16, **FWD_OPTS)
+    _, dW, _ = logprobs_entropy_bwd(h, W, b, y, lse, ent, u, w, upcast_operands=dtype == torch.bfloat16,
+                                    operand_dtype=dtype, needs=(False, True, False), token_chunk=token_chunk,
+                                    vocab_chunk=64, gemm_choice="torch-fp32", **FWD_OPTS)
+    assert dW.dtype == dtype and products
+    direct = token_chunk is None and dtype == torch.bfloat16
+    assert all(out_dtype == (dtype if direct else torch.float32) for out_dtype, _ in products), products
+    chunks = triton.cdiv(45, token_chunk or 45)
+    assert [acc for _, acc in products] == [n > 0 for _ in range(triton.cdiv(150, 64)) for n in range(chunks)]
+
+
+def test_cublas_writes_16bit_products_with_fp32_split_k_sums(monkeypatch):
+    """A dW written straight into bf16 by cuBLAS: PyTorch lets cuBLAS sum split-K partials in
+    bf16 by default; gemm switches that off for the call and restores the caller's setting."""
+    flags = torch.backends.cuda.matmul
+    seen = []
+
+    def mm(a, b, *, out=None, **kw):
+        seen.append((flags.allow_bf16_reduced_precision_reduction, flags.allow_fp16_reduced_precision_reduction,
+                     kw.get("out_dtype")))
+        return out.copy_(a.float() @ b.float())
+
+    monkeypatch.setattr(gemm_mod.torch, "mm", mm)
+    a, b = torch.randn(5, 3), torch.randn(3, 4)
+    for dtype, flag in ((torch.bfloat16, "allow_bf16_reduced_precision_reduction"),
+                        (torch.float16, "allow_fp16_reduced_precision_reduction")):
+        before = getattr(flags, flag)
+        out = torch.empty(5, 4, dtype=dtype)
+        gemm_mod.gemm(a.to(dtype), b.to(dtype), out, accumulate=False, impl="cublas", upcast_operands=False,
+                      input_precision="ieee", deterministic=False)
+        assert getattr(flags, flag) == before
+        assert torch.equal(out, (a.to(dtype).float() @ b.to(dtype).float()).to(dtype))
+    assert seen[0][0] is False and seen[1][1] is False and seen[0][2] is None
+    with pytest.raises(ValueError, match="accumulates into fp32"):
+        gemm_mod.gemm(a, b, torch.empty(5, 4, dtype=torch.bfloat16), accumulate=True, impl="cublas",
+                      upcast_operands=False, input_precision="ieee", deterministic=False)
+
+
+def _previous_chunks(N, V, D, scratch):
+    """The slab shape before the traffic model: all tokens x the columns that fit 2^26 elements."""
+    n = min(N, (1 << 26) // 1024)
+    v = max(1, (1 << 26) // n)
+    if scratch:
+        v = min(v, (1 << 26) // D)
+    return n, min(v - v % 256 if v >= 256 else v, V)
+
+
+@pytest.mark.parametrize("N", [45, 1024, 4096, 16384, 32768, 65536])
+@pytest.mark.parametrize("dtype", ["bf16", "fp16", "fp32"])
+@pytest.mark.parametrize("V", [151936, 128256])
+def test_default_slabs(N, dtype, V):
+    D = 4096
+    nbytes = 4 if dtype == "fp32" else 2
+    n, v = default_chunks(N, V, D, operand_bytes=nbytes, weight_bytes=nbytes, unscale_dw=dtype == "fp16")
+    scratch = nbytes < 4 and (n < N or dtype == "fp16")
+    # working memory: the dlogits slab plus the fp32 dW scratch within SLAB_BYTES
+    assert 1 <= n <= N and 1 <= v <= V and n * v * nbytes + (v * D * 4 if scratch else 0) <= SLAB_BYTES
+    assert v == V or v % 256 == 0  # whole tiles
+    # the dh updates stay GEMM-bound: K = v >= 4096 columns (at 3.35 TB/s and ~700 TFLOP/s the
+    # fp32 read-modify-write of dh costs <= ~20% of its GEMM's time), or the whole vocabulary
+    assert v >= 4096 or v == V, (n, v)
+    traffic = slab_traffic(N, V, D, n, v, weight_bytes=nbytes, dw_scratch=scratch)
+    # the least traffic of every shape within the budget (all power-of-two widths, most tokens)
+    for width in [V] + [256 << i for i in range(12) if (256 << i) < V]:
+        for tokens in (N, *(t for t in (256, 1024, 4096, 8192, 16384) if t < N)):
+            s = nbytes < 4 and (tokens < N or dtype == "fp16")
+            if tokens * width * nbytes + (width * D * 4 if s else 0) <= SLAB_BYTES:
+                assert traffic <= slab_traffic(N, V, D, tokens, width, weight_bytes=nbytes, dw_scratch=s)
+    if dtype == "bf16":
+        pn, pv = _previous_chunks(N, V, D, scratch=False)
+        assert traffic <= slab_traffic(N, V, D, pn, pv, weight_bytes=2, dw_scratch=pn < N)
+        if N <= 16384:  # all tokens in one chunk: dW straight into bf16, no scratch
+            assert n == N and not scratch
+    if N == 32768 and V == 151936 and dtype == "bf16":
+        assert triton.cdiv(V, v) <= 38  # was 75 read-modify-writes of the fp32 dh
+
+
+def test_explicit_chunks_are_kept():
+    assert default_chunks(100, 500, 64, 17, 33) == (17, 33)
+    assert default_chunks(100, 500, 64, 17, None)[0] == 17
+    assert default_chunks(100, 500, 64, None, 33)[1] == 33
+    assert default_chunks(10, 20, 64, 1000, 1000) == (10, 20)
+
+
 def test_dlogits_scale():
     g = torch.tensor([1e-5, -3e-6, 0.0])
     e = torch.tensor([0.0, 2e-7, 0.0])
@@ -238,16 +367,31 @@ def test_dlogits_scale():
 
 def test_table_rows_are_well_formed():
     for row in configs.TABLE:
-        assert row.family in configs.FAMILIES and row.kind in configs.KINDS and row.dtype in configs.DTYPES
+        assert row.family in configs.FAMILIES and row.kind in configs.KINDS and row.dtype in configs.OPERANDS
+        assert row.epilogue in configs.EPILOGUES and (row.kind != "matmul" or row.epilogue == "plain"), row
         assert set(row.config) == set(configs.META_KEYS[row.kind]) | set(configs.LAUNCH_KEYS), row
         assert not configs.pathological(row.kind, row.config), row
         assert all(v & (v - 1) == 0 for k, v in row.config.items() if k.startswith("BLOCK")), row
         assert row.source, row
     for kind in configs.KINDS:
-        for dtype in configs.DTYPES:
+        for dtype in configs.OPERANDS:
             assert any(r.family == "fallback" and r.kind == kind and r.dtype == dtype for r in configs.TABLE)
+    # Hopper has its own rows for fp32 operands (tensor cores and IEEE) and for the soft-cap epilogue
+    for kind in configs.KINDS:
+        for dtype in ("tf32", "fp32"):
+            assert any(r.family == "sm90" and r.kind == kind and r.dtype == dtype for r in configs.TABLE)
+    for kind in ("fwd", "dlogits"):
+        assert any(r.family == "sm90" and r.kind == kind and r.epilogue == "softcap" for r in configs.TABLE)
     for kind, cfg in configs.INTERPRETER.items():
         assert set(cfg) == set(configs.META_KEYS[kind]) | set(configs.LAUNCH_KEYS)
+
+
+def test_operand_kinds():
+    assert configs.operand_kind(torch.bfloat16, "ieee") == "bf16"
+    assert configs.operand_kind(torch.float16, "ieee") == "fp16"
+    assert configs.operand_kind(torch.float32, "tf32x3") == "tf32"
+    assert configs.operand_kind(torch.float32, "tf32") == "tf32"
+    assert configs.operand_kind(torch.float32, "ieee") == "fp32"
 
 
 def test_lookup(monkeypatch):
@@ -256,7 +400,13 @@ def test_lookup(monkeypatch):
     assert describe("dlogits", configs.lookup("dlogits", "sm90", "bf16", 8192, 32000)) == "128x256x64/g8/w8/s4"
     fallback = configs.lookup("fwd", "fallback", "bf16", 4096, 151936)
     assert configs.lookup("fwd", "sm80", "bf16", 4096, 151936) == fallback  # no sm80 rows yet
-    assert configs.lookup("fwd", "sm90", "fp32", 4096, 151936) == configs.lookup("fwd", "fallback", "fp32", 1, 1)
+    # epilogue rows: the soft-cap's own on sm90; the plain rows where a family has none
+    softcap = configs.lookup("fwd", "sm90", "bf16", 4096, 151936, "softcap")
+    assert softcap != h100 and softcap["BLOCK_V"] < h100["BLOCK_V"]
+    assert configs.lookup("matmul", "sm90", "bf16", 4096, 151936, "softcap") == \
+        configs.lookup("matmul", "sm90", "bf16", 4096, 151936)
+    assert configs.lookup("fwd", "sm80", "bf16", 4096, 151936, "softcap") == fallback
+    assert configs.lookup("fwd", "sm90", "tf32", 4096, 151936) != configs.lookup("fwd", "sm90", "fp32", 4096, 151936)
     # nearest measured shape in log2 (D, V)
     table = [configs.Row("sm90", "fwd", "bf16", 4096, 151936, configs.sweep_config(128, 256, 64, 8, 8, 4), "a"),
              configs.Row("sm90", "fwd", "bf16", 1024, 32000, configs.sweep_config(64, 128, 64, 4, 4, 4), "b")]
@@ -265,7 +415,9 @@ def test_lookup(monkeypatch):
     assert configs.lookup("fwd", "sm90", "bf16", 4096, 128256)["BLOCK_N"] == 128
     with pytest.raises(ValueError):
         configs.lookup("bwd", "sm90", "bf16", 1, 1)
-    assert configs.default_config("fwd", torch.device("cpu"), torch.bfloat16, 8, 8, interpreter=True) == \
+    with pytest.raises(ValueError):
+        configs.lookup("fwd", "sm90", "bf16", 1, 1, "gelu")
+    assert configs.default_config("fwd", torch.device("cpu"), "bf16", 8, 8, interpreter=True) == \
         configs.INTERPRETER["fwd"]
 
 
@@ -358,7 +510,8 @@ def test_sweep_with_a_stand_in_timer(kind):
     rows = sweep(kind, (20, 16, 100), torch.float32, "cpu", configs=cands, timer=timer, verbose=False)
     assert [r.ms for r in rows] == [2.0, 3.0]
     assert [r.config for r in rows] == [cands[2], cands[0]]
-    assert all((r.kind, r.family, r.dtype, r.N, r.D, r.V) == (kind, "fallback", "fp32", 20, 16, 100) for r in rows)
+    # fp32 inputs: the tensor-core rows ("tf32": 3xTF32, what precision="native" multiplies fp32 with)
+    assert all((r.kind, r.family, r.dtype, r.N, r.D, r.V) == (kind, "fallback", "tf32", 20, 16, 100) for r in rows)
 
 
 def test_env_and_configs_import_without_triton():
@@ -371,3 +524,61 @@ def test_env_and_configs_import_without_triton():
             "configs.lookup('fwd', 'sm90', 'bf16', 4096, 151936)\n")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr[-2000:]
+
+
+# ---------------------------------------------------------------------------------------------
+# dot precision of the Triton backend
+# ---------------------------------------------------------------------------------------------
+
+def test_dot_modes(monkeypatch):
+    from fused_pg.backends import triton_fused
+    from fused_pg.config import HeadConfig
+    bf16, fp16, fp32 = (torch.empty(2, 3, dtype=d) for d in (torch.bfloat16, torch.float16, torch.float32))
+    native, tf32, ieee = (HeadConfig(precision=p) for p in ("native", "tf32", "ieee"))
+    assert triton_fused.dot_mode(fp16, fp16, native) == (False, "ieee", torch.float16)
+    assert triton_fused.dot_mode(bf16, bf16, native)[1:] == ("ieee", torch.bfloat16)  # (upcast: interpreter only)
+    for h, w in ((fp32, fp32), (bf16, fp32), (fp32, fp16)):  # fp32 operands: tensor cores, 3xTF32
+        assert triton_fused.dot_mode(h, w, native) == (True, "tf32x3", torch.float32)
+        assert triton_fused.dot_mode(h, w, tf32) == (True, "tf32", torch.float32)
+        assert triton_fused.dot_mode(h, w, ieee) == (True, "ieee", torch.float32)
+    assert configs.operand_kind(torch.float32, "tf32x3") == "tf32"  # its table rows: tensor-core tiles
+    # precision="ieee" on a GPU: one warning per process that names the reason
+    monkeypatch.setattr(triton_fused, "_WARNED_IEEE", False)
+    monkeypatch.setattr(triton_fused, "interpreting", lambda: False)
+    triton_fused._warn_ieee(torch.device("cpu"))
+    with pytest.warns(UserWarning, match="CUDA cores.*no tensor-core instruction"):
+        triton_fused._warn_ieee(torch.device("cuda"))
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        triton_fused._warn_ieee(torch.device("cuda"))
+
+
+def _tf32(x: torch.Tensor, rounding: str) -> torch.Tensor:
+    """fp32 -> tf32 (10 mantissa bits) as fp32: "rna" (cvt.rna.tf32.f32) or "trunc" (what the
+    tensor cores do with the 13 low bits of an fp32 operand)."""
+    bits = x.view(torch.int32)
+    if rounding == "rna":  # magnitude + half an ulp, then truncate: ties away from zero
+        bits = bits + 0x1000
+    return (bits & ~0x1FFF).view(torch.float32)
+
+
+@pytest.mark.parametrize("a_dtype", [torch.float32, torch.bfloat16])
+def test_3xtf32_precision_contract(a_dtype):
+    """The bound dot_mode documents for precision="native" with fp32 operands, on an emulation
+    of Triton's tf32x3 (hi = rna(x), lo = x - hi; the three products hi*hi, hi*lo, lo*hi with the
+    low parts truncated to tf32 by the tensor cores): |a b - result| <= 2^-20 |a b|, 2^-21 when
+    a is 16-bit (exact in tf32). The GPU's own results are not measured here."""
+    g = torch.Generator().manual_seed(0)
+    a = (torch.randn(200000, generator=g) * torch.exp(4 * torch.randn(200000, generator=g))).to(a_dtype).float()
+    b = torch.randn(200000, generator=g) * torch.exp(4 * torch.randn(200000, generator=g))
+    a_hi, b_hi = _tf32(a, "rna"), _tf32(b, "rna")
+    a_lo, b_lo = _tf32(a - a_hi, "trunc"), _tf32(b - b_hi, "trunc")
+    result = a_hi.double() * b_hi.double() + a_hi.double() * b_lo.double() + a_lo.double() * b_hi.double()
+    exact = a.double() * b.double()
+    rel = ((result - exact).abs() / exact.abs()).max().item()
+    bound = 2.0 ** (-21 if a_dtype == torch.bfloat16 else -20)
+    print(f"3xTF32 max relative product error {rel:.3e} (bound {bound:.3e}; one tf32 product: ~2^-11)")
+    assert rel <= bound
+    one_tf32 = ((_tf32(a, "trunc").double() * _tf32(b, "trunc").double() - exact).abs() / exact.abs()).max().item()
+    assert one_tf32 > 2.0 ** -12  # the check can fail: a single TF32 product is far outside the bound

@@ -183,15 +183,16 @@ def test_repo_loss_module_holds_options_and_checkpoints_its_controller():
 
 
 def test_options_tables_are_generated_from_the_fields():
-    """The README's option and metric tables are the generated ones (each option documented once)."""
-    from pathlib import Path
+    """The README's option and metric tables are the generated ones (each option documented once,
+    on its field; `python tests/helpers/readme_tables.py` rewrites them)."""
+    from helpers.readme_tables import README, blocks, generated
 
-    from fused_pg.config import HeadConfig, options_markdown
-    from fused_pg.epilogue import metrics_markdown
-
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    for text in (options_markdown(LossConfig), options_markdown(HeadConfig), metrics_markdown()):
-        assert text in readme, "README table out of date: paste the generated one\n" + text
+    found = blocks(README.read_text())
+    assert {expr for expr, _ in found} == {"fused_pg.config.options_markdown(LossConfig)",
+                                           "fused_pg.config.options_markdown(HeadConfig)",
+                                           "fused_pg.epilogue.metrics_markdown()"}
+    for expr, body in found:
+        assert body == generated(expr), f"README block {expr} is out of date: python tests/helpers/readme_tables.py"
 
 
 # ---------------------------------------------------------------------------------------------

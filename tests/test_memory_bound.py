@@ -73,8 +73,8 @@ def test_torch_backend_holds_one_tile():
 def test_triton_backend_holds_one_slab(dtype, monkeypatch):
     import fused_pg.kernels.backward as bwd
 
-    budget = 48 * 200  # dlogits slab: 48 tokens x 200 columns at most
-    monkeypatch.setattr(bwd, "DLOGITS_BUDGET", budget)
+    budget = 48 * 200  # dlogits slab (and dW scratch): 48 x 200 fp32 elements at most
+    monkeypatch.setattr(bwd, "SLAB_BYTES", budget * FP32)
     probe = _largest("triton", dtype, token_chunk=48)
     print(f"triton backend ({dtype}): largest tensor {probe.nbytes} B ({probe.op}); N*V*4 = {N * V * FP32} B")
     assert probe.nbytes <= max(V * D, budget) * FP32, probe.op

@@ -57,9 +57,10 @@ class Backend:
     skips_invalid_rows: bool = False
 
     def load(self) -> ModuleType:
-        """The implementation module. The Triton one is imported on first use (triton stays an
-        optional dependency); the PyTorch ones are imported with this package, so that
-        ``torch.compile`` traces through them without an import inside the graph."""
+        """The implementation module. Every one is imported with this package where it can be
+        (``torch.compile`` cannot trace an import inside a compiled region); the Triton one
+        only where triton imports (it stays an optional dependency), else on first use, which
+        then raises the error that names the package."""
         module = _LOADED.get(self.module)
         if module is None:
             try:
@@ -76,7 +77,7 @@ class Backend:
 
     def check(self, device: torch.device, dtypes: tuple[torch.dtype, ...], precision: str) -> None:
         """Refuse, by name, inputs or options this backend cannot honour."""
-        if self.name == "triton" and device.type != "cuda" and not interpreting():
+        if self.module.startswith("triton") and device.type != "cuda" and not interpreting():
             raise ValueError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 to run the "
                              "kernels on CPU, for tests); use backend='torch' on CPU")
         if not self.fp64 and torch.float64 in dtypes:
@@ -94,11 +95,27 @@ REGISTRY: dict[str, Backend] = {
     "triton": Backend("triton", "triton_fused", sweeps=True, fp64=False, tf32=True),
     "reference": Backend("reference", "materialized", sweeps=False, fp64=True, tf32=False),
 }
+# backend="auto" on CUDA: the Triton sweeps, on the torch backend where a kernel cannot be
+# compiled or launched on the device (one warning; see ``triton_fused``)
+AUTO_CUDA = Backend("auto", "triton_failsafe", sweeps=True, fp64=False, tf32=True)
 
 
 def resolve(backend: str, device: torch.device) -> Backend:
-    """The backend for a ``backend=`` argument: ``"auto"`` is triton on CUDA, torch otherwise."""
+    """The backend for a ``backend=`` argument: ``"auto"`` is the fail-safe Triton backend on
+    CUDA (``AUTO_CUDA``), torch otherwise."""
     checks.choice("backend", backend, BACKENDS)
     if backend == "auto":
-        backend = "triton" if device.type == "cuda" else "torch"
+        return AUTO_CUDA if device.type == "cuda" else REGISTRY["torch"]
     return REGISTRY[backend]
+
+
+def _preload_triton() -> None:
+    """Import the Triton backend with this package when triton is importable, so that a first
+    use of backend="triton" or "auto" inside ``torch.compile`` finds it loaded."""
+    try:
+        REGISTRY["triton"].load()
+    except Exception:  # noqa: BLE001  (no usable triton: backend="triton" raises it when asked for)
+        pass
+
+
+_preload_triton()

@@ -31,7 +31,9 @@ class _WithoutAutocast(torch.autograd.Function):
 
     Autocast also applies to the backward ops of a graph (a backward inside an autocast region
     recomputes ``dL/dh = dz @ W`` in bf16): the graph is built and differentiated here, in the
-    inputs' own dtypes, wherever the caller's autocast regions are.
+    inputs' own dtypes, wherever the caller's autocast regions are. An output without an
+    upstream gradient (the entropy, when it is only logged) is left out of the backward: its
+    part of the graph is not differentiated at all.
     """
 
     @staticmethod
@@ -41,18 +43,20 @@ class _WithoutAutocast(torch.autograd.Function):
         with torch.enable_grad(), torch.autocast(hidden.device.type, enabled=False):
             outputs = _materialised(*leaves, targets, cfg)
         ctx.leaves, ctx.outputs = leaves, outputs
+        ctx.set_materialize_grads(False)
         return tuple(o.detach() for o in outputs)
 
     @staticmethod
     def backward(ctx, grad_logprobs, grad_entropy):
         wanted = [x for x in ctx.leaves if x is not None and x.requires_grad]
+        flowing = [(o, g) for o, g in zip(ctx.outputs, (grad_logprobs, grad_entropy)) if g is not None]
         grads = iter(())
-        if wanted:
-            with torch.autocast(grad_logprobs.device.type, enabled=False):
+        if wanted and flowing:
+            with torch.autocast(flowing[0][1].device.type, enabled=False):
                 # retain_graph: the outer graph may be differentiated again (gradcheck does)
-                grads = iter(torch.autograd.grad(ctx.outputs, wanted, (grad_logprobs, grad_entropy),
+                grads = iter(torch.autograd.grad([o for o, _ in flowing], wanted, [g for _, g in flowing],
                                                  allow_unused=True, retain_graph=True))
-        out = [next(grads) if x is not None and x.requires_grad else None for x in ctx.leaves]
+        out = [next(grads, None) if x is not None and x.requires_grad else None for x in ctx.leaves]
         return (*out, None, None)
 
 

@@ -34,6 +34,20 @@ class LocalHooks:
 LOCAL_HOOKS = LocalHooks()
 
 
+def upstream_grads(targets: Tensor, lse: Tensor, grad_logprobs: Tensor | None,
+                   grad_entropy: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """(g, e) for a backward sweep, 0 at rows that do not count (their outputs are constants).
+
+    A None upstream gradient (the ``Function`` does not materialise them) means that output
+    reaches no loss: g is then 0, and e stays None, which tells the sweep to skip the entropy
+    term ``e p (log p + H)`` of every logit instead of multiplying it by 0.
+    """
+    valid = targets >= 0
+    g = torch.where(valid, grad_logprobs, 0.0) if grad_logprobs is not None else torch.zeros_like(lse)
+    e = torch.where(valid, grad_entropy, 0.0) if grad_entropy is not None else None
+    return g, e
+
+
 class Sweep(torch.autograd.Function):
     """(hidden [N, D], weight [V, D], bias [V] | None, targets [N] int64) -> (logprobs, entropy) [N].
 
@@ -51,16 +65,16 @@ class Sweep(torch.autograd.Function):
             logprobs, entropy, lse = hooks.merge_forward(logprobs, entropy, lse, targets, weight.shape[0])
         ctx.save_for_backward(hidden, weight, bias, targets, lse, entropy)
         ctx.sweeps, ctx.cfg, ctx.hooks = sweeps, cfg, hooks
+        # an output that gets no gradient (the entropy, when only logged) arrives as None,
+        # not as zeros: the backward sweep then skips its term (see upstream_grads)
+        ctx.set_materialize_grads(False)
         return logprobs, entropy
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_logprobs, grad_entropy):
         hidden, weight, bias, targets, lse, entropy = ctx.saved_tensors
-        # rows that do not count output constants: their upstream gradients must not flow back
-        valid = targets >= 0
-        g = torch.where(valid, grad_logprobs, 0.0)
-        e = torch.where(valid, grad_entropy, 0.0)
+        g, e = upstream_grads(targets, lse, grad_logprobs, grad_entropy)
         need_dh, need_dw, need_db = ctx.needs_input_grad[:3]
         need_db = need_db and bias is not None
         with torch.autocast(hidden.device.type, enabled=False):

@@ -118,7 +118,8 @@ def backward_sweep(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets:
 
     then ``dh = dlogit @ W``, ``dW = dlogit^T @ h``, ``db = sum_t dlogit`` (fp32 accumulators).
     ``g`` and ``e`` must already be 0 for ignored tokens; their hidden rows are zeroed, so
-    nothing from a row that does not count reaches ``dW`` or ``db``.
+    nothing from a row that does not count reaches ``dW`` or ``db``. ``grad_entropy`` None:
+    the entropy carries no gradient and the ``e p (log p + H)`` term is not formed.
     """
     N, D = hidden.shape
     V = weight.shape[0]
@@ -126,14 +127,16 @@ def backward_sweep(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets:
     n_chunk, v_chunk = _chunks(cfg)
     need_dh, need_dw, need_db = needs
     b = bias.to(cdt) if bias is not None else None
-    g_all, e_all = grad_logprobs.to(cdt), grad_entropy.to(cdt)
+    g_all = grad_logprobs.to(cdt)
+    e_all = grad_entropy.to(cdt) if grad_entropy is not None else None
     d_hidden = torch.zeros(N, D, dtype=cdt, device=hidden.device) if need_dh else None
     d_weight = torch.zeros(V, D, dtype=cdt, device=hidden.device) if need_dw else None
     d_bias = torch.zeros(V, dtype=cdt, device=hidden.device) if need_db else None
     for n0 in range(0, N, n_chunk):
         y = targets[n0:n0 + n_chunk]
         h = torch.where((y >= 0)[:, None], hidden[n0:n0 + n_chunk].to(cdt), 0.0)
-        g, e = g_all[n0:n0 + n_chunk, None], e_all[n0:n0 + n_chunk, None]
+        g = g_all[n0:n0 + n_chunk, None]
+        e = e_all[n0:n0 + n_chunk, None] if e_all is not None else None
         lse_c, H = lse[n0:n0 + n_chunk, None], entropy[n0:n0 + n_chunk, None]
         for v0 in range(0, V, v_chunk):
             w = weight[v0:v0 + v_chunk].to(cdt)
@@ -145,7 +148,10 @@ def backward_sweep(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets:
             log_p = z.sub_(lse_c).clamp_(min=_LOG_FLOOR)
             p = torch.exp(log_p)
             # dz = g * onehot - p * (g + e * (log p + H)), in place in p
-            dz = p.mul_(log_p.add_(H).mul_(e).add_(g)).neg_()
+            if e is None:
+                dz = p.mul_(g).neg_()
+            else:
+                dz = p.mul_(log_p.add_(H).mul_(e).add_(g)).neg_()
             here = (y >= v0) & (y < v0 + w.shape[0])
             col = torch.where(here, y - v0, 0)[:, None]
             dz.scatter_add_(1, col, torch.where(here[:, None], g, 0.0))
