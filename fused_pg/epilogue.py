@@ -164,7 +164,8 @@ METRICS: dict[str, Metric] = {
     "repo_zeta": Metric("same", "the zeta of the REPO correction"),
     "adv_logp_cov_before": Metric(
         "same", "Cov(A, L) over the batch the REPO statistics describe, L = logp (`repo_center` \"batch\" or "
-        "\"none\") or logp + H (\"state\"); NaN for \"state\" with `repo_stats` computed without entropies"),
+        "\"none\") or logp + H (\"state\"); NaN for \"state\" without entropies (or with `repo_stats` computed "
+        "without them)"),
     "adv_logp_cov_after": Metric(
         "same", "Cov(A', L) after the correction, over the same batch; NaN for \"relative\" (its sign clamp is "
         "no function of the batch moments: see `entropy_drive`)"),

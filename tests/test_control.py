@@ -737,11 +737,18 @@ def test_observe_from_many_threads_loses_nothing(as_tensor):
         for _ in range(500):
             c.observe(value(), n_tokens=torch.tensor(1.0) if as_tensor else 1)
 
+    import sys
+
     threads = [threading.Thread(target=feed) for _ in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible: races show up, if any
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(interval)
     state = c.state_dict()
     assert state["pending_observations"] == 4000 and state["pending_tokens"] == 4000.0
     assert state["pending_entropy_sum"] == 2000.0
@@ -757,3 +764,57 @@ def test_copies_and_pickles_keep_working():
         assert other.state_dict() == c.state_dict()
         other.observe(0.1)  # its own lock and observations
         assert other.state_dict()["pending_observations"] == 2 and c.state_dict()["pending_observations"] == 1
+
+
+def _measured_or_not(case) -> None:
+    """policy_loss_from_logprobs on a drawn case, with entropies or without (what needs them left
+    out): its metrics follow the NaN convention, and a controller fed them either steps on a real
+    measurement or refuses; a step after a refusal says that nothing was observed."""
+    from dataclasses import replace as dc_replace
+
+    from fused_pg.reference.head import logprobs_entropy_ref
+    from helpers import HEAD_OPTIONS, check_metric_convention, make_loss_inputs
+
+    with_entropy = case.head.seed % 2 == 0
+    if not with_entropy:
+        opts = dict(case.opts, entropy_coef=0.0)
+        if opts["repo_center"] == "state":
+            opts["repo_center"] = "none"
+        case = dc_replace(case, opts=opts)
+    o = case.opts
+    inp = make_loss_inputs(case)
+    N, lead = case.head.N, tuple(inp.head.targets.shape)
+    h64, w64, b64 = inp.head.fp64_leaves()
+    y = torch.where(inp.valid, inp.head.targets.reshape(-1), o["ignore_index"])
+    with torch.no_grad():
+        lp, ent = logprobs_entropy_ref(h64.reshape(N, -1), w64, y, b64, temperature=o["temperature"],
+                                       softcap=o["softcap"], ignore_index=o["ignore_index"])
+    out = fused_pg.policy_loss_from_logprobs(
+        lp.view(lead), inp.advantages, inp.old_logprobs, inp.valid.view(lead),
+        entropy=ent.view(lead) if with_entropy else None, **inp.tensors(),
+        **{k: v for k, v in o.items() if k not in HEAD_OPTIONS})
+    check_metric_convention(out.metrics, o["repo"], cov_measured=with_entropy or o["repo_center"] != "state")
+    for make in CONTROLLERS:
+        ctrl = make()
+        before = ctrl.state_dict()
+        if not with_entropy:
+            with pytest.raises(ValueError, match="entropy_measured == 0"):
+                ctrl.observe(out.metrics)
+            assert ctrl.state_dict() == before
+            with pytest.warns(fused_pg.NothingObservedWarning):
+                assert ctrl.update() == 0.0
+        else:
+            ctrl.observe(out.metrics)
+            change = ctrl.update()
+            assert math.isfinite(change) and math.isfinite(ctrl.value)
+            if float(out.metrics["n_tokens"]) == 0:
+                assert change == 0.0 and ctrl.steps == 0
+            else:
+                assert ctrl.steps == 1 and ctrl.entropy_ema == pytest.approx(float(out.metrics["entropy_mean"]))
+        assert ctrl.state_dict()["pending_observations"] == 0
+
+
+def test_unmeasured_values_never_reach_a_controller():
+    from helpers import loss_cases, run_property
+
+    run_property(loss_cases("reference", dtypes=("fp64", "fp32")), _measured_or_not, examples=30)
