@@ -1,61 +1,49 @@
-"""What a benchmark run is and where it runs: shapes, model presets, the loss every
-implementation computes, suite defaults, the benchmark data, and the device.
-
-Everything here is plain data (frozen dataclasses and dicts) plus the few functions that
-pick and name the device; the command line (:mod:`bench.cli`) builds a :class:`BenchConfig`
-and the runner reads nothing else. Option names (REPO modes, precisions, KL estimators,
-aggregations) are fused-pg's own, imported from :mod:`fused_pg.config`.
-"""
+"""What a benchmark run is and where it runs: shapes, model presets, suites, the resolved run
+(:class:`BenchConfig`) and the device. The loss every implementation computes is a
+:class:`fused_pg.LossConfig` (the library's own option object, validated there)."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import platform
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 
-from fused_pg.config import AGGREGATIONS, KL_ESTIMATORS, PRECISIONS, REPO_MODES
-
-__all__ = ["AGGREGATIONS", "KL_ESTIMATORS", "PRECISIONS", "REPO_MODES"]  # re-exported option names
+from fused_pg import LossConfig
 
 # LM-head shapes (hidden size D, vocabulary V) of real models, from their published configs.
 MODEL_PRESETS: dict[str, tuple[int, int]] = {
-    "qwen2.5-0.5b": (896, 151936),
-    "qwen2.5-1.5b": (1536, 151936),
-    "qwen2.5-3b": (2048, 151936),
-    "qwen2.5-7b": (3584, 152064),
-    "qwen2.5-14b": (5120, 152064),
-    "qwen2.5-32b": (5120, 152064),
-    "qwen2.5-72b": (8192, 152064),
-    "qwen3-0.6b": (1024, 151936),
-    "qwen3-1.7b": (2048, 151936),
-    "qwen3-4b": (2560, 151936),
-    "qwen3-8b": (4096, 151936),
-    "qwen3-14b": (5120, 151936),
-    "qwen3-32b": (5120, 151936),
-    "llama3-8b": (4096, 128256),
-    "llama3-70b": (8192, 128256),
-    "llama3.2-1b": (2048, 128256),
-    "llama3.2-3b": (3072, 128256),
-    "gemma2-2b": (2304, 256000),
-    "gemma2-9b": (3584, 256000),
-    "mistral-7b": (4096, 32768),
+    "qwen2.5-0.5b": (896, 151936), "qwen2.5-1.5b": (1536, 151936), "qwen2.5-3b": (2048, 151936),
+    "qwen2.5-7b": (3584, 152064), "qwen2.5-14b": (5120, 152064), "qwen2.5-32b": (5120, 152064),
+    "qwen2.5-72b": (8192, 152064), "qwen3-0.6b": (1024, 151936), "qwen3-1.7b": (2048, 151936),
+    "qwen3-4b": (2560, 151936), "qwen3-8b": (4096, 151936), "qwen3-14b": (5120, 151936),
+    "qwen3-32b": (5120, 151936), "llama3-8b": (4096, 128256), "llama3-70b": (8192, 128256),
+    "llama3.2-1b": (2048, 128256), "llama3.2-3b": (3072, 128256), "gemma2-2b": (2304, 256000),
+    "gemma2-9b": (3584, 256000), "mistral-7b": (4096, 32768),
 }
-
-DTYPES: dict[str, torch.dtype] = {
-    "fp32": torch.float32,
-    "bf16": torch.bfloat16,
-    "fp16": torch.float16,
-}
-
-# Benchmark data (see bench.problem): "realistic" logits have the token entropy of an RL
-# policy (mean DEFAULT_TARGET_ENTROPY nats, most tokens near 0, a tail of uncertain ones);
-# "flat" logits are i.i.d. Gaussian (std 3), several nats of entropy, uniform targets.
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# "realistic" logits have an RL policy's token entropy; "flat" ones are i.i.d. (bench.problem)
 DATA_KINDS = ("realistic", "flat")
 DEFAULT_TARGET_ENTROPY = 1.0
 CALIBRATION_TOKENS = 512  # tokens on which realistic data solves its entropy offset
+# the benchmark's loss: fused-pg's defaults (DAPO clip-higher, REPO decorrelate, token-mean)
+# with an entropy bonus, so that the entropy gradient is part of the work
+DEFAULT_LOSS = LossConfig(entropy_coef=1e-3)
+
+
+def loss_options(loss: LossConfig) -> dict:
+    """``loss`` as the keyword options of :func:`fused_pg.repo_loss`,
+    :func:`fused_pg.policy_loss_from_logprobs` and the fp64 oracle."""
+    return {f.name: getattr(loss, f.name) for f in dataclasses.fields(loss)}
+
+
+def describe_loss(loss: LossConfig) -> str:
+    kl = f"kl={loss.kl_coef:g}" + (f" ({loss.kl_estimator})" if loss.kl_coef else "")
+    return (f"repo={loss.repo} {kl} entropy_coef={loss.entropy_coef:g} "
+            f"clip=[1-{loss.eps_low:g}, 1+{loss.eps_high:g}] {loss.aggregation}")
 
 
 @dataclass(frozen=True)
@@ -71,56 +59,6 @@ class Shape:
 
 
 @dataclass(frozen=True)
-class LossSpec:
-    """The policy loss every implementation is asked to compute (DAPO-style by default).
-
-    repo / repo_coef:  REPO advantage correction (see :func:`fused_pg.repo_loss`).
-    kl_coef:           KL penalty to a reference policy (0: off, no reference log-probs),
-                       estimator ``kl_estimator``.
-    entropy_coef:      entropy bonus; > 0 makes the entropy *gradient* part of the work.
-    eps_low, eps_high: asymmetric clip range (DAPO clip-higher).
-    aggregation:       how per-token losses are reduced.
-
-    :meth:`kwargs` is the one mapping to fused-pg's (and the oracle's) keyword arguments.
-    """
-
-    repo: str = "decorrelate"
-    repo_coef: float = 1.0
-    kl_coef: float = 0.0
-    entropy_coef: float = 1e-3
-    eps_low: float = 0.2
-    eps_high: float = 0.28
-    kl_estimator: str = "k3"
-    aggregation: str = "token-mean"
-
-    def __post_init__(self):
-        for name, value, allowed in (("repo", self.repo, REPO_MODES),
-                                     ("kl_estimator", self.kl_estimator, KL_ESTIMATORS),
-                                     ("aggregation", self.aggregation, AGGREGATIONS)):
-            if value not in allowed:
-                raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
-
-    def kwargs(self) -> dict:
-        """Keyword arguments of :func:`fused_pg.repo_loss`, :func:`fused_pg.policy_loss_from_logprobs`
-        and the fp64 oracle for this loss."""
-        return dict(eps_low=self.eps_low, eps_high=self.eps_high, repo=self.repo, repo_coef=self.repo_coef,
-                    kl_coef=self.kl_coef, kl_estimator=self.kl_estimator, entropy_coef=self.entropy_coef,
-                    aggregation=self.aggregation)
-
-    def describe(self) -> str:
-        parts = [f"repo={self.repo}"]
-        if self.repo != "none":
-            parts.append(f"repo_coef={self.repo_coef:g}")
-        kl = f"kl={self.kl_coef:g}" + (f" ({self.kl_estimator})" if self.kl_coef else "")
-        parts += [kl, f"entropy_coef={self.entropy_coef:g}",
-                  f"clip=[1-{self.eps_low:g}, 1+{self.eps_high:g}]", self.aggregation]
-        return " ".join(parts)
-
-    def as_dict(self) -> dict:
-        return asdict(self)
-
-
-@dataclass(frozen=True)
 class Suite:
     """Defaults of a named suite (what ``python -m bench`` runs without shape options)."""
 
@@ -133,17 +71,14 @@ class Suite:
     repeats: int
 
 
-# CPU: about a minute on 2 idle cores. D and V are small because a 2-core CPU does ~30-50
-# GFLOP/s. The torch backend holds [1024 x 8192] logit tiles, so its memory advantage shows
-# once N exceeds 1024 tokens and V exceeds 8192: the quick suite uses N = 2048 and 3072 only.
-# Five timed repeats: the median of five
-# ignores two outliers (a shared CPU pre-empts some repeats).
+# CPU: about a minute on 2 idle cores; D and V small (a 2-core CPU does ~30-50 GFLOP/s). The
+# torch backend holds [1024 x 8192] logit tiles, so its memory advantage shows above N = 1024.
+# Five repeats: their median ignores two pre-empted ones on a shared CPU.
 CPU_SUITE = Suite("cpu", "fp32", (1024, 2048, 4096), ((64, 16384),), ("fused-torch", "naive"), 1, 5)
 CPU_QUICK = Suite("cpu-quick", "fp32", (2048, 3072), ((64, 16384),), ("fused-torch", "naive"), 1, 5)
-# CUDA: the GPU suite (Qwen3-8B and Llama-3-8B heads), bf16. fused-pg's torch backend is left
-# out by default to keep the suite short (its tiles are upcast to fp32, so its GEMMs run
-# without tensor cores); add it with --impl.
-CUDA_IMPLS = ("fused-triton", "naive", "compiled", "trl", "liger-chunked", "liger-triton", "cce")
+# CUDA: Qwen3-8B and Llama-3-8B heads in bf16. fused-pg's torch backend (fp32 tiles, no tensor
+# cores) is left out by default to keep the suite short; add it with --impl.
+CUDA_IMPLS = ("fused-triton", "naive", "compiled", "verl", "trl", "liger-chunked", "liger-triton", "cce")
 CUDA_SUITE = Suite("cuda", "bf16", (4096, 8192, 16384, 32768), ((4096, 151936), (4096, 128256)),
                    CUDA_IMPLS, 3, 10)
 CUDA_QUICK = Suite("cuda-quick", "bf16", (4096, 16384), ((4096, 151936),), CUDA_IMPLS, 2, 5)
@@ -163,8 +98,8 @@ class BenchConfig:
     dtype: str                        # key of DTYPES
     shapes: tuple[Shape, ...]
     impls: tuple[str, ...]            # implementation keys, in run order
-    precisions: tuple[str, ...]       # precisions of the fused-pg implementations
-    loss: LossSpec
+    precisions: tuple[str, ...]       # dot-product precisions of the fused-pg implementations
+    loss: LossConfig
     warmup: int
     repeats: int
     seq_len: int                      # longest sequence (see bench.problem.layout)
@@ -175,7 +110,7 @@ class BenchConfig:
     accuracy: bool = True
     seed: int = 0
     data: str = "realistic"           # one of DATA_KINDS
-    target_entropy: float = DEFAULT_TARGET_ENTROPY  # mean token entropy of "realistic" data, nats
+    target_entropy: float = DEFAULT_TARGET_ENTROPY  # mean token entropy of realistic data, nats
     max_minutes: float = 15.0         # refuse a run estimated longer than this ...
     yes: bool = False                 # ... unless confirmed
     argv: tuple[str, ...] = field(default_factory=tuple)
@@ -185,10 +120,7 @@ class BenchConfig:
         return DTYPES[self.dtype]
 
     def as_dict(self) -> dict:
-        d = asdict(self)
-        d["shapes"] = [asdict(s) for s in self.shapes]
-        d["loss"] = self.loss.as_dict()
-        return d
+        return {**dataclasses.asdict(self), "loss": loss_options(self.loss)}
 
 
 # --- the device ------------------------------------------------------------------------------------
@@ -202,21 +134,15 @@ def pick_device(requested: str | None) -> torch.device:
     return torch.device(requested)
 
 
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "cpu"
-
-
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"CPU {cpu_name()} ({torch.get_num_threads()} threads)"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        cpu = platform.processor() or platform.machine() or "cpu"
+    return f"CPU {cpu} ({torch.get_num_threads()} threads)"
 
 
 def slug(text: str) -> str:
@@ -225,12 +151,14 @@ def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9.]+", "-", text).strip("-.") or "device"
 
 
-# The source checkout this package lives in, when it does (``python -m bench`` from the
-# repository root); None when installed elsewhere, e.g. as a console script.
-_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The source checkout this package lives in (realpath: it is reached through the symlink
+# fused_pg/bench -> ../bench); None when installed elsewhere, e.g. as a console script.
+_PARENT = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
 REPO_ROOT: str | None = _PARENT if os.path.isfile(os.path.join(_PARENT, "pyproject.toml")) else None
 
 
-def default_out_dir(device: torch.device) -> str:
-    """``results/local/<device>/`` in the source checkout, else under the current directory."""
-    return os.path.join(REPO_ROOT or os.getcwd(), "results", "local", slug(device_name(device)))
+def default_out_dir(device: torch.device, acceptance: bool = False) -> str:
+    """``results/local/<device>/`` (an acceptance run: ``results/<device>/acceptance/``) in the
+    source checkout, else under the current directory."""
+    name = slug(device_name(device))
+    return os.path.join(REPO_ROOT or os.getcwd(), "results", *([name, "acceptance"] if acceptance else ["local", name]))

@@ -1,28 +1,6 @@
-"""The benchmark batch every implementation receives, what one forward returns, and the
-shared loss epilogue for implementations that only produce per-token log-probs.
-
-The batch is ``B`` sequences of ``T`` tokens (``N = B * T`` exactly, see :func:`layout`), laid
-out ``[B, T, D]`` as trainers hand it over. Two kinds of data (``--data``):
-
-* ``realistic`` (default): logits with the token entropy of an RL policy. Each token has a
-  most-likely next token ``k_t`` and a logit gap ``a_t`` above a Gaussian background (std 3):
-  ``h_t = a_t * u_t + 3 * g_t`` with ``W ~ N(0, 1/D)``, ``u_t = W_k / |W_k|``, ``g_t ~ N(0, I)``
-  projected orthogonal to ``u_t``, and ``a_t = log V + 4.5 + mu + 3 * eps_t``. ``mu`` is solved (regula falsi on a 512-token
-  subsample) so that the mean entropy hits ``--target-entropy`` (default 1 nat): most tokens
-  are nearly deterministic, a tail of "forking" tokens carries several nats. Targets are
-  *sampled from the policy*, as in a rollout.
-* ``flat``: i.i.d. logits ``h . W_v`` with std 3 (about ``log V - 4.5`` nats of entropy) and
-  uniformly random targets.
-
-In both, each sequence has a valid completion length between ``T/2`` and ``T`` (the rest is
-padding, masked out); advantages are one per sequence (GRPO style); behaviour log-probs are
-the current policy's plus noise of 0.05 nats, so importance ratios sit around 1 and a few
-percent of tokens are clipped; reference log-probs (only with a KL term) likewise. The mean
-entropy over valid tokens is measured on the rounded inputs and reported.
-
-Implementations that compute log-probs (and entropies) by their own means get the loss on top
-from :func:`loss_from_logprobs`: fused-pg's public :func:`fused_pg.policy_loss_from_logprobs`,
-so every implementation computes *the same loss* and only the LM-head part differs.
+"""The benchmark batch every implementation receives (``realistic`` or ``flat`` data, see
+docs/benchmark.md), what one forward returns, and the loss epilogue for implementations that
+produce only per-token log-probs (so that all compute the same loss).
 """
 
 from __future__ import annotations
@@ -34,8 +12,9 @@ import torch
 from torch import Tensor
 
 import fused_pg
+from fused_pg import LossConfig
 
-from .config import CALIBRATION_TOKENS, DEFAULT_TARGET_ENTROPY, LossSpec, Shape
+from .config import CALIBRATION_TOKENS, DEFAULT_TARGET_ENTROPY, Shape
 
 LOGIT_STD = 3.0            # background logit standard deviation (both kinds of data)
 GAP_SPREAD = 3.0           # std of the per-token logit gap, nats (realistic data)
@@ -67,22 +46,14 @@ class Problem:
     data: str = "flat"
     mean_entropy: float = float("nan")  # nats, over valid tokens, on the rounded inputs
 
-    @property
-    def num_seqs(self) -> int:
-        return self.hidden.shape[0]
-
-    @property
-    def seq_len(self) -> int:
-        return self.hidden.shape[1]
-
     def grad_inputs(self) -> list[Tensor]:
         """The tensors whose gradients every implementation computes."""
         return [self.hidden, self.weight]
 
     def info(self) -> dict:
         """The batch as the report records it."""
-        return {"n": self.shape.n, "d": self.shape.d, "v": self.shape.v, "seqs": self.num_seqs,
-                "seq_len": self.seq_len, "valid_tokens": int(self.mask.sum()), "data": self.data,
+        return {"n": self.shape.n, "d": self.shape.d, "v": self.shape.v, "seqs": self.hidden.shape[0],
+                "seq_len": self.hidden.shape[1], "valid_tokens": int(self.mask.sum()), "data": self.data,
                 "mean_entropy": self.mean_entropy}
 
 
@@ -116,52 +87,29 @@ def describe_layout(n: int, seq_len: int) -> str | None:
     return f"N={n}: {b} sequences of {t} tokens (--seq-len {seq_len} does not divide {n})"
 
 
-# --- synthetic data --------------------------------------------------------------------------------
-
-def _entropy(logits: Tensor) -> Tensor:
-    logp = torch.log_softmax(logits, dim=-1)
-    return -(logp.exp() * logp).sum(-1)
-
-
 @torch.no_grad()
 def _solve_gap_offset(weight: Tensor, direction: Tensor, background: Tensor, base: float, target: float) -> float:
-    """``mu`` such that tokens with gaps ``base + mu + GAP_SPREAD * eps`` have mean entropy ``target``.
-
-    ``direction``/``background`` are a subsample of tokens; their ``eps`` are the normal
-    quantiles at ``(i + 1/2) / s`` (stratified: less sampling noise than random draws). Logits
-    are linear in the gap, ``z = a * (u . W) + (bg . W)``: both products are formed once and
-    the root finding only re-evaluates the softmax.
-    """
+    """``mu`` such that tokens with gaps ``base + mu + GAP_SPREAD * eps`` have mean entropy ``target``,
+    by bisection (the entropy falls as ``mu`` grows). ``direction``/``background``: a subsample of
+    tokens, their ``eps`` the normal quantiles at ``(i + 1/2) / s``. Logits are linear in the gap,
+    ``z = a (u . W) + (g . W)``: both products are formed once."""
     s = direction.shape[0]
-    q = (torch.arange(s, device=weight.device, dtype=torch.float32) + 0.5) / s
-    eps = math.sqrt(2.0) * torch.erfinv(2 * q - 1)
+    eps = math.sqrt(2.0) * torch.erfinv(2 * (torch.arange(s, device=weight.device) + 0.5) / s - 1)
     c1, c2 = direction @ weight.T, background @ weight.T
 
-    def mean_entropy(mu: float) -> float:
-        a = base + mu + GAP_SPREAD * eps
-        return float(_entropy(a[:, None] * c1 + c2).mean())
-    # regula falsi (Illinois variant) on f(mu) = H(mu) - target, decreasing in mu over [lo, hi]
+    def excess(mu: float) -> float:
+        logp = torch.log_softmax((base + mu + GAP_SPREAD * eps)[:, None] * c1 + c2, dim=-1)
+        return float(-(logp.exp() * logp).sum(-1).mean()) - target
     lo, hi = -20.0, 40.0
-    f_lo, f_hi = mean_entropy(lo) - target, mean_entropy(hi) - target
-    if f_lo < 0:
+    if excess(lo) < 0:
         raise ValueError(f"--target-entropy {target:g} nats is more than this vocabulary reaches with "
-                         f"realistic data (at most about {f_lo + target:.2f}); lower it or use --data flat")
-    mu, side = hi, 0
+                         f"realistic data (at most about {excess(lo) + target:.2f}); lower it or use --data flat")
     for _ in range(40):
-        mu = (lo * f_hi - hi * f_lo) / (f_hi - f_lo) if f_hi != f_lo else 0.5 * (lo + hi)
-        f = mean_entropy(mu) - target
-        if abs(f) <= 1e-3 * target or hi - lo < 1e-4:
+        mu = (lo + hi) / 2
+        f = excess(mu)
+        if abs(f) <= 1e-3 * target:
             break
-        if f > 0:
-            lo, f_lo = mu, f
-            if side == 1:
-                f_hi /= 2
-            side = 1
-        else:
-            hi, f_hi = mu, f
-            if side == -1:
-                f_lo /= 2
-            side = -1
+        lo, hi = (mu, hi) if f > 0 else (lo, mu)
     return mu
 
 
@@ -189,7 +137,7 @@ def _policy_pass(hidden: Tensor, weight: Tensor, targets: Tensor | None,
     return sampled, logp, ent
 
 
-def make_problem(shape: Shape, dtype: torch.dtype, device: torch.device | str, loss: LossSpec,
+def make_problem(shape: Shape, dtype: torch.dtype, device: torch.device | str, loss: LossConfig,
                  *, seq_len: int, seed: int = 0, data: str = "realistic",
                  target_entropy: float = DEFAULT_TARGET_ENTROPY) -> Problem:
     """Build a reproducible batch on ``device`` (one no-grad pass over the logits included)."""
@@ -230,33 +178,18 @@ def make_problem(shape: Shape, dtype: torch.dtype, device: torch.device | str, l
     targets, logp, ent = sampled.view(B, T), logp.view(B, T), ent.view(B, T)
     old = (logp + LOGPROB_NOISE * randn(B, T)).clamp(max=0.0)
     ref = (logp + LOGPROB_NOISE * randn(B, T)).clamp(max=0.0) if loss.kl_coef > 0 else None
-    return Problem(
-        shape=shape,
-        hidden=hidden.requires_grad_(True),
-        weight=weight.requires_grad_(True),
-        targets=targets,
-        mask=mask,
-        advantages=advantages,
-        old_logprobs=old.float(),
-        ref_logprobs=ref.float() if ref is not None else None,
-        data=data,
-        mean_entropy=float(ent[mask].mean()),
-    )
+    return Problem(shape, hidden.requires_grad_(True), weight.requires_grad_(True), targets, mask, advantages,
+                   old.float(), None if ref is None else ref.float(), data, float(ent[mask].mean()))
 
 
-# --- the shared loss epilogue ----------------------------------------------------------------------
-
-def loss_from_logprobs(problem: Problem, spec: LossSpec, logprobs: Tensor, entropy: Tensor | None) -> Tensor:
-    """Scalar loss from differentiable per-token ``logprobs`` (and ``entropy``), any shape of N.
-
-    ``entropy=None`` (an implementation that cannot compute it) is only valid for a spec with
-    ``entropy_coef == 0``.
-    """
-    lead = problem.targets.shape
-    if entropy is None and spec.entropy_coef != 0:
+def loss_from_logprobs(problem: Problem, loss: LossConfig, logprobs: Tensor, entropy: Tensor | None) -> Tensor:
+    """Scalar loss from differentiable per-token ``logprobs`` (and ``entropy``), any shape of N;
+    ``entropy=None`` (an implementation that computes none) needs ``loss.entropy_coef == 0``."""
+    if entropy is None and loss.entropy_coef != 0:
         raise ValueError("this implementation computes no entropy: entropy_coef must be 0")
+    lead = problem.targets.shape
     out = fused_pg.policy_loss_from_logprobs(
         logprobs.reshape(lead), problem.advantages, problem.old_logprobs, problem.mask,
         entropy=None if entropy is None else entropy.reshape(lead),
-        ref_logprobs=problem.ref_logprobs, validate=False, **spec.kwargs())
+        ref_logprobs=problem.ref_logprobs, config=loss, validate=False)
     return out.loss

@@ -1,144 +1,54 @@
-"""Runs a :class:`~bench.config.BenchConfig`: the accuracy check, then per shape the batch, the
-GEMM floor and every implementation (loss check, warm-up, memory, timing). Returns the report
-dict that :mod:`bench.report` prints and writes.
-
-Per implementation and shape:
-
-1. the first call (forward + backward; compilation and autotuning happen here, its wall
-   time is reported as ``first_call_s``) gives the loss, which is compared with fused-pg's
-   torch backend on the same inputs and the same loss options (the *loss check*);
-2. the remaining warm-up iterations;
-3. ``repeats`` timed iterations, over which the peak memory above the inputs is taken; the
-   row is flagged ``noisy`` when the spread of its forward+backward times exceeds
-   :data:`bench.measure.NOISY_SPREAD`, and ``below-floor`` when its median beats its own GEMM
-   floor (a timing to distrust, or an implementation skipping work).
-
-Accuracy: on one small shape (:data:`ACCURACY_SHAPE`, inputs of a normal batch in the
-benchmark dtype and device), each implementation's loss, log-probs, entropies and gradients
-against the fp64 oracle (:func:`fused_pg.reference.repo_loss_ref`) run on the *same rounded
-values* on the CPU, for the loss it actually computes (:meth:`bench.impls.Impl.effective_loss`):
-``loss_abs``, ``logprobs_max_abs`` and ``entropy_max_abs`` over valid tokens (when exposed),
-``grad_hidden_max_rel`` and ``grad_weight_max_rel`` (``max |g - g_ref| / max |g_ref|``).
-
-Failures do not stop the run: a CUDA out-of-memory is recorded as ``oom``, any other
-exception as ``error`` with its message, and an implementation that cannot run here
-(missing peer, no GPU) as ``skipped`` with its reason. Ctrl-C stops it: the report then holds
-the rows finished so far and ``interrupted: true``.
+"""Runs a :class:`~bench.config.BenchConfig` (what one run does: docs/benchmark.md): the accuracy
+check, then per shape the batch, the GEMM floor, the sampled fp64 oracle and every implementation.
+Returns the report that :mod:`bench.report` prints and writes.
 """
 
 from __future__ import annotations
 
 import gc
 import time
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import Tensor
 
+from fused_pg import LossConfig
+from fused_pg.reference.head import logprobs_entropy_ref
 from fused_pg.reference.loss import repo_loss_ref
 
 from . import measure, report as report_mod
-from .config import BenchConfig, LossSpec, Shape, device_name, pick_device
+from .config import BenchConfig, Shape, describe_loss, device_name, loss_options, pick_device
 from .impls import Impl, build_impls, fused_loss
-from .problem import Problem, make_problem
+from .problem import Problem, StepOutput, make_problem
 
-Log = Callable[..., None]
-
-# loss check: |L - L_anchor| <= tol * max(1, |L_anchor|)
-LOSS_TOL = {"fp32": 1e-4, "bf16": 5e-3, "fp16": 5e-3}
-# on CPU, skip a materialising implementation whose logits would take more than this share
-# of the available memory (an OOM on CPU kills the process instead of raising)
+LOSS_TOL = {"fp32": 1e-4, "bf16": 5e-3, "fp16": 5e-3}  # loss check: |L - L_anchor| <= tol * max(1, |L_anchor|)
+# on CPU, skip a materialising implementation whose logits would take more than this share of the
+# available memory (an OOM on CPU kills the process instead of raising)
 CPU_MEMORY_SHARE = 0.7
-# odd V: not a multiple of any tile size, exercises the masked tails
-ACCURACY_SHAPE = Shape(n=256, d=64, v=1531)
+ACCURACY_SHAPE = Shape(n=256, d=128, v=1531)  # odd V: masked tile tails; D % 128 == 0: verl's kernel
 ACCURACY_SEQ_LEN = 64
-
-
-@dataclass
-class CaseResult:
-    """One implementation on one shape."""
-
-    impl: Impl
-    shape: Shape
-    loss_spec: LossSpec
-    notes: tuple[str, ...]
-    status: str = "ok"                  # ok | oom | error | skipped
-    reason: str | None = None
-    loss: float | None = None
-    anchor_loss: float | None = None
-    loss_ok: bool | None = None
-    first_call_s: float | None = None
-    times: measure.StepTimes | None = None
-    peak_bytes: int | None = None
-    rows: int | None = None             # hidden rows swept, when fewer than N
-
-    def as_dict(self, floor: measure.Floor | None, tol: float) -> dict:
-        notes = list(self.notes)
-        if self.rows is not None:
-            notes.append(f"sweeps only the {self.rows} unmasked of {self.shape.n} rows")
-        d = {
-            "impl": self.impl.name, "key": self.impl.key, "label": self.impl.display,
-            "family": self.impl.family, "precision": self.impl.precision,
-            "n": self.shape.n, "d": self.shape.d, "v": self.shape.v,
-            "status": self.status, "reason": self.reason, "notes": notes,
-            "computes": self.loss_spec.as_dict(), "grads_in_forward": self.impl.grads_in_forward,
-            "loss": self.loss, "anchor_loss": self.anchor_loss, "loss_ok": self.loss_ok, "loss_tol": tol,
-            "first_call_s": self.first_call_s, "peak_mem_bytes": self.peak_bytes,
-            "fwd_ms": None, "bwd_ms": None, "fwd_bwd_ms": None, "tflops": None, "floor_ratio": None,
-            "gemms": self.impl.gemms, "rows_swept": self.rows if self.rows is not None else self.shape.n,
-            "own_floor_ms": None, "flags": [],
-        }
-        if self.times is not None:
-            t = {"fwd": self.times.fwd, "bwd": self.times.bwd, "fwd_bwd": self.times.fwd_bwd}
-            d.update(fwd_ms=t["fwd"].as_dict(), bwd_ms=t["bwd"].as_dict(), fwd_bwd_ms=t["fwd_bwd"].as_dict())
-            fl = measure.flops(self.shape)
-            d["tflops"] = {k: fl[k] / (s.median * 1e-3) / 1e12 if s.median > 0 else None for k, s in t.items()}
-            if self.times.fwd_bwd.spread > measure.NOISY_SPREAD:
-                d["flags"].append("noisy")
-            if floor is not None:
-                d["floor_ratio"] = {k: s.median / floor.ms[k] for k, s in t.items()}
-                d["own_floor_ms"] = floor.gemms_ms(self.impl.gemms) * d["rows_swept"] / self.shape.n
-                if self.times.fwd_bwd.median < d["own_floor_ms"]:
-                    d["flags"].append("below-floor")
-        return d
-
-
-class Progress:
-    """``[ k/total]`` prefixes on one line per case (readable on a terminal and in logs)."""
-
-    def __init__(self, total: int, log: Log):
-        self.total, self.done, self.log = total, 0, log
-        self.t0 = time.perf_counter()
-
-    def start(self, text: str) -> None:
-        self.done += 1
-        self.log(f"[{self.done:>{len(str(self.total))}}/{self.total}] {text} ...", end="", flush=True)
-
-    def finish(self, text: str) -> None:
-        self.log(f" {text}  ({time.perf_counter() - self.t0:.0f} s elapsed)", flush=True)
+ORACLE_ROWS = 64  # valid tokens per benchmark batch checked against the fp64 oracle
 
 
 def resolve_impls(cfg: BenchConfig, device: torch.device) -> tuple[list[Impl], list[dict]]:
     """The implementations that can run here, and the skipped ones with their reasons."""
     runnable, skipped = [], []
-    for key in cfg.impls:
-        for impl in build_impls(key, cfg.precisions):
-            reason = impl.check(device, cfg.torch_dtype)
-            if reason is None:
-                runnable.append(impl)
-            else:
-                skipped.append({"impl": impl.name, "label": impl.display, "reason": reason})
+    for impl in (i for key in cfg.impls for i in build_impls(key, cfg.precisions)):
+        reason = impl.check(device, cfg.torch_dtype)
+        if reason is None:
+            runnable.append(impl)
+        else:
+            skipped.append({"impl": impl.name, "label": impl.display, "reason": reason})
     return runnable, skipped
 
 
 def estimate(cfg: BenchConfig, device: torch.device, impls: list[Impl]) -> dict:
-    """:func:`bench.measure.estimate_run` for this configuration, with rates measured here."""
-    rates = {(s.d, s.v): None for s in cfg.shapes}
-    for d, v in rates:
-        rates[(d, v)] = measure.measure_rates(device, cfg.torch_dtype, d, v)
+    """:func:`bench.measure.estimate_run` for this run, with rates measured here."""
+    rates = {(s.d, s.v): measure.measure_rates(device, cfg.torch_dtype, s.d, s.v) for s in cfg.shapes}
     est = measure.estimate_run(cfg.shapes, [i.key for i in impls], rates, device_type=device.type,
-                               warmup=cfg.warmup, repeats=cfg.repeats, accuracy=cfg.accuracy)
+                               warmup=cfg.warmup, repeats=cfg.repeats)
     est["memory_bytes"] = max((measure.memory_needed(s, cfg.torch_dtype) for s in cfg.shapes), default=0)
     est["available_bytes"] = measure.available_bytes(device)
     return est
@@ -150,225 +60,224 @@ def _free(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def _first_line(exc: BaseException, limit: int = 300) -> str:
-    text = f"{type(exc).__name__}: {exc}".strip().splitlines()[0]
-    return text[:limit]
+def _first_line(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}".strip().splitlines()[0][:300]
 
 
-class Anchors:
-    """fused-pg torch-backend losses per (shape, loss spec): the reference of the loss check."""
+class RowOracle:
+    """fp64 log-probs and entropies of ``count`` valid tokens spread evenly over a batch (on its
+    rounded inputs, on its device)."""
 
-    def __init__(self):
-        self._values: dict[tuple[Shape, LossSpec], float] = {}
+    def __init__(self, problem: Problem, count: int = ORACLE_ROWS):
+        valid = problem.mask.reshape(-1).nonzero().squeeze(1)
+        self.rows = valid[torch.linspace(0, len(valid) - 1, min(count, len(valid)), device=valid.device).long()]
+        with torch.no_grad():
+            h = problem.hidden.detach().reshape(-1, problem.shape.d)[self.rows]
+            self.logprobs, self.entropy = logprobs_entropy_ref(
+                h, problem.weight.detach(), problem.targets.reshape(-1)[self.rows], dtype=torch.float64)
 
-    def seed(self, shape: Shape, spec: LossSpec, value: float) -> None:
-        self._values.setdefault((shape, spec), value)
-
-    def get(self, problem: Problem, spec: LossSpec) -> float:
-        key = (problem.shape, spec)
-        if key not in self._values:
-            with torch.no_grad():
-                self._values[key] = float(fused_loss(problem, spec, "torch").loss)
-        return self._values[key]
-
-
-def _iteration(step, inputs):
-    out = step()
-    return torch.autograd.grad(out.loss, inputs)
+    def errors(self, out: StepOutput) -> tuple[float | None, float | None]:
+        """max |logp - oracle| and max |entropy - oracle| over the sampled tokens (None: not exposed)."""
+        def err(values: Tensor | None, ref: Tensor) -> float | None:
+            if values is None:
+                return None
+            return float((values.detach().reshape(-1)[self.rows].double() - ref).abs().max())
+        return err(out.logprobs, self.logprobs), err(out.entropy, self.entropy)
 
 
-def run_case(impl: Impl, problem: Problem, spec: LossSpec, cfg: BenchConfig, device: torch.device,
-             anchors: Anchors) -> CaseResult:
-    """Loss check, warm-up, memory and timing of one implementation on one problem."""
-    eff, notes = impl.effective_loss(spec)
-    res = CaseResult(impl, problem.shape, eff, notes)
+def new_row(impl: Impl, shape: Shape, loss: LossConfig, notes: tuple[str, ...], tol: float) -> dict:
+    """The result row of one implementation on one shape, before it runs."""
+    return {"impl": impl.name, "key": impl.key, "label": impl.display, "family": impl.family,
+            "precision": impl.precision, "n": shape.n, "d": shape.d, "v": shape.v, "status": "ok", "reason": None,
+            "notes": list(notes), "computes": loss_options(loss), "grads_in_forward": impl.grads_in_forward,
+            "loss": None, "anchor_loss": None, "loss_ok": None, "loss_tol": tol, "first_call_s": None,
+            "peak_mem_bytes": None, "fwd_ms": None, "bwd_ms": None, "fwd_bwd_ms": None, "tflops": None,
+            "floor_ratio": None, "gemms": impl.gemms, "rows_swept": shape.n, "own_floor_ms": None, "flags": [],
+            "logprobs_max_abs": None, "entropy_max_abs": None}
+
+
+def add_times(row: dict, times: dict, floor: dict | None) -> None:
+    """Timings into ``row``, with the TFLOP/s, floor ratios and flags derived from them."""
+    row.update(fwd_ms=times["fwd"], bwd_ms=times["bwd"], fwd_bwd_ms=times["fwd_bwd"])
+    fl = measure.flops(Shape(row["n"], row["d"], row["v"]))
+    row["tflops"] = {k: fl[k] / (t["median"] * 1e-3) / 1e12 if t["median"] > 0 else None for k, t in times.items()}
+    if times["fwd_bwd"]["spread"] > measure.NOISY_SPREAD:
+        row["flags"].append("noisy")
+    if floor is not None:
+        row["floor_ratio"] = {k: t["median"] / floor["floor_ms"][k] for k, t in times.items()}
+        row["own_floor_ms"] = measure.own_floor_ms(floor, row["gemms"]) * row["rows_swept"] / row["n"]
+        if times["fwd_bwd"]["median"] < row["own_floor_ms"]:
+            row["flags"].append("below-floor")
+
+
+def run_case(impl: Impl, problem: Problem, cfg: BenchConfig, device: torch.device, anchors: dict,
+             oracle: RowOracle | None = None, floor: dict | None = None) -> dict:
+    """Loss check, oracle check, warm-up, memory and timing of one implementation on one problem."""
+    loss, notes = impl.effective_loss(cfg.loss)
+    row = new_row(impl, problem.shape, loss, notes, LOSS_TOL[cfg.dtype])
     if device.type == "cpu" and impl.logits_bytes_per_nv:
-        need = impl.logits_bytes_per_nv * problem.shape.n * problem.shape.v
-        avail = measure.available_bytes(device)
+        need, avail = impl.logits_bytes_per_nv * problem.shape.n * problem.shape.v, measure.available_bytes(device)
         if avail is not None and need > CPU_MEMORY_SHARE * avail:
-            res.status = "skipped"
-            res.reason = f"needs ~{need / 2**30:.1f} GiB of logits, {avail / 2**30:.1f} GiB available"
-            return res
+            row.update(status="skipped", reason=f"needs ~{need / 2**30:.1f} GiB of logits, "
+                                                f"{avail / 2**30:.1f} GiB available")
+            return row
     inputs = problem.grad_inputs()
-    tol = LOSS_TOL[cfg.dtype]
+    backward = lambda out: torch.autograd.grad(out.loss, inputs)  # noqa: E731
     try:
-        step = impl.make(problem, eff)
-        # 1. first call: compilation / autotuning, and the loss check
-        t0 = time.perf_counter()
+        step = impl.make(problem, loss)
+        t0 = measure.clock()
         out = step()
-        grads = torch.autograd.grad(out.loss, inputs)
-        measure.synchronize(device)
-        res.first_call_s = time.perf_counter() - t0
-        res.loss, res.rows = float(out.loss.detach()), out.rows
-        del out, grads
+        backward(out)
+        row["first_call_s"] = measure.clock() - t0
+        row["loss"] = float(out.loss.detach())
+        if out.rows is not None:
+            row["rows_swept"] = out.rows
+            row["notes"].append(f"sweeps only the {out.rows} unmasked of {problem.shape.n} rows")
+        if oracle is not None:
+            row["logprobs_max_abs"], row["entropy_max_abs"] = oracle.errors(out)
+        del out
+        key = (problem.shape, loss)
         if impl.key == "fused-torch" and impl.precision == "native":
-            anchors.seed(problem.shape, eff, res.loss)
-        res.anchor_loss = anchors.get(problem, eff)
-        res.loss_ok = abs(res.loss - res.anchor_loss) <= tol * max(1.0, abs(res.anchor_loss))
-        # 2. warm-up
+            anchors.setdefault(key, row["loss"])
+        if key not in anchors:
+            with torch.no_grad():
+                anchors[key] = float(fused_loss(problem, loss, "torch").loss)
+        row["anchor_loss"] = anchors[key]
+        row["loss_ok"] = abs(row["loss"] - anchors[key]) <= row["loss_tol"] * max(1.0, abs(anchors[key]))
         for _ in range(cfg.warmup - 1):
-            _iteration(step, inputs)
-        # 3. memory and timing, over the same timed iterations
-        backward = lambda o: torch.autograd.grad(o.loss, inputs)  # noqa: E731
+            backward(step())
         with measure.PeakMemory(device) as pm:
-            res.times = measure.time_fwd_bwd(step, backward, device, cfg.repeats)
-        res.peak_bytes = pm.peak_bytes
+            times = measure.time_fwd_bwd(step, backward, cfg.repeats)
+        row["peak_mem_bytes"] = pm.peak_bytes
+        add_times(row, times, floor)
     except torch.cuda.OutOfMemoryError as exc:
-        res.status, res.reason = "oom", _first_line(exc)
+        row.update(status="oom", reason=_first_line(exc))
     except Exception as exc:  # noqa: BLE001 -- recorded, the run goes on
-        res.status, res.reason = "error", _first_line(exc)
+        row.update(status="error", reason=_first_line(exc))
     finally:
         _free(device)
-    return res
+    return row
 
 
-# --- accuracy against the fp64 oracle --------------------------------------------------------------
-
-@dataclass(frozen=True)
-class RefOutputs:
-    loss: float
-    logprobs: Tensor      # [B, T] fp64, CPU
-    entropy: Tensor
-    grad_hidden: Tensor   # [B, T, D]
-    grad_weight: Tensor   # [V, D]
-
-
-def reference_outputs(problem: Problem, spec: LossSpec) -> RefOutputs:
-    """fp64 oracle on the problem's (rounded) inputs, on the CPU."""
-    cpu = lambda t: None if t is None else t.detach().cpu()  # noqa: E731
-    h = problem.hidden.detach().cpu().double().requires_grad_(True)
-    w = problem.weight.detach().cpu().double().requires_grad_(True)
-    out = repo_loss_ref(h, w, cpu(problem.targets), cpu(problem.advantages), cpu(problem.old_logprobs),
-                        cpu(problem.mask), ref_logprobs=cpu(problem.ref_logprobs), dtype=torch.float64,
-                        **spec.kwargs())
-    gh, gw = torch.autograd.grad(out.loss, [h, w])
-    return RefOutputs(float(out.loss.detach()), out.logprobs.detach(), out.entropy.detach(), gh, gw)
-
-
-def _max_rel(got: Tensor, ref: Tensor) -> float:
-    return float((got.detach().cpu().double() - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
-
-
-def _max_abs_valid(got: Tensor | None, ref: Tensor, valid: Tensor) -> float | None:
-    if got is None:
-        return None
-    diff = (got.detach().cpu().double().reshape(ref.shape) - ref).abs()
-    return float(diff[valid].max())
-
-
-def impl_errors(impl: Impl, problem: Problem, spec: LossSpec, ref: RefOutputs) -> dict:
-    """Errors of one implementation (``spec`` is already its effective loss)."""
-    out = impl.make(problem, spec)()
-    gh, gw = torch.autograd.grad(out.loss, problem.grad_inputs())
-    valid = problem.mask.cpu()
-    return {
-        "loss_abs": abs(float(out.loss.detach()) - ref.loss),
-        "logprobs_max_abs": _max_abs_valid(out.logprobs, ref.logprobs, valid),
-        "entropy_max_abs": _max_abs_valid(out.entropy, ref.entropy, valid),
-        "grad_hidden_max_rel": _max_rel(gh, ref.grad_hidden),
-        "grad_weight_max_rel": _max_rel(gw, ref.grad_weight),
-    }
-
-
-def run_accuracy(impls: list[Impl], cfg: BenchConfig, device: torch.device, log: Log) -> dict:
-    """Max errors vs the fp64 reference on :data:`ACCURACY_SHAPE`."""
+def run_accuracy(impls: list[Impl], cfg: BenchConfig, device: torch.device) -> dict:
+    """Max errors vs the fp64 oracle on :data:`ACCURACY_SHAPE`, on the CPU, of each implementation's
+    loss, log-probs and entropies (abs, valid tokens) and gradients (max |g - g_ref| / max |g_ref|),
+    for the loss it actually computes."""
     problem = make_problem(ACCURACY_SHAPE, cfg.torch_dtype, device, cfg.loss, seq_len=ACCURACY_SEQ_LEN,
                            seed=cfg.seed + 1, data=cfg.data, target_entropy=cfg.target_entropy)
-    refs: dict[LossSpec, RefOutputs] = {}
-    rows = []
-    log(f"accuracy vs fp64 reference ({ACCURACY_SHAPE}, {cfg.dtype}) ...", end="", flush=True)
+    cpu = lambda t: None if t is None else t.detach().cpu().double()  # noqa: E731
+    valid, refs, rows = problem.mask.cpu(), {}, []
     for impl in impls:
-        eff, notes = impl.effective_loss(cfg.loss)
-        row = {"impl": impl.name, "label": impl.display, "notes": list(notes), "status": "ok", "reason": None,
-               "loss_abs": None, "logprobs_max_abs": None, "entropy_max_abs": None,
-               "grad_hidden_max_rel": None, "grad_weight_max_rel": None}
+        loss, notes = impl.effective_loss(cfg.loss)
+        row = {"impl": impl.name, "label": impl.display, "notes": list(notes), "status": "ok", "reason": None}
         try:
-            if eff not in refs:
-                refs[eff] = reference_outputs(problem, eff)
-            row.update(impl_errors(impl, problem, eff, refs[eff]))
+            if loss not in refs:
+                h, w = (cpu(t).requires_grad_(True) for t in problem.grad_inputs())
+                ref = repo_loss_ref(h, w, problem.targets.cpu(), cpu(problem.advantages), cpu(problem.old_logprobs),
+                                    valid, ref_logprobs=cpu(problem.ref_logprobs), dtype=torch.float64,
+                                    **loss_options(loss))
+                refs[loss] = (ref, *torch.autograd.grad(ref.loss, [h, w]))
+            ref, ref_gh, ref_gw = refs[loss]
+            out = impl.make(problem, loss)()
+            gh, gw = torch.autograd.grad(out.loss, problem.grad_inputs())
+            max_abs = lambda got, r: None if got is None else float(  # noqa: E731
+                (cpu(got).reshape(r.shape) - r).abs()[valid].max())
+            max_rel = lambda got, r: float((cpu(got) - r).abs().max() / r.abs().max().clamp_min(1e-30))  # noqa: E731
+            row.update(loss_abs=abs(float(out.loss.detach()) - float(ref.loss.detach())),
+                       logprobs_max_abs=max_abs(out.logprobs, ref.logprobs.detach()),
+                       entropy_max_abs=max_abs(out.entropy, ref.entropy.detach()),
+                       grad_hidden_max_rel=max_rel(gh, ref_gh), grad_weight_max_rel=max_rel(gw, ref_gw))
         except Exception as exc:  # noqa: BLE001 -- recorded, the run goes on
-            row["status"], row["reason"] = "error", _first_line(exc)
-        rows.append(row)
+            row.update(status="error", reason=_first_line(exc))
+        rows.append({**dict.fromkeys(("loss_abs", "logprobs_max_abs", "entropy_max_abs", "grad_hidden_max_rel",
+                                      "grad_weight_max_rel")), **row})
         _free(device)
-    log(" done", flush=True)
     shape = ACCURACY_SHAPE
     return {"shape": {"n": shape.n, "d": shape.d, "v": shape.v}, "dtype": cfg.dtype,
             "mean_entropy": problem.mean_entropy, "results": rows}
 
 
-def loss_check_summary(cases: list[dict]) -> dict:
-    checked = [c for c in cases if c["loss_ok"] is not None]
-    diffs = [abs(c["loss"] - c["anchor_loss"]) for c in checked]
-    return {
-        "reference": "fused-pg torch backend, same inputs and loss options",
-        "checked": len(checked),
-        "all_agree": all(c["loss_ok"] for c in checked) if checked else None,
-        "max_abs_diff": max(diffs) if diffs else None,
-        "mismatches": [{"impl": c["impl"], "n": c["n"], "d": c["d"], "v": c["v"], "loss": c["loss"],
-                        "anchor_loss": c["anchor_loss"]} for c in checked if not c["loss_ok"]],
-    }
+def loss_check_summary(rows: list[dict]) -> dict:
+    checked = [c for c in rows if c["loss_ok"] is not None]
+    return {"reference": "fused-pg torch backend, same inputs and loss options", "checked": len(checked),
+            "all_agree": all(c["loss_ok"] for c in checked) if checked else None,
+            "max_abs_diff": max((abs(c["loss"] - c["anchor_loss"]) for c in checked), default=None),
+            "mismatches": [{k: c[k] for k in ("impl", "n", "d", "v", "loss", "anchor_loss")}
+                           for c in checked if not c["loss_ok"]]}
 
 
 # --- the whole run ----------------------------------------------------------------------------------
 
-def run(cfg: BenchConfig, log: Log = print, *, impls: list[Impl] | None = None,
-        skipped: list[dict] | None = None, est: dict | None = None) -> dict:
-    """Run the whole benchmark; returns the report (see :mod:`bench.report` for its schema).
+def _case_line(row: dict) -> str:
+    if row["status"] != "ok":
+        return f"{row['status'].upper()}: {row['reason']}"
+    mem = "" if row["peak_mem_bytes"] is None else f", peak {row['peak_mem_bytes'] / 2**20:.0f} MiB"
+    check = "" if row["loss_ok"] else "  LOSS MISMATCH"
+    return f"fwd+bwd {row['fwd_bwd_ms']['median']:.1f} ms{mem}{check}" + "".join(f"  [{f}]" for f in row["flags"])
+
+
+def run(cfg: BenchConfig, console: Console | None = None, *, impls: list[Impl] | None = None,
+        skipped: list[dict] | None = None, est: dict | None = None,
+        on_row: Callable[[dict], None] | None = None) -> dict:
+    """Run the whole benchmark; returns the report (see :mod:`bench.report`).
 
     ``impls``/``skipped`` come from :func:`resolve_impls` when not given; ``est`` (from
-    :func:`estimate`) is recorded as given. A KeyboardInterrupt ends the run early: the report
-    then holds what finished, with ``interrupted: true``.
+    :func:`estimate`) is recorded as given. ``on_row`` receives the report of the rows finished so
+    far (``interrupted: true`` until the end) after every row. A KeyboardInterrupt ends the run
+    early: the report then holds what finished, with ``interrupted: true``.
     """
+    console = console or report_mod.make_console()
     device = pick_device(cfg.device)
     started = time.perf_counter()
     if impls is None:
         impls, skipped = resolve_impls(cfg, device)
         for s in skipped:
-            log(f"skip {s['label']}: {s['reason']}", flush=True)
-    log(f"fused-pg bench: {device_name(device)}, {cfg.dtype}, loss: {cfg.loss.describe()}")
-    log(f"timer: {measure.timer_name(device)}; memory: {measure.memory_method(device)}", flush=True)
-    report = {
-        "schema": report_mod.SCHEMA, "device": report_mod.device_info(device), "versions": report_mod.versions(),
-        "git": report_mod.git_commit(), "created": report_mod.now_iso(), "config": cfg.as_dict(),
-        "timer": measure.timer_name(device), "memory_method": measure.memory_method(device),
-        "skipped": list(skipped or []), "estimate": est, "accuracy": None, "batches": [], "floors": [],
-        "results": [], "interrupted": False,
-    }
-    anchors = Anchors()
-    progress = Progress(len(cfg.shapes) * len(impls), log)
-    tol = LOSS_TOL[cfg.dtype]
+            console.print(f"skip {s['label']}: {s['reason']}")
+    console.print(f"fused-pg bench: {device_name(device)}, {cfg.dtype}, loss: {describe_loss(cfg.loss)}")
+    console.print(f"timer: {report_mod.TIMER}; memory: {measure.memory_method(device)}")
+    report = {"device": report_mod.device_info(device), "versions": report_mod.versions(),
+              "git": report_mod.git_commit(), "created": report_mod.now_iso(), "config": cfg.as_dict(),
+              "timer": report_mod.TIMER, "memory_method": measure.memory_method(device),
+              "skipped": list(skipped or []), "estimate": est, "accuracy": None, "batches": [], "floors": [],
+              "results": [], "interrupted": False}
+
+    def finished(interrupted: bool) -> dict:
+        return {**report, "interrupted": interrupted, "loss_check": loss_check_summary(report["results"]),
+                "wall_s": time.perf_counter() - started}
+    total, anchors = len(cfg.shapes) * len(impls), {}
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                        console=console, transient=True)
     try:
-        if cfg.accuracy and impls:
-            report["accuracy"] = run_accuracy(impls, cfg, device, log)
-        for shape in cfg.shapes:
-            log(f"{shape}: inputs and GEMM floor ...", end="", flush=True)
-            problem = make_problem(shape, cfg.torch_dtype, device, cfg.loss, seq_len=cfg.seq_len, seed=cfg.seed,
-                                   data=cfg.data, target_entropy=cfg.target_entropy)
-            floor = measure.measure_floor(problem.hidden, problem.weight, warmup=1, repeats=max(3, cfg.repeats))
-            report["batches"].append(problem.info())
-            report["floors"].append(floor.as_dict())
-            log(f" {problem.num_seqs} x {problem.seq_len} tokens, mean entropy {problem.mean_entropy:.2f} nats;"
-                f" 4-GEMM floor {floor.ms['fwd_bwd']:.1f} ms ({floor.tflops():.2f} TFLOP/s)", flush=True)
-            for impl in impls:
-                progress.start(f"{impl.display:<28} {shape}")
-                res = run_case(impl, problem, cfg.loss, cfg, device, anchors)
-                case = res.as_dict(floor, tol)
-                report["results"].append(case)
-                progress.finish(_case_line(case))
-            del problem
-            _free(device)
+        with progress:
+            task = progress.add_task("accuracy vs fp64 reference", total=total)
+            if cfg.accuracy and impls:
+                report["accuracy"] = run_accuracy(impls, cfg, device)
+                console.print(f"accuracy vs fp64 reference ({ACCURACY_SHAPE}, {cfg.dtype}): done")
+            for shape in cfg.shapes:
+                progress.update(task, description=f"{shape}: inputs and GEMM floor")
+                problem = make_problem(shape, cfg.torch_dtype, device, cfg.loss, seq_len=cfg.seq_len,
+                                       seed=cfg.seed, data=cfg.data, target_entropy=cfg.target_entropy)
+                floor = measure.measure_floor(problem.hidden, problem.weight, repeats=max(3, cfg.repeats))
+                oracle = RowOracle(problem)
+                batch = {**problem.info(), "oracle_rows": len(oracle.rows)}
+                report["batches"].append(batch)
+                report["floors"].append(floor)
+                console.print(f"{shape}: {batch['seqs']} x {batch['seq_len']} tokens, mean entropy "
+                              f"{problem.mean_entropy:.2f} nats; 4-GEMM floor {floor['floor_ms']['fwd_bwd']:.1f} ms "
+                              f"({floor['tflops']:.2f} TFLOP/s)")
+                for impl in impls:
+                    progress.update(task, description=f"{impl.display} {shape}")
+                    row = run_case(impl, problem, cfg, device, anchors, oracle, floor)
+                    report["results"].append(row)
+                    progress.advance(task)
+                    done = int(progress.tasks[0].completed)
+                    console.print(f"[{done:>{len(str(total))}}/{total}] {impl.display:<28} {shape} ... "
+                                  f"{_case_line(row)}  ({time.perf_counter() - started:.0f} s elapsed)")
+                    if on_row is not None:
+                        on_row(finished(interrupted=True))
+                del problem, oracle
+                _free(device)
     except KeyboardInterrupt:
-        report["interrupted"] = True
-        log("\ninterrupted (Ctrl-C): reporting the rows finished so far", flush=True)
-    report.update(loss_check=loss_check_summary(report["results"]), wall_s=time.perf_counter() - started)
-    return report
-
-
-def _case_line(case: dict) -> str:
-    if case["status"] != "ok":
-        return f"{case['status'].upper()}: {case['reason']}"
-    mem = case["peak_mem_bytes"]
-    mem_txt = f", peak {mem / 2**20:.0f} MiB" if mem is not None else ""
-    check = "" if case["loss_ok"] else "  LOSS MISMATCH"
-    flags = "".join(f"  [{f}]" for f in case["flags"])
-    return f"fwd+bwd {case['fwd_bwd_ms']['median']:.1f} ms{mem_txt}{check}{flags}"
+        console.print("\ninterrupted (Ctrl-C): reporting the rows finished so far")
+        return finished(interrupted=True)
+    return finished(interrupted=False)

@@ -15,7 +15,7 @@ from fused_pg.reference.head import logprobs_entropy_ref
 from fused_pg.reference.head import logits_ref
 from helpers import (BACKENDS, DTYPES, TOLS, HeadCase, assert_close, assert_grad_close, check_grads,
                      check_head_values, dlogits_dtype, grad_floors, head_cases, limits, make_head_inputs,
-                     plain_logprobs_entropy, run_property)
+                     naive_logprobs_entropy, run_property)
 
 
 def _upstream(case: HeadCase, gen: torch.Generator):
@@ -56,9 +56,9 @@ def check_head_case(case: HeadCase, backend: str) -> None:
     plain_lp = plain_ent = None
     if TOLS[case.dtype].fair and bool(valid.any()):
         flat_valid = valid.reshape(-1)
-        plain_lp, plain_ent = plain_logprobs_entropy(
-            inp.hidden.reshape(case.N, -1)[flat_valid], inp.weight, inp.bias,
-            inp.targets.reshape(-1)[flat_valid], temperature=case.temperature, softcap=case.softcap)
+        plain_lp, plain_ent = naive_logprobs_entropy(
+            inp.hidden.reshape(case.N, -1)[flat_valid], inp.weight, inp.targets.reshape(-1)[flat_valid], inp.bias,
+            temperature=case.temperature, softcap=case.softcap)
     check_head_values("logprobs", case.dtype, ref_lp, lp.detach(), valid, plain_lp)
     check_head_values("entropy", case.dtype, ref_ent, ent.detach(), valid, plain_ent)
     grads = {"hidden": (ref_grads["hidden"], h.grad), "weight": (ref_grads["weight"], W.grad)}

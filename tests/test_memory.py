@@ -1,6 +1,7 @@
 """Peak host memory of forward + backward of repo_loss: the torch backend does not grow with N x V.
 
-Measured honestly on CPU, by the kernel: in a fresh subprocess, each run allocates its inputs,
+Measured honestly on CPU, by the kernel, with the benchmark's probe
+(``fused_pg.bench.measure.PeakMemory``): in a fresh subprocess, each run allocates its inputs,
 warms up on a tiny problem, resets the process's resident-set high-water mark
 (``/proc/self/clear_refs``), runs one forward + backward and reads the high-water mark again
 (``VmHWM``; it sees every allocator, unlike ``tracemalloc``, and torch's CPU allocator keeps no
@@ -22,20 +23,13 @@ import textwrap
 
 import pytest
 
+from fused_pg.bench.measure import cpu_memory_supported
+
 PROBE = textwrap.dedent(r"""
-    import gc, json, sys, time
+    import json, sys, time
     import torch
     from fused_pg import repo_loss
-
-    def status(key):  # bytes, from the kernel's accounting of this process
-        for line in open("/proc/self/status"):
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-        raise RuntimeError(key)
-
-    def reset_peak():  # VmHWM := VmRSS (Linux >= 4.0)
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
+    from fused_pg.bench.measure import PeakMemory
 
     def measure(backend, N, D, V, chunks):
         g = torch.Generator().manual_seed(0)
@@ -49,16 +43,13 @@ PROBE = textwrap.dedent(r"""
         repo_loss(h[:8].detach().requires_grad_(), W[:64].detach().requires_grad_(), y[:8] % 64, adv[:8],
                   old[:8], cu_seqlens=torch.tensor([0, 8]), **kw).loss.backward()
         cu = torch.tensor([0, N // 3, N // 2, N])
-        gc.collect()
-        reset_peak()
-        base = status("VmRSS")
-        t0 = time.perf_counter()
-        out = repo_loss(h, W, y, adv, old, cu_seqlens=cu, **kw)
-        out.loss.backward()
-        seconds = time.perf_counter() - t0
-        peak = status("VmHWM") - base
+        with PeakMemory("cpu") as peak:  # the benchmark's probe: VmHWM - VmRSS before the run
+            t0 = time.perf_counter()
+            out = repo_loss(h, W, y, adv, old, cu_seqlens=cu, **kw)
+            out.loss.backward()
+            seconds = time.perf_counter() - t0
         assert torch.isfinite(out.loss) and torch.isfinite(W.grad).all()
-        return dict(backend=backend, N=N, D=D, V=V, peak_above_inputs=peak, seconds=seconds)
+        return dict(backend=backend, N=N, D=D, V=V, peak_above_inputs=peak.peak_bytes, seconds=seconds)
 
     runs, threads = json.loads(sys.argv[1]), int(sys.argv[2])
     if threads > 0:
@@ -77,8 +68,9 @@ def peak_memory(runs: list, threads: int = 0) -> list[dict]:
     stay in the heap): every large tensor is mapped on allocation and unmapped on free, so the
     resident set tracks live memory, for both backends alike.
     """
-    if not os.access("/proc/self/clear_refs", os.W_OK):
-        pytest.skip("needs Linux /proc/self/clear_refs to read peak memory")
+    reason = cpu_memory_supported()
+    if reason:
+        pytest.skip(f"the peak-memory probe does not work here: {reason}")
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(64 * 1024)}
     res = subprocess.run([sys.executable, "-c", PROBE, json.dumps(runs), str(threads)],
                          capture_output=True, text=True, env=env, timeout=600)

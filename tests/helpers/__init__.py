@@ -17,7 +17,7 @@ from .oracle import HEAD_OPTIONS, check_loss_case, oracle_guards, run_oracle_los
 from .strategies import AGGREGATIONS, HeadCase, LossCase, effective_options, head_cases, head_fields, loss_cases
 from .tolerances import (DLOGITS_DTYPE, ENTROPY_KEYS, FAIR_MARGIN, GPU_TOLS, GRAD_REL, ROLLOUT_KEYS, TOLS, Tol,
                          assert_close, assert_grad_close, check_grads, check_head_values, check_metric_convention,
-                         check_metrics, check_per_token, dlogits_dtype, grad_floors, plain_logprobs_entropy,
+                         check_metrics, check_per_token, dlogits_dtype, grad_floors, naive_logprobs_entropy,
                          same_number)
 
 __all__ = [
@@ -26,6 +26,6 @@ __all__ = [
     "HeadCase", "HeadInputs", "LossCase", "LossInputs", "Tol", "assert_close", "assert_grad_close", "check_grads",
     "check_head_values", "check_loss_case", "check_metric_convention", "check_metrics", "check_per_token",
     "count_example", "dlogits_dtype", "effective_options", "grad_floors", "head_cases", "head_fields", "limits",
-    "loss_cases", "make_loss_inputs", "n_examples", "oracle_guards", "plain_logprobs_entropy", "run_oracle_loss",
-    "run_property", "same_number", "seq_index", "zeta_conditioning_guard",
+    "loss_cases", "make_head_inputs", "make_loss_inputs", "n_examples", "naive_logprobs_entropy", "oracle_guards",
+    "run_oracle_loss", "run_property", "same_number", "seq_index", "zeta_conditioning_guard",
 ]

@@ -20,7 +20,7 @@ from fused_pg.reference.head import logits_ref
 from .inputs import LossInputs, make_loss_inputs
 from .strategies import LossCase
 from .tolerances import (TOLS, assert_close, check_grads, check_head_values, check_metrics, check_per_token,
-                         dlogits_dtype, grad_floors, plain_logprobs_entropy)
+                         dlogits_dtype, grad_floors, naive_logprobs_entropy)
 
 HEAD_OPTIONS = ("temperature", "softcap", "ignore_index")
 
@@ -171,8 +171,8 @@ def check_loss_case(case: LossCase, backend: str) -> None:
     plain_lp = plain_ent = None
     if tol.fair and bool(valid.any()):
         hh, ww = inp.head.hidden.reshape(case.head.N, -1)[inp.valid], inp.head.weight
-        plain_lp, plain_ent = plain_logprobs_entropy(
-            hh, ww, inp.head.bias, inp.head.targets.reshape(-1)[inp.valid],
+        plain_lp, plain_ent = naive_logprobs_entropy(
+            hh, ww, inp.head.targets.reshape(-1)[inp.valid], inp.head.bias,
             temperature=case.head.temperature, softcap=case.head.softcap)
     check_head_values("logprobs", case.dtype, ref.logprobs, out.logprobs, valid, plain_lp)
     check_head_values("entropy", case.dtype, ref.entropy, out.entropy, valid, plain_ent)

@@ -36,8 +36,10 @@ import os
 from dataclasses import dataclass, field, replace
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
+
+# the plain-PyTorch head of the fair low-precision rule is the benchmark's naive baseline
+from fused_pg.bench.impls import naive_logprobs_entropy  # noqa: F401 -- re-exported by helpers
 
 from .backends import LOW_PRECISION
 from .plugin import STATS
@@ -201,23 +203,6 @@ GPU_TOLS = {
     "tf32": Tol(head=2e-3, head_rel=True, fair=False, value=2e-3, cos_min=0.9999,
                 grad_rel={**GPU_GRAD_REL, torch.float32: 1e-2}),
 }
-
-
-def plain_logprobs_entropy(h: Tensor, W: Tensor, b: Tensor | None, targets: Tensor, *,
-                           temperature: float, softcap: float | None) -> tuple[Tensor, Tensor]:
-    """Plain PyTorch head in the inputs' dtype: ``F.linear`` in low precision, then fp32.
-
-    This is the baseline of the fair low-precision rule (flat inputs; targets all valid).
-    """
-    dt = torch.promote_types(h.dtype, W.dtype)
-    z = F.linear(h.to(dt), W.to(dt), b.to(dt) if b is not None else None).float()
-    z = z / temperature
-    if softcap is not None:  # a -inf bias excludes its token, soft-cap or not
-        z = torch.where(torch.isneginf(z), z, softcap * torch.tanh(z / softcap))
-    logp_all = torch.log_softmax(z, dim=-1)
-    p = logp_all.exp()
-    ent = -(p * torch.where(p > 0, logp_all, 0.0)).sum(-1)
-    return logp_all.gather(-1, targets[:, None]).squeeze(-1), ent
 
 
 def check_head_values(name: str, dtype_name: str, ref: Tensor, got: Tensor, valid: Tensor,
