@@ -14,7 +14,7 @@ and formulas.
 from .config import HeadConfig, LossConfig
 from .control import AdaptiveClip, AdaptiveRepoCoef, EntropyController, NothingObservedWarning
 from .epilogue import METRIC_KEYS, METRICS
-from .head import fused_logprobs_entropy
+from .head import HeadOutput, fused_logprobs_entropy
 from .loss import PolicyLossOutput, RepoLoss, adapo_loss, policy_loss_from_logprobs, repo_loss
 from .parallel import DataParallel, Parallel, VocabParallel
 from .stats import RepoStats, repo_statistics
@@ -26,6 +26,7 @@ __all__ = [
     "adapo_loss",
     "policy_loss_from_logprobs",
     "fused_logprobs_entropy",
+    "HeadOutput",
     "RepoLoss",
     "repo_statistics",
     "RepoStats",

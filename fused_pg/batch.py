@@ -8,7 +8,8 @@ check of the per-token arguments (shapes, dtypes, mask values, plausibility of l
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, fields, replace
 
 import torch
 from torch import Tensor
@@ -16,10 +17,6 @@ from torch import Tensor
 from . import checks
 from .config import LossConfig
 from .stats import RepoStats
-
-# log-probabilities are <= 0; a little slack above 0 absorbs rounding in other frameworks,
-# while probabilities passed by mistake (values in (0, 1]) are refused
-LOGPROB_SLACK = 1e-2
 
 
 @dataclass(frozen=True)
@@ -60,11 +57,33 @@ class TokenBatch:
     rollout_logprobs: Tensor | None
     layout: SeqLayout | None          # None: packed without cu_seqlens (token-level only)
     num_items_in_batch: Tensor | float | None
-    max_length: int | None            # Dr.GRPO's constant length (resolved)
+    max_length: int | Tensor | None   # Dr.GRPO's constant length (resolved; the group's under data parallelism)
     repo_stats: RepoStats | None      # whole-batch REPO statistics (None: this batch's own)
     weights: Tensor | None = None     # per-token weights of the policy term
     kl_num_items_in_batch: Tensor | float | None = None       # the KL term's own normaliser, if given
     entropy_num_items_in_batch: Tensor | float | None = None  # the entropy term's own normaliser, if given
+
+    def restrict(self, valid: Tensor) -> "TokenBatch":
+        """The batch with fewer tokens that count (``valid`` implies ``self.valid``): the
+        per-token values of the others become 0, as for any token that does not count."""
+        def zero(x):
+            return None if x is None else torch.where(valid, x, 0.0)
+
+        return replace(self, valid=valid, advantages=zero(self.advantages), old_logprobs=zero(self.old_logprobs),
+                       ref_logprobs=zero(self.ref_logprobs), rollout_logprobs=zero(self.rollout_logprobs),
+                       weights=zero(self.weights))
+
+
+def check_repo_stats(stats: RepoStats) -> None:
+    """The values of a ``repo_stats`` argument (``validate``): every moment finite, a count and
+    a sum of squares that are not negative, a mean log-probability that is one (<= 0)."""
+    for f in fields(stats):
+        checks.finite(f"repo_stats.{f.name}", torch.as_tensor(getattr(stats, f.name)))
+    for name in ("count", "m2_logprob"):
+        value = float(getattr(stats, name))
+        if value < 0:
+            raise ValueError(f"repo_stats.{name} must be >= 0, got {value:.6g}")
+    checks.logprob_values("repo_stats.mean_logprob", torch.as_tensor(stats.mean_logprob).reshape(1))
 
 
 def make_token_batch(
@@ -113,11 +132,12 @@ def make_token_batch(
     if mask is not None:
         checks.tensor("mask", mask, device=device, like=like)
         checks.shape("mask", mask, lead, what)
-        if mask.dtype.is_complex:
-            raise TypeError(f"mask must be bool, integer or float, got {mask.dtype}")
+        checks.mask_dtype(mask)
     if repo_stats is not None and not isinstance(repo_stats, RepoStats):
         raise TypeError(f"repo_stats must be a RepoStats (see fused_pg.repo_statistics), "
                         f"got {type(repo_stats).__name__}")
+    if repo_stats is not None and validate:
+        check_repo_stats(repo_stats)
 
     # --- sequence layout -------------------------------------------------------------------
     layout = None
@@ -128,17 +148,7 @@ def make_token_batch(
         layout = SeqLayout(num_seqs=B, num_tokens=N, seq_len=T)
     elif cu_seqlens is not None:
         checks.tensor("cu_seqlens", cu_seqlens, dims=(1,), integer=True, device=device, like=like)
-        if cu_seqlens.numel() < 2:
-            raise ValueError("cu_seqlens must hold at least two offsets [0, ..., N]")
-        if validate:
-            checks.cu_seqlens_values(cu_seqlens, N)
-        # sync-free guard for unchecked offsets: clamp into [0, N], keep them monotone and pin
-        # the ends (first offset 0, last N), so the lengths are >= 0 and sum to N whatever the
-        # values, and the broadcast can never index past the N tokens
-        inner = torch.cummax(cu_seqlens[1:-1].long().clamp(0, N), dim=0).values
-        zero = torch.zeros(1, dtype=torch.long, device=device)
-        cu = torch.cat([zero, inner, zero + N])
-        lengths = cu[1:] - cu[:-1]
+        lengths = checks.sequence_lengths(cu_seqlens, N, validate)
         layout = SeqLayout(num_seqs=cu_seqlens.numel() - 1, num_tokens=N, lengths=lengths)
     elif cfg.needs_sequences:
         raise ValueError(
@@ -170,6 +180,24 @@ def make_token_batch(
     if uses_length and max_length is None:
         if len(lead) != 2:
             raise ValueError("aggregation='seq-mean-token-sum-norm' with packed inputs needs max_length")
+        # A given normaliser means this batch is part of a larger one (gradient accumulation,
+        # or a normaliser summed over ranks): the divisor's length must then be the larger
+        # batch's too, which this batch's T (the default) is not when parts are padded to
+        # different lengths. (Data-parallel ranks without a given normaliser agree on theirs.)
+        def term_items(own, own_aggregation):  # as the epilogue picks each term's normaliser
+            return own if own is not None else (num_items_in_batch if own_aggregation is None else None)
+
+        terms = ((cfg.aggregation, "num_items_in_batch", num_items_in_batch),
+                 (cfg.kl_mode, "kl_num_items_in_batch", term_items(kl_num_items_in_batch, cfg.kl_aggregation)),
+                 (cfg.entropy_mode, "entropy_num_items_in_batch",
+                  term_items(entropy_num_items_in_batch, cfg.entropy_aggregation)))
+        for mode, name, value in terms:
+            if mode == "seq-mean-token-sum-norm" and value is not None:
+                raise ValueError(
+                    f"{name} with aggregation 'seq-mean-token-sum-norm' (Dr.GRPO) needs max_length=: "
+                    "the divisor num_seqs * max_length must use the whole batch's length, and the "
+                    f"default, this batch's T = {lead[1]}, differs between micro-batches (or ranks) "
+                    "padded to different lengths")
         max_length = max(lead[1], 1)
     if cfg.max_length is not None and not uses_length:
         raise ValueError("max_length is only used by aggregation='seq-mean-token-sum-norm'")
@@ -180,8 +208,8 @@ def make_token_batch(
         if isinstance(value, Tensor):
             if value.numel() != 1:
                 raise ValueError(f"{name} must be a scalar")
-            if validate and not float(value) > 0:
-                raise ValueError(f"{name} must be > 0")
+            if validate and not (math.isfinite(float(value)) and float(value) > 0):
+                raise ValueError(f"{name} must be finite and > 0, got {float(value)}")
             return value.detach().to(device=device, dtype=dtype).reshape(())
         return checks.real(name, value, lo=0.0, lo_open=True)
 
@@ -208,7 +236,7 @@ def make_token_batch(
             counted_values = x[valid]
             checks.finite(name, counted_values)
             if logprob:
-                checks.logprob_values(name, counted_values, LOGPROB_SLACK)
+                checks.logprob_values(name, counted_values)
         return torch.where(valid, x.to(dtype), 0.0)
 
     return TokenBatch(

@@ -16,6 +16,10 @@ from torch import Tensor
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
+# log-probabilities are <= 0 (entropies >= 0); a little slack absorbs rounding in other
+# frameworks, while probabilities passed by mistake (values in (0, 1]) are refused
+LOGPROB_SLACK = 1e-2
+
 
 # ---------------------------------------------------------------------------------------------
 # scalar options
@@ -120,16 +124,43 @@ def target_ids(targets: Tensor, valid: Tensor, vocab_size: int, ignore_index: in
                              "its log-probability would be -inf")
 
 
-def logprob_values(name: str, x: Tensor, slack: float) -> None:
+def logprob_values(name: str, x: Tensor, slack: float = LOGPROB_SLACK) -> None:
     """Log-probabilities are <= 0: values above ``slack`` are probabilities or logits by mistake."""
     if x.numel() and bool((x > slack).any()):
         raise ValueError(f"{name} must hold log-probabilities (<= 0), got a maximum of {float(x.max()):.4g}: "
                          "were probabilities or logits passed instead?")
 
 
-def binary_mask(mask: Tensor) -> None:
+def entropy_values(name: str, x: Tensor, slack: float = LOGPROB_SLACK) -> None:
+    """Entropies are >= 0: values below ``-slack`` are something else (a negated entropy?)."""
+    if x.numel() and bool((x < -slack).any()):
+        raise ValueError(f"{name} must hold entropies (>= 0), got a minimum of {float(x.min()):.4g}")
+
+
+def binary_mask(mask: Tensor, name: str = "mask") -> None:
     if mask.dtype != torch.bool and not bool(((mask == 0) | (mask == 1)).all()):
-        raise ValueError("mask must hold only 0 and 1 (or be a bool tensor)")
+        raise ValueError(f"{name} must hold only 0 and 1 (or be a bool tensor)")
+
+
+def mask_dtype(mask: Tensor, name: str = "mask") -> None:
+    if mask.dtype.is_complex:
+        raise TypeError(f"{name} must be bool, integer or float, got {mask.dtype}")
+
+
+def sequence_lengths(cu_seqlens: Tensor, num_tokens: int, validate: bool) -> Tensor:
+    """Lengths [S] (int64) of the packed sequences ``cu_seqlens`` [S + 1] describes over
+    ``num_tokens`` tokens. The offsets are checked when ``validate``; either way they are
+    clamped into [0, N], kept monotone and pinned at both ends (first 0, last N), a guard
+    without a host sync: the lengths are >= 0 and sum to N whatever the values, so nothing
+    indexes past the N tokens."""
+    if cu_seqlens.numel() < 2:
+        raise ValueError("cu_seqlens must hold at least two offsets [0, ..., N]")
+    if validate:
+        cu_seqlens_values(cu_seqlens, num_tokens)
+    inner = torch.cummax(cu_seqlens[1:-1].long().clamp(0, num_tokens), dim=0).values
+    zero = torch.zeros(1, dtype=torch.long, device=cu_seqlens.device)
+    cu = torch.cat([zero, inner, zero + num_tokens])
+    return cu[1:] - cu[:-1]
 
 
 def cu_seqlens_values(cu_seqlens: Tensor, num_tokens: int) -> None:

@@ -58,7 +58,9 @@ class HeadConfig:
     backend: str = option(
         "auto", '"triton" (CUDA kernels), "torch" (chunked PyTorch), "reference" (materialised logits, '
         'fp64-capable), "auto" (triton on CUDA, torch otherwise)')
-    ignore_index: int = option(-100, "target id of tokens that never count (HF padding convention)")
+    ignore_index: int = option(
+        -100, "target id of the tokens the head skips (HF padding convention): log-prob and entropy 0, not "
+        "counted by `repo_loss`; functions that take log-probs see no targets: pass them the head's `mask`")
 
     def __post_init__(self):
         _set(self, "temperature", real("temperature", self.temperature, lo=0.0, lo_open=True))
@@ -112,7 +114,9 @@ class LossConfig:
         "token-mean", '"token-mean" | "token-sum" | "seq-mean-token-mean" | "seq-mean-token-sum" | '
         '"seq-mean-token-sum-norm" (Dr.GRPO: divisor num_seqs * max_length)')
     max_length: int | None = option(
-        None, 'Dr.GRPO\'s constant length for "seq-mean-token-sum-norm" (default: T of [B, T] inputs)')
+        None, 'Dr.GRPO\'s constant length for "seq-mean-token-sum-norm" (default: T of [B, T] inputs, '
+        "the longest T of the group under `DataParallel`; needed with packed inputs and with a given "
+        "normaliser such as `num_items_in_batch`; TRL's is `max_completion_length`)")
     importance_level: str = option(
         "token", '"token", or "sequence" (GSPO: the geometric-mean ratio of the sequence)')
     tis_cap: float | None = option(
@@ -164,10 +168,11 @@ class LossConfig:
         """A trainer's defaults (:data:`PRESETS`) with ``overrides`` on top.
 
         A preset sets the clip range, dual clip / delta, aggregation, importance level and KL
-        estimator of its trainer, never the REPO options. A preset value may depend on the
-        other options (verl clamps only its k3 estimates), so pass overrides here rather than
-        ``dataclasses.replace`` a preset's result. Dr.GRPO's ``max_length`` applies only where
-        some term uses "seq-mean-token-sum-norm".
+        estimator of its trainer, never the REPO options, nor lengths the trainer takes from its
+        own settings: "trl-dr-grpo" divides like TRL only with ``max_length=`` TRL's
+        ``max_completion_length`` (otherwise by T, see ``max_length``). A preset value may
+        depend on the other options (verl clamps only its k3 estimates), so pass overrides here
+        rather than ``dataclasses.replace`` a preset's result.
         """
         choice("preset", name, tuple(PRESETS))
         _check_names("LossConfig.preset", overrides, LOSS_FIELDS)
@@ -176,11 +181,6 @@ class LossConfig:
         for k, v in table.items():  # preset values that depend on other resolved options
             if callable(v) and k not in overrides:
                 resolved[k] = v(resolved)
-        if "max_length" in table and "max_length" not in overrides:
-            modes = [resolved.get(k) or resolved.get("aggregation", "token-mean")
-                     for k in ("aggregation", "kl_aggregation", "entropy_aggregation")]
-            if "seq-mean-token-sum-norm" not in modes:
-                del resolved["max_length"]
         return cls(**resolved)
 
     @property
@@ -226,8 +226,9 @@ PRESETS: dict[str, dict] = {
     "trl-gspo": dict(_TRL, aggregation="seq-mean-token-mean", importance_level="sequence"),
     "trl-dapo": dict(_TRL, aggregation="token-mean"),
     "trl-bnpo": dict(_TRL, aggregation="token-mean"),
-    # max_completion_length defaults to 512 in TRL: pass max_length= when yours differs
-    "trl-dr-grpo": dict(_TRL, aggregation="seq-mean-token-sum-norm", max_length=512),
+    # TRL divides by max_completion_length (a trainer setting, 512 by default): pass it as
+    # max_length= for TRL's divisor; without it the divisor uses T, as for any Dr.GRPO aggregation
+    "trl-dr-grpo": dict(_TRL, aggregation="seq-mean-token-sum-norm"),
     "trl-luspo": dict(_TRL, aggregation="seq-mean-token-sum", importance_level="sequence"),
     # OpenRLHF defaults (eps_clip 0.2, no dual clip, token-mean, kl estimator k1 clamped to [-10, 10])
     "openrlhf": dict(eps_low=0.2, eps_high=0.2, dual_clip=None, delta=None, aggregation="token-mean",
@@ -237,7 +238,7 @@ PRESETS: dict[str, dict] = {
 resolved options."""
 
 PRESET_OPTIONS = ("eps_low", "eps_high", "dual_clip", "delta", "aggregation", "importance_level",
-                  "kl_estimator", "kl_clamp", "max_length")
+                  "kl_estimator", "kl_clamp")
 """The options a preset may set."""
 
 LOSS_FIELDS = tuple(f.name for f in fields(LossConfig))

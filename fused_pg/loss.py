@@ -14,7 +14,7 @@ metric reduction. Both losses therefore give identical results on identical log-
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor
@@ -27,9 +27,9 @@ from .epilogue import policy_loss
 from .parallel import LOCAL, Parallel
 from .stats import RepoStats
 
-# keywords the public losses accept besides the config fields: the older spellings of the
-# parallel groups, and the KL / entropy terms' own normalisers
-_EXTRAS = ("process_group", "data_parallel_group", "kl_num_items_in_batch", "entropy_num_items_in_batch")
+# keywords the public losses accept besides the config fields (and the older spellings of the
+# parallel groups, process_group= / data_parallel_group=): the KL / entropy terms' own normalisers
+_NORMALISERS = ("kl_num_items_in_batch", "entropy_num_items_in_batch")
 
 
 @dataclass
@@ -50,6 +50,9 @@ class PolicyLossOutput:
               option is off, NaN where a value could not be measured, with a flag saying why):
               0-dim tensors (no host sync happens until you read them) and the floats eps_low,
               eps_high (the hyper-parameters used), entropy_measured and rollout_measured.
+    mask:     bool, the per-token shape: the tokens that counted (the mask, without the
+              targets equal to ``ignore_index`` and, unchecked, the invalid ones). Pass it
+              along with ``logprobs`` to functions that take log-probs.
     """
 
     loss: Tensor
@@ -58,6 +61,7 @@ class PolicyLossOutput:
     metrics: dict[str, Tensor | float] = field(default_factory=dict)
     advantages: Tensor | None = None
     ratio: Tensor | None = None
+    mask: Tensor | None = None
 
 
 class _NoGradientPath(torch.autograd.Function):
@@ -128,6 +132,7 @@ def _finish(logprobs: Tensor, entropy: Tensor | None, call: _Call, leaves: dict,
         metrics=metrics,
         advantages=per_token["advantages"].view(call.lead),
         ratio=per_token["ratio"].view(call.lead),
+        mask=batch.valid.view(call.lead),
     )
 
 
@@ -175,7 +180,8 @@ def repo_loss(
                        on-policy (ratio 1 with the gradient of logp, no extra sweep). Like
                        ref/rollout log-probs they are constants: detached inside.
         mask:          1/True for tokens that count (bool, int or float 0/1); tokens whose
-                       target is ``ignore_index`` never count.
+                       target is ``ignore_index`` do not count either (nor, unchecked, ids
+                       outside [0, V) or excluded by a -inf bias): ``out.mask`` says which did.
         ref_logprobs:  reference-policy log-probs, for ``kl_coef`` (KL is reported whenever given).
         rollout_logprobs: the inference engine's log-probs, for ``tis_cap``; without ``tis_cap``
                        they are only monitored (``rollout_mismatch_abs_mean``, ...).
@@ -211,7 +217,8 @@ def repo_loss(
                        become the whole group's, ``loss`` being this rank's share (the sum over
                        ranks equals one process on the whole batch); ``Parallel(vocab, data)``
                        for both (see :mod:`fused_pg.parallel`).
-        validate:      value checks (NaN/Inf, ids, log-probs <= 0 up to 1e-2 where they count);
+        validate:      value checks (NaN/Inf, ids, log-probs <= 0 and entropies >= 0 up to 1e-2
+                       where they count, mask values 0/1, ``repo_stats``, normalisers > 0);
                        default True on CPU, False on GPU (value checks synchronise).
 
     Returns:
@@ -223,22 +230,30 @@ def repo_loss(
         >>> out = repo_loss(h, model.lm_head.weight, ids[:, 1:], adv, old_logp, mask, eps_high=0.28)
         >>> out.loss.backward()
     """
-    cfg, head_cfg, extras = resolve("repo_loss", config, head, overrides, extras=_EXTRAS)
-    par = Parallel.of(parallel, process_group=extras.get("process_group"),
-                      data_parallel_group=extras.get("data_parallel_group"))
-    _check_repo_inputs(cfg, repo_stats, entropy_given=True)
-    inputs = head_mod.prepare(hidden, weight, targets, bias, head_cfg, par, validate)
-    batch = make_token_batch(
-        tuple(targets.shape), hidden.device, _edt(hidden, weight), counted=inputs.counted,
-        advantages=advantages, old_logprobs=old_logprobs, mask=mask, ref_logprobs=ref_logprobs,
-        rollout_logprobs=rollout_logprobs, cu_seqlens=cu_seqlens, num_items_in_batch=num_items_in_batch,
-        repo_stats=repo_stats, cfg=cfg, validate=inputs.validate, what="the leading shape of hidden",
-        weights=weights, kl_num_items_in_batch=extras.get("kl_num_items_in_batch"),
-        entropy_num_items_in_batch=extras.get("entropy_num_items_in_batch"))
+    par = Parallel.of(parallel, process_group=overrides.pop("process_group", None),
+                      data_parallel_group=overrides.pop("data_parallel_group", None))
+    # everything a rank checks alone, before the first collective: if it raises on one rank,
+    # every rank raises the same error (no rank is left waiting in a collective)
+    with par.agreement("repo_loss"):
+        cfg, head_cfg, extras = resolve("repo_loss", config, head, overrides, extras=_NORMALISERS)
+        _check_repo_inputs(cfg, repo_stats, entropy_given=True)
+        inputs = head_mod.prepare(hidden, weight, targets, bias, head_cfg, par, validate)
+        batch = make_token_batch(
+            tuple(targets.shape), hidden.device, _edt(hidden, weight), counted=inputs.counted,
+            advantages=advantages, old_logprobs=old_logprobs, mask=mask, ref_logprobs=ref_logprobs,
+            rollout_logprobs=rollout_logprobs, cu_seqlens=cu_seqlens, num_items_in_batch=num_items_in_batch,
+            repo_stats=repo_stats, cfg=cfg, validate=inputs.validate, what="the leading shape of hidden",
+            weights=weights, kl_num_items_in_batch=extras.get("kl_num_items_in_batch"),
+            entropy_num_items_in_batch=extras.get("entropy_num_items_in_batch"))
+        if inputs.validate:
+            head_mod.check_local_values(inputs, batch.valid)
+    inputs = head_mod.bind(inputs)
+    batch = batch.restrict(batch.valid & inputs.counted)
     if inputs.validate:
-        head_mod.check_values(inputs, batch.valid)
-    call = _Call(cfg=cfg, batch=batch, parallel=par, lead=tuple(targets.shape))
-    logprobs, entropy = head_mod.sweep(inputs, batch.valid)
+        with par.vocab_checks_agreement("repo_loss"):
+            head_mod.check_values(inputs, batch.valid)
+    logprobs, entropy, valid = head_mod.sweep(inputs, batch.valid)
+    call = _Call(cfg=cfg, batch=batch.restrict(valid), parallel=par, lead=tuple(targets.shape))
     return _finish(logprobs, entropy, call, {"hidden": hidden, "weight": weight, "bias": bias}, "repo_loss")
 
 
@@ -272,7 +287,10 @@ def policy_loss_from_logprobs(
         advantages, old_logprobs, mask, ref_logprobs, rollout_logprobs, cu_seqlens, weights,
                    repo_stats, num_items_in_batch: as in :func:`repo_loss`, with
                    ``logprobs``' shape in place of hidden's leading shape; ``old_logprobs=None``
-                   means on-policy.
+                   means on-policy. There are no targets here: log-probs from
+                   :func:`fused_pg.fused_logprobs_entropy` are 0 where its targets were
+                   ``ignore_index``, so pass its ``out.mask`` (or ``mask & out.mask``), or such
+                   tokens count as tokens of probability 1.
         entropy:   optional per-token entropies, ``logprobs``' shape, differentiable; needed
                    when ``entropy_coef != 0`` and for ``repo_center="state"``. Without them every
                    metric that needs H (``entropy_mean``, ``entropy_drive``, ...) is NaN and
@@ -288,40 +306,43 @@ def policy_loss_from_logprobs(
         >>> out = policy_loss_from_logprobs(logp, adv, old_logp, response_mask, preset="verl")
         >>> out.loss.backward()
     """
-    cfg, _, extras = resolve("policy_loss_from_logprobs", config, None, overrides, extras=_EXTRAS[1:],
-                             head_fields=False)
-    par = Parallel.of(parallel, data_parallel_group=extras.get("data_parallel_group"))
+    par = Parallel.of(parallel, data_parallel_group=overrides.pop("data_parallel_group", None))
     if par.vocab is not LOCAL:
         raise ValueError("policy_loss_from_logprobs takes log-probs, not an LM head: a VocabParallel "
                          "strategy does not apply (pass DataParallel(group))")
-    checks.tensor("logprobs", logprobs, dims=(1, 2), floating=True)
-    dev = logprobs.device
-    lead = tuple(logprobs.shape)
-    if entropy is not None:
-        checks.tensor("entropy", entropy, floating=True, device=dev, like="logprobs")
-        checks.shape("entropy", entropy, lead, "the shape of logprobs")
-    if entropy is None and cfg.entropy_coef != 0:
-        raise ValueError("entropy_coef != 0 needs entropy (per-token entropies, the shape of logprobs)")
-    _check_repo_inputs(cfg, repo_stats, entropy_given=entropy is not None)
-    validate = checks.resolve_validate(validate, dev)
-    edt = _edt(logprobs)
-    batch = make_token_batch(
-        lead, dev, edt, counted=None, advantages=advantages, old_logprobs=old_logprobs, mask=mask,
-        ref_logprobs=ref_logprobs, rollout_logprobs=rollout_logprobs, cu_seqlens=cu_seqlens,
-        num_items_in_batch=num_items_in_batch, repo_stats=repo_stats, cfg=cfg, validate=validate,
-        what="the shape of logprobs", like="logprobs", weights=weights,
-        kl_num_items_in_batch=extras.get("kl_num_items_in_batch"),
-        entropy_num_items_in_batch=extras.get("entropy_num_items_in_batch"))
-    valid = batch.valid
-    lp = logprobs.reshape(-1)
-    if validate:
-        checks.finite("logprobs", lp.detach()[valid])
-        checks.logprob_values("logprobs", lp.detach()[valid], 1e-2)
+    with par.agreement("policy_loss_from_logprobs"):
+        cfg, _, extras = resolve("policy_loss_from_logprobs", config, None, overrides, extras=_NORMALISERS,
+                                 head_fields=False)
+        checks.tensor("logprobs", logprobs, dims=(1, 2), floating=True)
+        dev = logprobs.device
+        lead = tuple(logprobs.shape)
+        if entropy is not None:
+            checks.tensor("entropy", entropy, floating=True, device=dev, like="logprobs")
+            checks.shape("entropy", entropy, lead, "the shape of logprobs")
+        if entropy is None and cfg.entropy_coef != 0:
+            raise ValueError("entropy_coef != 0 needs entropy (per-token entropies, the shape of logprobs)")
+        _check_repo_inputs(cfg, repo_stats, entropy_given=entropy is not None)
+        validate = checks.resolve_validate(validate, dev)
+        edt = _edt(logprobs)
+        batch = make_token_batch(
+            lead, dev, edt, counted=None, advantages=advantages, old_logprobs=old_logprobs, mask=mask,
+            ref_logprobs=ref_logprobs, rollout_logprobs=rollout_logprobs, cu_seqlens=cu_seqlens,
+            num_items_in_batch=num_items_in_batch, repo_stats=repo_stats, cfg=cfg, validate=validate,
+            what="the shape of logprobs", like="logprobs", weights=weights,
+            kl_num_items_in_batch=extras.get("kl_num_items_in_batch"),
+            entropy_num_items_in_batch=extras.get("entropy_num_items_in_batch"))
+        valid = batch.valid
+        lp = logprobs.reshape(-1)
+        if validate:
+            checks.finite("logprobs", lp.detach()[valid])
+            checks.logprob_values("logprobs", lp.detach()[valid])
+        if entropy is not None:
+            ent = entropy.reshape(-1)
+            if validate:
+                checks.finite("entropy", ent.detach()[valid])
+                checks.entropy_values("entropy", ent.detach()[valid])
     lp = torch.where(valid, lp.to(edt), 0.0)
     if entropy is not None:
-        ent = entropy.reshape(-1)
-        if validate:
-            checks.finite("entropy", ent.detach()[valid])
         ent = torch.where(valid, ent.to(edt), 0.0)
     else:
         ent = None  # not measured

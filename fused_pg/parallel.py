@@ -32,7 +32,15 @@ the whole batch. Convention: ``out.loss`` on rank ``r`` is rank ``r``'s share of
 the concatenated batch, so the *sum* over ranks of the losses (and of their gradients) equals
 one process on the concatenated batch. DDP and FSDP *average* gradients over the group:
 multiply the loss by the group size before ``backward()`` to get the one-process gradient
-(or turn the wrapper's averaging off).
+(or turn the wrapper's averaging off). Dr.GRPO's default length is the group's longest ``T``,
+so ranks may pad their parts to different lengths.
+
+**Errors** (:meth:`Parallel.agreement`). A call first does everything a rank can check alone,
+then the vocabulary and data groups agree on the outcome before the first collective (a
+host-side all-reduce of a 4-byte flag, no device synchronisation): a bad argument on one rank
+makes every rank raise the same error naming that rank, instead of leaving the others waiting
+in a collective. The value checks of a split vocabulary are made across its group (every rank
+of it raises the same error) and, with a data-parallel group too, agreed over that group.
 """
 
 from __future__ import annotations
@@ -71,8 +79,7 @@ class _WholeVocabulary:
 
     def check_values(self, hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor,
                      counted: Tensor, valid: Tensor, ignore_index: int) -> None:
-        checks.target_ids(targets, counted, self.vocab_size, ignore_index, bias)
-        checks.head_values(hidden, weight, bias, valid)
+        """Nothing left: one process checks every value before binding (:meth:`Local.check_local_values`)."""
 
 
 @dataclass(frozen=True)
@@ -80,6 +87,14 @@ class VocabParallel:
     """The LM head's vocabulary split over ``group`` in rank order (see the module doc)."""
 
     group: object
+
+    def groups(self) -> list[tuple[str, object]]:
+        return [("process_group", self.group)]
+
+    def check_local_values(self, hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor,
+                           counted: Tensor, valid: Tensor, ignore_index: int) -> None:
+        """Nothing alone: the shard's value checks are made across the group once the layout is
+        known (:meth:`_VocabShard.check_values`), so that every rank raises the same error."""
 
     def bind(self, weight: Tensor) -> "_VocabShard":
         """This rank's shard layout, from one all-gather of the shard sizes (R int64)."""
@@ -178,29 +193,30 @@ class _VocabShard:
                     live_bias=bias is None or bool(torch.isfinite(bias).any()))
         views = comm.all_gather_object(info, self.group)
         where = lambda k: f"rank {k} of process_group"  # noqa: E731
+        blame = lambda k, message: comm.blame(ValueError(message), self.group, k)  # noqa: E731
         for k, v in enumerate(views):
             if v["problem"] is not None:
-                raise ValueError(f"{where(k)}: {v['problem']}")
+                raise blame(k, f"{where(k)}: {v['problem']}")
         for k, v in enumerate(views):
             if v["D"] != views[0]["D"]:
-                raise ValueError(f"weight shards differ in hidden size D: {where(0)} has shape "
-                                 f"({views[0]['V']}, {views[0]['D']}), {where(k)} has ({v['V']}, {v['D']}); "
-                                 "every shard is [V_r, D] with the same D")
+                raise blame(k, f"weight shards differ in hidden size D: {where(0)} has shape "
+                               f"({views[0]['V']}, {views[0]['D']}), {where(k)} has ({v['V']}, {v['D']}); "
+                               "every shard is [V_r, D] with the same D")
             if v["fingerprint"] != views[0]["fingerprint"]:
-                raise ValueError(f"hidden, targets or mask differ between {where(0)} and {where(k)}: the "
-                                 "vocabulary-parallel head needs the same hidden states and per-token "
-                                 "arguments on every rank (each rank holds a slice of the vocabulary)")
+                raise blame(k, f"hidden, targets or mask differ between {where(0)} and {where(k)}: the "
+                               "vocabulary-parallel head needs the same hidden states and per-token "
+                               "arguments on every rank (each rank holds a slice of the vocabulary)")
             if v["requires_grad"] != views[0]["requires_grad"]:
-                raise ValueError(f"hidden.requires_grad is {views[0]['requires_grad']} on {where(0)} but "
-                                 f"{v['requires_grad']} on {where(k)}: the backward all-reduces d_hidden, "
-                                 "so every rank must agree")
+                raise blame(k, f"hidden.requires_grad is {views[0]['requires_grad']} on {where(0)} but "
+                               f"{v['requires_grad']} on {where(k)}: the backward all-reduces d_hidden, "
+                               "so every rank must agree")
         if not any(v["live_bias"] for v in views):
             raise ValueError("bias excludes every vocabulary entry (all -inf on every rank of process_group)")
         checks.target_ids(targets, counted, sum(v["V"] for v in views), ignore_index)
         for k, v in enumerate(views):
             if v["excluded"] is not None:
-                raise ValueError(f"targets contains id {v['excluded']} whose bias is -inf on {where(k)} "
-                                 "(an excluded token): its log-probability would be -inf")
+                raise blame(k, f"targets contains id {v['excluded']} whose bias is -inf on {where(k)} "
+                               "(an excluded token): its log-probability would be -inf")
 
 
 def merge_shard_stats(lse_k: Tensor, entropy_k: Tensor, target_logit_k: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -223,6 +239,7 @@ def vocab_parallel_comm_bytes(num_tokens: int, hidden_size: int, world_size: int
     """Bytes one rank sends per training step (forward + backward) of the vocabulary-parallel
     head, by collective, with ring algorithms (what NCCL and gloo use for large payloads).
 
+    agreement on errors: all-reduce of a 4-byte flag on the host -> sends 2 (R - 1) / R * 4.
     sizes: all-gather of 1 int64 -> sends 8 (R - 1) (a ring all-gather forwards R - 1 blocks).
     forward: all-gather of [3, N] statistics -> sends (R - 1) 3 N s (s = 4 for fp32 statistics,
     8 for fp64 inputs). backward: all-reduce of d_hidden [N, D] fp32 -> sends 2 (R - 1) / R * 4 N D
@@ -230,6 +247,7 @@ def vocab_parallel_comm_bytes(num_tokens: int, hidden_size: int, world_size: int
     """
     R, N, D = world_size, num_tokens, hidden_size
     out = {
+        "error_agreement": (2 * (R - 1) * 4) // R,
         "sizes_all_gather": 8 * (R - 1),
         "stats_all_gather": (R - 1) * 3 * N * stats_itemsize,
         "dhidden_all_reduce": (2 * (R - 1) * 4 * N * D) // R if hidden_grad else 0,
@@ -262,12 +280,17 @@ class DataParallel:
 
     group: object
 
+    def groups(self) -> list[tuple[str, object]]:
+        return [("data_parallel_group", self.group)]
+
     def whole_batch(self, batch: TokenBatch, logprobs: Tensor, cfg, entropy: Tensor | None = None) -> TokenBatch:
         """The token batch with whole-group ``repo_stats`` and normalisers, for what the caller
         did not pass itself: one all-gather of float64 (statistics of this rank's tokens from the
-        fresh ``logprobs``, with the moments of ``logp + H`` for ``repo_center="state"``, and its
+        fresh ``logprobs``, with the moments of ``logp + H`` for ``repo_center="state"``, its
         normaliser of each term that needs one: the policy term's, and the KL / entropy terms'
-        when they have their own aggregation)."""
+        when they have their own aggregation, and its padded length T when Dr.GRPO's
+        ``max_length`` defaults to it: the group's is the longest, that of the whole batch padded
+        to one length)."""
         comm.check_group("data_parallel_group", self.group)
         own_stats = batch.repo_stats is None
         # (field of the batch, aggregation) of each normaliser to make global
@@ -277,20 +300,25 @@ class DataParallel:
         if cfg.entropy_aggregation is not None:
             terms.append(("entropy_num_items_in_batch", cfg.entropy_aggregation))
         terms = [(f, mode) for f, mode in terms if getattr(batch, f) is None and mode != "token-sum"]
-        if not (own_stats or terms):
+        own_length = batch.max_length is not None and cfg.max_length is None
+        if not (own_stats or terms or own_length):
             return batch
         state = entropy if cfg.repo_center == "state" else None
-        stats = RepoStats.of(logprobs.detach(), batch.advantages, batch.valid, state).as_tensor()
-        k = stats.numel()  # 5, or 8 with the moments of logp + H
-        local = torch.cat([stats, *[local_num_items(batch, mode).reshape(1) for _, mode in terms]])
-        parts = comm.all_gather(local, self.group)  # [R, k + terms]
+        stats = RepoStats.of(logprobs.detach(), batch.advantages, batch.valid, state)
+        width = stats.as_tensor().numel()  # 5, or 8 with the moments of logp + H
+        columns = [stats.as_tensor(), *[local_num_items(batch, mode).reshape(1) for _, mode in terms]]
+        if own_length:
+            columns.append(torch.full((1,), float(batch.max_length), dtype=torch.float64, device=logprobs.device))
+        parts = comm.all_gather(torch.cat(columns), self.group)  # [R, width + terms (+ 1)]
         if own_stats:
-            merged = RepoStats.merge_all([RepoStats.from_tensor(p[:k]) for p in parts.unbind(0)])
+            merged = RepoStats.merge_all([RepoStats.from_tensor(p[:width]) for p in parts.unbind(0)])
             batch = replace(batch, repo_stats=merged)
         for i, (name, _) in enumerate(terms):
-            total = parts[:, k + i].sum()
+            total = parts[:, width + i].sum()
             # an all-empty group keeps the one-process behaviour (loss 0, divided by 1)
             batch = replace(batch, **{name: total.clamp_min(1.0).to(logprobs.dtype)})
+        if own_length:
+            batch = replace(batch, max_length=parts[:, -1].max().to(logprobs.dtype))
         return batch
 
     def reduce_metrics(self, metrics: dict) -> dict:
@@ -325,6 +353,17 @@ class DataParallel:
 class Local:
     """One process: the whole vocabulary and the whole batch (every hook is the identity)."""
 
+    def groups(self) -> list:
+        return []
+
+    def check_local_values(self, hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor,
+                           counted: Tensor, valid: Tensor, ignore_index: int) -> None:
+        """The value checks of a whole vocabulary (``validate=True``): the targets of the tokens
+        ``counted`` are vocabulary ids not excluded by a -inf bias; weight, bias and the hidden
+        rows that count (``valid``) are finite. Local: made before any collective."""
+        checks.target_ids(targets, counted, weight.shape[0], ignore_index, bias)
+        checks.head_values(hidden, weight, bias, valid)
+
     def bind(self, weight: Tensor) -> _WholeVocabulary:
         return _WholeVocabulary(weight)
 
@@ -348,6 +387,18 @@ class Parallel:
 
     vocab: VocabParallel | Local = LOCAL
     data: DataParallel | Local = LOCAL
+
+    def agreement(self, where: str):
+        """Context for the local part of a call (everything before its first collective): if it
+        raises on one rank, every rank of the vocabulary and data groups raises the same error,
+        naming that rank (:func:`fused_pg.comm.agreement`); nothing to agree on for one process."""
+        return comm.agreement(where, self.vocab.groups() + self.data.groups())
+
+    def vocab_checks_agreement(self, where: str):
+        """Context for a split vocabulary's value checks (made across its group, every rank of it
+        raising the same error): with data parallelism too, the data-parallel peers learn the
+        outcome before the next collective."""
+        return comm.agreement(where, self.data.groups() if self.vocab is not LOCAL else [])
 
     @staticmethod
     def of(value, *, process_group=None, data_parallel_group=None) -> "Parallel":

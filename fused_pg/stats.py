@@ -167,8 +167,8 @@ class RepoStats:
 
 
 def repo_statistics(logprobs: Tensor, advantages: Tensor, mask: Tensor | None = None, *,
-                    entropy: Tensor | None = None, cu_seqlens: Tensor | None = None,
-                    process_group=None) -> RepoStats:
+                    entropy: Tensor | None = None, cu_seqlens: Tensor | None = None, process_group=None,
+                    validate: bool | None = None) -> RepoStats:
     """REPO statistics of one (micro-)batch, to merge and pass as ``repo_stats=``.
 
     Args:
@@ -177,14 +177,21 @@ def repo_statistics(logprobs: Tensor, advantages: Tensor, mask: Tensor | None = 
                     log-probs; later, compute them with :func:`fused_pg.fused_logprobs_entropy`
                     under ``torch.no_grad()``.
         advantages: the same shape, or one per sequence ([B], or [S] with ``cu_seqlens``).
-        mask:       1/True for tokens that count (the same mask the loss gets; tokens whose
-                    target is the loss's ``ignore_index`` must be masked out here too).
+        mask:       1/True for tokens that count: the tokens the loss counts. Log-probs carry
+                    no targets, so tokens whose target is ``ignore_index`` count here unless
+                    the mask leaves them out: pass the head's ``mask``
+                    (``fused_logprobs_entropy(...).mask``, or ``your_mask & out.mask``).
         entropy:    the per-token entropies of the same policy (the second output of
                     :func:`fused_pg.fused_logprobs_entropy`), the shape of ``logprobs``: the
                     statistics then also hold the moments of ``logp + H``, which
                     ``repo="decorrelate"`` with ``repo_center="state"`` needs.
+        cu_seqlens: [S + 1] offsets of packed sequences, for per-sequence advantages.
         process_group: a data-parallel group: the statistics of every rank's tokens together
-                    (:meth:`RepoStats.all_reduce`), the same on every rank.
+                    (:meth:`RepoStats.all_reduce`), the same on every rank. A rank whose
+                    arguments are refused makes every rank raise the same error.
+        validate:   value checks as in the losses (mask values 0/1, finite log-probs <= 0 and
+                    advantages where they count, cu_seqlens offsets); default True on CPU,
+                    False on GPU (value checks synchronise).
 
     Example (gradient accumulation over micro-batches that together form one batch)::
 
@@ -192,28 +199,52 @@ def repo_statistics(logprobs: Tensor, advantages: Tensor, mask: Tensor | None = 
         for i in micro_batches:
             repo_loss(..., repo_stats=stats, num_items_in_batch=n_tokens_total).loss.backward()
     """
+    groups = [("process_group", process_group)] if process_group is not None else []
+    with comm.agreement("repo_statistics", groups):
+        stats = _local_statistics(logprobs, advantages, mask, entropy, cu_seqlens, validate)
+    return stats if process_group is None else stats.all_reduce(process_group)
+
+
+def _local_statistics(logprobs: Tensor, advantages: Tensor, mask: Tensor | None, entropy: Tensor | None,
+                      cu_seqlens: Tensor | None, validate: bool | None) -> RepoStats:
     checks.tensor("logprobs", logprobs, dims=(1, 2), floating=True)
-    checks.tensor("advantages", advantages, floating=True, device=logprobs.device)
+    dev = logprobs.device
+    checks.tensor("advantages", advantages, floating=True, device=dev, like="logprobs")
+    validate = checks.resolve_validate(validate, dev)
     lead = tuple(logprobs.shape)
+    N = logprobs.numel()
+    lengths = None
+    if cu_seqlens is not None:
+        if logprobs.dim() != 1:
+            raise ValueError(f"cu_seqlens is only for packed inputs; logprobs is [B, T] = {lead}")
+        checks.tensor("cu_seqlens", cu_seqlens, dims=(1,), integer=True, device=dev, like="logprobs")
+        lengths = checks.sequence_lengths(cu_seqlens, N, validate)
     if tuple(advantages.shape) == lead:
         adv = advantages.reshape(-1)
     elif logprobs.dim() == 2 and tuple(advantages.shape) == (lead[0],):
         adv = advantages[:, None].expand(lead).reshape(-1)
-    elif logprobs.dim() == 1 and cu_seqlens is not None and advantages.dim() == 1 \
-            and advantages.numel() == cu_seqlens.numel() - 1:
-        lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
-        adv = torch.repeat_interleave(advantages, lengths, output_size=lead[0])
+    elif lengths is not None and tuple(advantages.shape) == (lengths.numel(),):
+        adv = torch.repeat_interleave(advantages, lengths, output_size=N)
     else:
         raise ValueError(f"advantages must have shape {lead} (one per token) or one per sequence, "
                          f"got {tuple(advantages.shape)}")
-    valid = torch.ones(lead, dtype=torch.bool, device=logprobs.device)
+    valid = torch.ones(N, dtype=torch.bool, device=dev)
     if mask is not None:
-        checks.tensor("mask", mask, device=logprobs.device)
+        checks.tensor("mask", mask, device=dev, like="logprobs")
         checks.shape("mask", mask, lead, "the shape of logprobs")
-        valid = mask.bool()
+        checks.mask_dtype(mask)
+        if validate:
+            checks.binary_mask(mask)
+        valid = mask.reshape(-1).bool()
+    lp = logprobs.detach().reshape(-1)
     if entropy is not None:
-        checks.tensor("entropy", entropy, floating=True, device=logprobs.device, like="logprobs")
+        checks.tensor("entropy", entropy, floating=True, device=dev, like="logprobs")
         checks.shape("entropy", entropy, lead, "the shape of logprobs")
-        entropy = entropy.reshape(-1)
-    stats = RepoStats.of(logprobs.reshape(-1), adv, valid.reshape(-1), entropy)
-    return stats if process_group is None else stats.all_reduce(process_group)
+        entropy = entropy.detach().reshape(-1)
+    if validate:
+        checks.finite("logprobs", lp[valid])
+        checks.logprob_values("logprobs", lp[valid])
+        checks.finite("advantages", adv.detach()[valid])
+        if entropy is not None:
+            checks.finite("entropy", entropy[valid])
+    return RepoStats.of(lp, adv, valid, entropy)

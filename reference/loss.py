@@ -86,7 +86,7 @@ def _preset_values(preset: str | None, kl_estimator: str | None) -> dict:
     if preset in ("trl-dapo", "trl-bnpo"):
         return dict(trl, aggregation="token-mean")
     if preset == "trl-dr-grpo":
-        return dict(trl, aggregation="seq-mean-token-sum-norm", max_length=512)
+        return dict(trl, aggregation="seq-mean-token-sum-norm")
     if preset == "trl-luspo":
         return dict(trl, aggregation="seq-mean-token-sum", importance_level="sequence")
     if preset == "openrlhf":

@@ -38,8 +38,6 @@ def test_preset_sets_the_trainer_defaults_and_explicit_values_win(preset):
     cfg = LossConfig.preset(preset)
     for name, value in PRESETS[preset].items():
         want = value(dict(kl_estimator=cfg.kl_estimator)) if callable(value) else value
-        if name == "max_length" and "seq-mean-token-sum-norm" not in cfg.modes:
-            want = None
         assert getattr(cfg, name) == want, (preset, name)
     assert cfg.repo == "decorrelate"  # presets never touch REPO
     explicit = LossConfig.preset(preset, eps_high=0.33, dual_clip=None, aggregation="token-sum")
@@ -53,12 +51,27 @@ def test_presets_by_hand():
     assert LossConfig.preset("verl", kl_estimator="k1").kl_clamp is None  # verl clamps k3 only
     assert LossConfig.preset("verl", kl_estimator="k3+").kl_clamp == 10.0
     dr = LossConfig.preset("trl-dr-grpo")
-    assert (dr.aggregation, dr.max_length, dr.eps_high) == ("seq-mean-token-sum-norm", 512, 0.2)
-    assert LossConfig.preset("trl-dr-grpo", aggregation="token-mean").max_length is None
+    assert (dr.aggregation, dr.max_length, dr.eps_high) == ("seq-mean-token-sum-norm", None, 0.2)
+    assert LossConfig.preset("trl-dr-grpo", max_length=512).max_length == 512
     assert LossConfig.preset("trl-luspo").importance_level == "sequence"
     o = LossConfig.preset("openrlhf")
     assert (o.dual_clip, o.kl_estimator, o.kl_clamp) == (None, "k1", 10.0)
     assert LossConfig().eps_high == 0.28  # the library default without a preset
+
+
+def test_trl_dr_grpo_preset_divides_by_the_documented_length():
+    """"trl-dr-grpo" sets no length: the Dr.GRPO divisor is num_seqs * T, as the max_length option
+    says (the preset used to divide by 512 silently), and TRL's divisor is one keyword away."""
+    B, T = 3, 64
+    g = torch.Generator().manual_seed(0)
+    lp = -torch.rand(B, T, generator=g, dtype=torch.float64)
+    adv = torch.randn(B, generator=g, dtype=torch.float64)
+    # on-policy (ratio 1), no REPO: every token's term is -A, summed over B * T tokens
+    by_hand = -(adv.sum() * T) / (B * T)
+    out = fused_pg.policy_loss_from_logprobs(lp, adv, preset="trl-dr-grpo", repo="none")
+    assert_close("trl-dr-grpo loss, divisor B * T", by_hand, out.loss, atol=1e-14, rtol=1e-12)
+    trl = fused_pg.policy_loss_from_logprobs(lp, adv, preset="trl-dr-grpo", repo="none", max_length=512)
+    assert_close("trl-dr-grpo loss, divisor B * 512", -(adv.sum() * T) / (B * 512), trl.loss, atol=1e-14, rtol=1e-12)
 
 
 def test_preset_through_the_loss_matches_the_oracle_and_the_explicit_options():

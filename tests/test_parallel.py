@@ -626,14 +626,15 @@ def test_accumulation_with_group_statistics(world):
 
 @pytest.mark.parametrize("world", WORLDS)
 def test_collectives_of_a_vocab_parallel_step(world):
-    """Forward: one all-gather of the shard sizes, one of [3, N] statistics; backward: one
-    all-reduce of d_hidden. O(N) and O(N D) payloads (N: the tokens that count); nothing of
-    size N x V."""
+    """Forward: the agreement on errors (a 4-byte flag), one all-gather of the shard sizes, one
+    of [3, N] statistics; backward: one all-reduce of d_hidden. O(N) and O(N D) payloads (N: the
+    tokens that count); nothing of size N x V."""
     res = group_results(world)["per_rank"]
     h, W, b, y, adv, old, mask = _batch(seed=2)
     N, D = int(mask.sum()), h.shape[2]  # compact_rows (default on CPU) sweeps the tokens that count
     for r in res:
-        assert r["comm_log"] == [("all_gather", 8), ("all_gather", 3 * N * 4), ("all_reduce", N * D * 4)]
+        assert r["comm_log"] == [("agree", 4), ("all_gather", 8), ("all_gather", 3 * N * 4),
+                                 ("all_reduce", N * D * 4)]
     predicted = vocab_parallel_comm_bytes(N, D, world)
     assert predicted["stats_all_gather"] == (world - 1) * 3 * N * 4
     assert predicted["dhidden_all_reduce"] == 2 * (world - 1) * 4 * N * D // world
@@ -774,8 +775,8 @@ def test_measured_communication_matches_the_formula():
     assert [r["world_size"] for r in rows] == [1, 2]
     assert rows[0]["bytes_sent"] == 0 and rows[0]["collectives"] == []
     r = rows[1]
-    assert r["collectives"] == ["all_gather", "all_gather", "all_reduce"]
-    assert r["payload_bytes"] == 8 + 3 * 96 * 4 + 96 * 16 * 4
+    assert r["collectives"] == ["agree", "all_gather", "all_gather", "all_reduce"]
+    assert r["payload_bytes"] == 4 + 8 + 3 * 96 * 4 + 96 * 16 * 4
     total = r["predicted"]["total"]
     assert total <= r["bytes_sent"] <= total + 4096, (r["bytes_sent"], total)
     assert r["median_s"] > 0 and 0 <= r["comm_median_s"] <= r["median_s"]

@@ -29,10 +29,10 @@ def requires_fork():
         pytest.skip("torch.distributed with the gloo backend is not available in this build")
 
 
-def _worker(rank: int, world: int, init: str, jobs, out_dir: str, env: dict) -> None:
+def _worker(rank: int, world: int, init: str, jobs, out_dir: str, env: dict, timeout: timedelta) -> None:
     os.environ.update(env)
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world, init_method=init, timeout=COLLECTIVE_TIMEOUT)
+    dist.init_process_group("gloo", rank=rank, world_size=world, init_method=init, timeout=timeout)
     try:
         results = {name: job(rank, world) for name, job in jobs}
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
@@ -40,13 +40,15 @@ def _worker(rank: int, world: int, init: str, jobs, out_dir: str, env: dict) -> 
         dist.destroy_process_group()
 
 
-def run_group(world: int, jobs: list[tuple[str, object]], env: dict | None = None) -> list[dict]:
+def run_group(world: int, jobs: list[tuple[str, object]], env: dict | None = None,
+              timeout: timedelta = COLLECTIVE_TIMEOUT) -> list[dict]:
     """Run ``jobs`` (``[(name, job)]``, in order) on ``world`` forked gloo processes; returns one
-    ``{name: result}`` per rank. ``env``: variables set in the workers (e.g. MASTER_PORT)."""
+    ``{name: result}`` per rank. ``env``: variables set in the workers (e.g. MASTER_PORT);
+    ``timeout``: how long a collective waits for a missing peer before it fails."""
     requires_fork()
     with tempfile.TemporaryDirectory() as tmp:
         init = f"file://{os.path.join(tmp, 'store')}"
-        mp.start_processes(_worker, args=(world, init, jobs, tmp, env or {}), nprocs=world,
+        mp.start_processes(_worker, args=(world, init, jobs, tmp, env or {}, timeout), nprocs=world,
                            start_method="fork")
         return [torch.load(os.path.join(tmp, f"rank{r}.pt"), weights_only=False) for r in range(world)]
 

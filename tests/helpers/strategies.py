@@ -254,6 +254,13 @@ def loss_cases(draw, backend: str, layouts=("dense", "packed", "packed-nocu"), m
             opts.pop("max_length", None)  # (a preset's Dr.GRPO length is then unused)
         elif layout == "packed" and effective_options(opts)["max_length"] is None:
             opts["max_length"] = max(lengths) + rng.randint(0, 5)
+    # a given normaliser with Dr.GRPO needs max_length (T differs between micro-batches): refused without
+    eff = effective_options(opts)
+    modes = (eff["aggregation"], opts.get("kl_aggregation") or eff["aggregation"],
+             opts.get("entropy_aggregation") or eff["aggregation"])
+    normalisers = ("num_items_in_batch", "kl_num_items_in_batch", "entropy_num_items_in_batch")
+    if "seq-mean-token-sum-norm" in modes and eff["max_length"] is None and any(k in opts for k in normalisers):
+        opts["max_length"] = max(lengths) + rng.randint(0, 5)
     weights = pick(["none", "token", "sequence"] if seqs else ["none", "token"])
     return LossCase(
         head=head, layout=layout, lengths=lengths, mask=pick(masks),
