@@ -78,8 +78,11 @@ def check_repo_stats(stats: RepoStats) -> None:
     """The values of a ``repo_stats`` argument (``validate``): every moment finite, a count and
     a sum of squares that are not negative, a mean log-probability that is one (<= 0)."""
     for f in fields(stats):
-        checks.finite(f"repo_stats.{f.name}", torch.as_tensor(getattr(stats, f.name)))
-    for name in ("count", "m2_logprob"):
+        if getattr(stats, f.name) is not None:  # (the moments of logp + H are optional)
+            checks.finite(f"repo_stats.{f.name}", torch.as_tensor(getattr(stats, f.name)))
+    for name in ("count", "m2_logprob", "m2_state"):
+        if getattr(stats, name) is None:
+            continue
         value = float(getattr(stats, name))
         if value < 0:
             raise ValueError(f"repo_stats.{name} must be >= 0, got {value:.6g}")

@@ -171,3 +171,20 @@ def test_statistics_with_and_without_entropies_do_not_mix():
         repo_statistics(lp, adv, entropy=torch.rand(3, 2, dtype=torch.float64))
     # the logp moments are the same either way
     assert torch.equal(with_h.as_tensor()[:5], without.as_tensor())
+
+
+def test_statistics_with_entropy_moments_are_value_checked():
+    """repo_stats with the moments of logp + H pass the value checks; a NaN or negative one is
+    refused by name."""
+    from dataclasses import replace
+
+    lp = -torch.rand(2, 3, dtype=torch.float64)
+    adv = torch.randn(2, dtype=torch.float64)
+    ent = torch.rand(2, 3, dtype=torch.float64)
+    stats = repo_statistics(lp, adv, entropy=ent)
+    kw = dict(entropy=ent, repo="decorrelate", repo_center="state", validate=True)
+    fused_pg.policy_loss_from_logprobs(lp, adv, repo_stats=stats, **kw)
+    for name, bad in (("m2_state", -1.0), ("co_moment_state", float("nan"))):
+        broken = replace(stats, **{name: torch.tensor(bad, dtype=torch.float64)})
+        with pytest.raises(ValueError, match=f"repo_stats.{name}"):
+            fused_pg.policy_loss_from_logprobs(lp, adv, repo_stats=broken, **kw)
