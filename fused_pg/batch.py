@@ -78,8 +78,11 @@ def check_repo_stats(stats: RepoStats) -> None:
     """The values of a ``repo_stats`` argument (``validate``): every moment finite, a count and
     a sum of squares that are not negative, a mean log-probability that is one (<= 0)."""
     for f in fields(stats):
-        checks.finite(f"repo_stats.{f.name}", torch.as_tensor(getattr(stats, f.name)))
-    for name in ("count", "m2_logprob"):
+        if getattr(stats, f.name) is not None:  # (the moments of logp + H are optional)
+            checks.finite(f"repo_stats.{f.name}", torch.as_tensor(getattr(stats, f.name)))
+    for name in ("count", "m2_logprob", "m2_state"):
+        if getattr(stats, name) is None:
+            continue
         value = float(getattr(stats, name))
         if value < 0:
             raise ValueError(f"repo_stats.{name} must be >= 0, got {value:.6g}")
@@ -173,8 +176,8 @@ def make_token_batch(
     # --- hyper-parameters that depend on the inputs --------------------------------------
     if (ref_logprobs is None) and cfg.kl_coef > 0:
         raise ValueError("kl_coef > 0 needs ref_logprobs")
-    if (cfg.tis_cap is None) != (rollout_logprobs is None):
-        raise ValueError("tis_cap and rollout_logprobs go together: pass both or neither")
+    if cfg.tis_cap is not None and rollout_logprobs is None:  # (without tis_cap they are only monitored)
+        raise ValueError("tis_cap needs rollout_logprobs (the inference engine's log-probs)")
     max_length = cfg.max_length
     uses_length = "seq-mean-token-sum-norm" in cfg.modes
     if uses_length and max_length is None:

@@ -283,13 +283,14 @@ class DataParallel:
     def groups(self) -> list[tuple[str, object]]:
         return [("data_parallel_group", self.group)]
 
-    def whole_batch(self, batch: TokenBatch, logprobs: Tensor, cfg) -> TokenBatch:
+    def whole_batch(self, batch: TokenBatch, logprobs: Tensor, cfg, entropy: Tensor | None = None) -> TokenBatch:
         """The token batch with whole-group ``repo_stats`` and normalisers, for what the caller
         did not pass itself: one all-gather of float64 (statistics of this rank's tokens from the
-        fresh ``logprobs``, its normaliser of each term that needs one: the policy term's, and
-        the KL / entropy terms' when they have their own aggregation, and its padded length T
-        when Dr.GRPO's ``max_length`` defaults to it: the group's is the longest, that of the
-        whole batch padded to one length)."""
+        fresh ``logprobs``, with the moments of ``logp + H`` for ``repo_center="state"``, its
+        normaliser of each term that needs one: the policy term's, and the KL / entropy terms'
+        when they have their own aggregation, and its padded length T when Dr.GRPO's
+        ``max_length`` defaults to it: the group's is the longest, that of the whole batch padded
+        to one length)."""
         comm.check_group("data_parallel_group", self.group)
         own_stats = batch.repo_stats is None
         # (field of the batch, aggregation) of each normaliser to make global
@@ -302,8 +303,9 @@ class DataParallel:
         own_length = batch.max_length is not None and cfg.max_length is None
         if not (own_stats or terms or own_length):
             return batch
-        stats = RepoStats.of(logprobs.detach(), batch.advantages, batch.valid)
-        width = stats.as_tensor().numel()
+        state = entropy if cfg.repo_center == "state" else None
+        stats = RepoStats.of(logprobs.detach(), batch.advantages, batch.valid, state)
+        width = stats.as_tensor().numel()  # 5, or 8 with the moments of logp + H
         columns = [stats.as_tensor(), *[local_num_items(batch, mode).reshape(1) for _, mode in terms]]
         if own_length:
             columns.append(torch.full((1,), float(batch.max_length), dtype=torch.float64, device=logprobs.device))
@@ -331,7 +333,12 @@ class DataParallel:
         out = dict(metrics)
         for k in keys:
             how, x = METRICS[k].reduction, col[k]
-            if how == "mean":
+            if how == "mean" and METRICS[k].weight is not None:
+                # a mean over other tokens (e.g. the clipped ones): a rank without any (its value is
+                # NaN, not measured) adds nothing; a group without any is NaN, as one process is
+                w = col[METRICS[k].weight]
+                value = torch.where(w > 0, x * w, 0.0).sum() / w.sum()
+            elif how == "mean":
                 value = (x * counts).sum() / total.clamp_min(1.0)
             elif how == "sum":
                 value = x.sum()
@@ -360,7 +367,7 @@ class Local:
     def bind(self, weight: Tensor) -> _WholeVocabulary:
         return _WholeVocabulary(weight)
 
-    def whole_batch(self, batch: TokenBatch, logprobs: Tensor, cfg) -> TokenBatch:
+    def whole_batch(self, batch: TokenBatch, logprobs: Tensor, cfg, entropy: Tensor | None = None) -> TokenBatch:
         return batch
 
     def reduce_metrics(self, metrics: dict) -> dict:

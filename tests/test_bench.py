@@ -90,9 +90,9 @@ def test_loss_options_are_fused_pgs_own():
 
     from fused_pg.reference.loss import OPTION_DEFAULTS  # the oracle's loss options
     cfg = cli.config_from_args(["--device", "cpu", "--repo", "fixed", "--repo-coef", "0.3", "--kl", "0.1",
-                                "--kl-estimator", "k1", "--no-repo-center", "--max-length", "64"])
+                                "--kl-estimator", "k1", "--repo-center", "state", "--max-length", "64"])
     assert cfg.loss == dataclasses.replace(DEFAULT_LOSS, repo="fixed", repo_coef=0.3, kl_coef=0.1, kl_estimator="k1",
-                                           repo_center=False, max_length=64)
+                                           repo_center="state", max_length=64)
     assert cfg.as_dict()["loss"]["kl_estimator"] == "k1" and set(loss_options(cfg.loss)) == set(OPTION_DEFAULTS)
     help_text = " ".join(cli.build_parser().format_help().split())
     for field in dataclasses.fields(LossConfig):
