@@ -20,12 +20,14 @@ import importlib
 import inspect
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from ..control import EntropyController
+from ..config import LossConfig
+from ..control import AdaptiveClip, EntropyController
 from ..stats import RepoStats
 
 CONTROLLER_FILE = "fused_pg_controller.json"
@@ -222,3 +224,93 @@ def load_controller(folder: str, controller: EntropyController, *, fresh_ok: boo
         return False
     controller.load_state_dict(state)
     return True
+
+
+# ---------------------------------------------------------------------------------------------
+# fused-pg's options of a drop-in, as a trainer's configuration gives them
+# ---------------------------------------------------------------------------------------------
+
+ADAPO_ARGS = ("rate", "bounds", "smoothing", "adapt_low", "low_ratio", "low_bounds")
+"""The :class:`fused_pg.AdaptiveClip` arguments a drop-in takes as ``adapo_<name>`` (besides
+``adapo_target_entropy``; the initial clip range is the trainer's own)."""
+
+
+def option_keys(loss_fields: Sequence[str]) -> tuple[str, ...]:
+    """A drop-in's option names: the :class:`fused_pg.LossConfig` fields it exposes (same names),
+    ``validate``, and the ADAPO controller's ``adapo_*`` arguments."""
+    return (*loss_fields, "validate", "adapo_target_entropy", *(f"adapo_{a}" for a in ADAPO_ARGS),
+            "adapo_fresh_start")
+
+
+@dataclass(frozen=True)
+class Options:
+    """A drop-in's fused-pg options, checked: the loss part as a :class:`fused_pg.LossConfig` (the
+    trainer's clip range and aggregation are added where the trainer gives them), the value
+    checks, and the ADAPO controller's arguments (None: no controller)."""
+
+    loss: LossConfig
+    validate: bool | None
+    adapo: dict | None
+    fresh_start: bool
+
+    def controller(self, eps_low: float, eps_high: float) -> AdaptiveClip | None:
+        """A new controller starting from the trainer's clip range (None without one)."""
+        return None if self.adapo is None else AdaptiveClip(eps_low=eps_low, eps_high=eps_high, **self.adapo)
+
+
+def _named(error: Exception, names: dict[str, str], where: Callable[[str], str], fallback: str) -> Exception:
+    """``error`` prefixed with where the option it names was given (``names``: the name in the
+    message -> the option's name)."""
+    bad = next((names[k] for k in sorted(names, key=len, reverse=True) if k in str(error)), fallback)
+    return type(error)(f"{where(bad)}: {error}")
+
+
+def resolve_options(values: dict, keys: Sequence[str], where: Callable[[str], str]) -> Options:
+    """Check ``values`` (names from ``keys``, see :func:`option_keys`) and build the options.
+    ``where(name)`` says where a name was given (a trainer config key, a keyword, an environment
+    variable) in the error messages."""
+    unknown = sorted(set(values) - set(keys))
+    if unknown:
+        raise ValueError(f"{where(unknown[0])}: unknown fused-pg option (the options: {', '.join(keys)})")
+    loss_keys = [k for k in keys if k in LossConfig.__dataclass_fields__]
+    loss_values = {k: values[k] for k in loss_keys if values.get(k) is not None}
+    try:
+        loss = LossConfig(**loss_values)
+    except (TypeError, ValueError) as e:
+        raise _named(e, {k: k for k in loss_keys}, where, loss_keys[0]) from e
+    validate = values.get("validate")
+    if validate is not None and not isinstance(validate, bool):
+        raise TypeError(f"{where('validate')}: must be true, false or null, got {validate!r}")
+    adapo = None
+    if values.get("adapo_target_entropy") is not None:
+        adapo = {"target_entropy": values["adapo_target_entropy"]}
+        adapo.update({a: values[f"adapo_{a}"] for a in ADAPO_ARGS if values.get(f"adapo_{a}") is not None})
+        adapo = {k: tuple(v) if isinstance(v, list) else v for k, v in adapo.items()}
+        try:
+            AdaptiveClip(**adapo)  # every check the controller makes, now
+        except (TypeError, ValueError) as e:
+            raise _named(e, {k: f"adapo_{k}" for k in adapo}, where, "adapo_target_entropy") from e
+    else:
+        given = [f"adapo_{a}" for a in ADAPO_ARGS if values.get(f"adapo_{a}") is not None]
+        if given:
+            raise ValueError(f"{where(given[0])} is set without adapo_target_entropy (the ADAPO controller's target)")
+    fresh = values.get("adapo_fresh_start")
+    if fresh is not None and not isinstance(fresh, bool):
+        raise TypeError(f"{where('adapo_fresh_start')}: must be true or false, got {fresh!r}")
+    return Options(loss=loss, validate=validate, adapo=adapo, fresh_start=bool(fresh))
+
+
+def env_options(variable: str, keys: Sequence[str]) -> dict:
+    """The JSON object of options in ``$variable`` (``{}`` when unset), checked, naming the variable."""
+    raw = os.environ.get(variable, "")
+    if not raw.strip():
+        return {}
+    try:
+        values = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"${variable} is not valid JSON ({e}): it must hold a JSON object of fused-pg's options, "
+                         f"e.g. '{{\"repo\": \"decorrelate\"}}'") from e
+    if not isinstance(values, dict):
+        raise ValueError(f"${variable} must hold a JSON object of fused-pg's options, got {raw!r}")
+    resolve_options(values, keys, lambda k: f"${variable}[{k!r}]")
+    return values

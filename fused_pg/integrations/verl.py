@@ -108,8 +108,9 @@ from ..control import AdaptiveClip
 from ..epilogue import METRIC_KEYS
 from ..loss import policy_loss_from_logprobs
 from ..stats import RepoStats
-from ._common import (TrainerChanged, behaviour_repo_stats, check_internal, check_uses, distributed_group,
-                      missing_controller_error, observe_entropy, read_controller, require, save_controller)
+from ._common import (Options, TrainerChanged, behaviour_repo_stats, check_internal, check_uses, distributed_group,
+                      env_options, missing_controller_error, observe_entropy, option_keys, read_controller, require,
+                      resolve_options, save_controller)
 
 core_algos = require("verl.trainer.ppo.core_algos", package="verl", minimum="0.9", below="0.10", extra="verl")
 from verl.workers.config import PolicyLossConfig as _VerlPolicyLossConfig  # noqa: E402
@@ -122,11 +123,12 @@ KL_LOSS_TYPES = {
 }
 """verl's ``kl_loss_type`` -> fused-pg's ``kl_estimator`` (verl's "+" of k2 is k2 itself)."""
 
-_REPO_KEYS = ("repo", "repo_coef", "repo_center", "importance_level")
-_ADAPO_ARGS = ("rate", "bounds", "smoothing", "adapt_low", "low_ratio", "low_bounds")
-OPTION_KEYS = (*_REPO_KEYS, "validate", "adapo_target_entropy", *(f"adapo_{a}" for a in _ADAPO_ARGS),
-               "adapo_fresh_start")
+OPTION_KEYS = option_keys(("repo", "repo_coef", "repo_center", "importance_level"))
 """fused-pg's keys: those of :func:`register`, ``$FUSED_PG_VERL_OPTIONS`` and :class:`PolicyLossConfig`."""
+
+
+def _resolve(values: dict, where) -> Options:
+    return resolve_options(values, OPTION_KEYS, where)
 
 
 def kl_options(kl_loss_type: str) -> dict:
@@ -142,67 +144,8 @@ def kl_options(kl_loss_type: str) -> dict:
 # options
 # ---------------------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class Options:
-    """fused-pg's options for the verl losses, checked: the REPO part as a :class:`LossConfig`
-    (verl's clip range and aggregation are added per actor config), the value checks, and the
-    ADAPO controller's arguments (None: no controller configured)."""
-
-    loss: LossConfig
-    validate: bool | None
-    adapo: dict | None
-    fresh_start: bool
-
-
-def _resolve(values: dict, where) -> Options:
-    """Options from ``values`` (a subset of :data:`OPTION_KEYS`); ``where(key)`` names a key in
-    error messages (a verl config key, a register() keyword, the environment variable)."""
-    unknown = sorted(set(values) - set(OPTION_KEYS))
-    if unknown:
-        raise ValueError(f"{where(unknown[0])}: unknown fused-pg option (the options: {', '.join(OPTION_KEYS)})")
-    repo = {k: values[k] for k in _REPO_KEYS if values.get(k) is not None}
-    try:
-        loss = LossConfig(**repo)
-    except (TypeError, ValueError) as e:
-        bad = next((k for k in sorted(_REPO_KEYS, key=len, reverse=True) if k in str(e)), "repo")
-        raise type(e)(f"{where(bad)}: {e}") from e
-    validate = values.get("validate")
-    if validate is not None and not isinstance(validate, bool):
-        raise TypeError(f"{where('validate')}: must be true, false or null, got {validate!r}")
-    adapo = None
-    if values.get("adapo_target_entropy") is not None:
-        adapo = {"target_entropy": values["adapo_target_entropy"]}
-        adapo.update({a: values[f"adapo_{a}"] for a in _ADAPO_ARGS if values.get(f"adapo_{a}") is not None})
-        adapo = {k: tuple(v) if isinstance(v, list) else v for k, v in adapo.items()}
-        try:
-            AdaptiveClip(**adapo)  # every check the controller makes, now
-        except (TypeError, ValueError) as e:
-            bad = next((f"adapo_{k}" for k in sorted(adapo, key=len, reverse=True) if k in str(e)),
-                       "adapo_target_entropy")
-            raise type(e)(f"{where(bad)}: {e}") from e
-    else:
-        given = [f"adapo_{a}" for a in _ADAPO_ARGS if values.get(f"adapo_{a}") is not None]
-        if given:
-            raise ValueError(f"{where(given[0])} is set without adapo_target_entropy (the ADAPO controller's target)")
-    fresh = values.get("adapo_fresh_start")
-    if fresh is not None and not isinstance(fresh, bool):
-        raise TypeError(f"{where('adapo_fresh_start')}: must be true or false, got {fresh!r}")
-    return Options(loss=loss, validate=validate, adapo=adapo, fresh_start=bool(fresh))
-
-
 def _env_values() -> dict:
-    raw = os.environ.get(ENV_OPTIONS, "")
-    if not raw.strip():
-        return {}
-    try:
-        values = json.loads(raw)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"${ENV_OPTIONS} is not valid JSON ({e}): it must hold a JSON object of fused-pg's "
-                         f"verl options, e.g. '{{\"repo\": \"decorrelate\"}}'") from e
-    if not isinstance(values, dict):
-        raise ValueError(f"${ENV_OPTIONS} must hold a JSON object of fused-pg's verl options, got {raw!r}")
-    _resolve(values, lambda k: f"${ENV_OPTIONS}[{k!r}]")
-    return values
+    return env_options(ENV_OPTIONS, OPTION_KEYS)
 
 
 _defaults: dict = {}          # the process defaults' values (register())

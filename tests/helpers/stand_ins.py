@@ -10,6 +10,7 @@ trainer's own code is the real, installed code: the drop-ins are checked and pat
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.abc
 import importlib.machinery
@@ -62,17 +63,24 @@ class _Finder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         pass
 
 
-def import_with_stand_ins(module: str, packages: tuple[str, ...]):
-    """Import ``module`` with stand-ins for those of ``packages`` that are not installed."""
+@contextlib.contextmanager
+def stand_ins(packages: tuple[str, ...]):
+    """While inside: empty stand-ins for those of ``packages`` that are not installed."""
     missing = tuple(p for p in packages if p not in sys.modules and importlib.util.find_spec(p) is None)
     finder = _Finder(missing)
     sys.meta_path.append(finder)
     try:
-        return importlib.import_module(module)
+        yield
     finally:
         sys.meta_path.remove(finder)
         for name in [n for n in sys.modules if n.split(".")[0] in missing]:
             del sys.modules[name]
+
+
+def import_with_stand_ins(module: str, packages: tuple[str, ...]):
+    """Import ``module`` with stand-ins for those of ``packages`` that are not installed."""
+    with stand_ins(packages):
+        return importlib.import_module(module)
 
 
 VERL_MISSING = ("peft", "uvicorn", "fastapi")
