@@ -284,16 +284,6 @@ class PolicyLoss(nn.Module):
         """One controller step from the training calls since the last (0.0 without a controller)."""
         return self.controller.update(process_group=process_group) if self.controller is not None else 0.0
 
-    def get_extra_state(self) -> dict:
-        return {"controller": self.controller.state_dict() if self.controller is not None else None}
-
-    def set_extra_state(self, state: dict) -> None:
-        saved = state.get("controller")
-        if (saved is None) != (self.controller is None):
-            raise ValueError("PolicyLoss state and module disagree on whether there is a controller")
-        if saved is not None:
-            self.controller.load_state_dict(saved)
-
 
 # ---------------------------------------------------------------------------------------------
 # install(): OpenRLHF's optimiser-step windows, checkpoints
