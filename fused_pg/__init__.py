@@ -12,7 +12,7 @@ and formulas.
 """
 
 from .config import HeadConfig, LossConfig
-from .control import AdaptiveClip, AdaptiveRepoCoef, EntropyController
+from .control import AdaptiveClip, AdaptiveRepoCoef, EntropyController, NothingObservedWarning
 from .epilogue import METRIC_KEYS, METRICS
 from .head import fused_logprobs_entropy
 from .loss import PolicyLossOutput, RepoLoss, adapo_loss, policy_loss_from_logprobs, repo_loss
@@ -32,6 +32,7 @@ __all__ = [
     "AdaptiveClip",
     "AdaptiveRepoCoef",
     "EntropyController",
+    "NothingObservedWarning",
     "PolicyLossOutput",
     "HeadConfig",
     "LossConfig",

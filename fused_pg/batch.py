@@ -163,8 +163,8 @@ def make_token_batch(
     # --- hyper-parameters that depend on the inputs --------------------------------------
     if (ref_logprobs is None) and cfg.kl_coef > 0:
         raise ValueError("kl_coef > 0 needs ref_logprobs")
-    if (cfg.tis_cap is None) != (rollout_logprobs is None):
-        raise ValueError("tis_cap and rollout_logprobs go together: pass both or neither")
+    if cfg.tis_cap is not None and rollout_logprobs is None:  # (without tis_cap they are only monitored)
+        raise ValueError("tis_cap needs rollout_logprobs (the inference engine's log-probs)")
     max_length = cfg.max_length
     uses_length = "seq-mean-token-sum-norm" in cfg.modes
     if uses_length and max_length is None:

@@ -15,7 +15,10 @@ from dataclasses import MISSING, dataclass, field, fields, replace
 
 from .checks import boolean, choice, positive_int, real
 
-REPO_MODES = ("none", "fixed", "decorrelate")
+REPO_MODES = ("none", "fixed", "decorrelate", "relative")
+# what the REPO correction subtracts from logp: the batch mean, -H(s) (the policy's own expectation
+# of logp at that state, so L = logp + H), or nothing
+REPO_CENTERS = ("batch", "state", "none")
 # "+": the value of the named estimator with the gradient of k2 (a straight-through estimator)
 KL_ESTIMATORS = ("k1", "k2", "k3", "abs", "k1+", "k3+", "abs+")
 AGGREGATIONS = ("token-mean", "token-sum", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
@@ -86,11 +89,15 @@ class LossConfig:
     dual_clip: float | None = option(None, "verl's `clip_ratio_c` (> 1): caps the loss at `-dual_clip * A'` where A' < 0")
     delta: float | None = option(None, "TRL's two-sided cap (> 1): `min(r, delta)` in the unclipped term, whatever the sign of A'")
     repo: str = option(
-        "decorrelate", '"none" | "fixed" | "decorrelate": the REPO advantage correction '
-        "`A' = A - zeta (logp - mu)`, logp detached")
+        "decorrelate", '"none" | "fixed" | "decorrelate" (`A\' = A - zeta L`) | "relative" (REPO-R: '
+        "`A' = A (1 - zeta L)` where A > 0, `A (1 + zeta L)` where A < 0, each clamped to keep the sign "
+        "of A), with L the centred log-prob of `repo_center`, detached (docs/repo.md)")
     repo_coef: float = option(
-        1.0, 'zeta for "fixed" (>= 0); gamma in [0, 1] for "decorrelate" (`zeta = gamma Cov(A, logp) / Var(logp)`)')
-    repo_center: bool = option(True, "mu = the batch mean of logp (True) or 0 (False)")
+        1.0, 'zeta for "fixed" (>= 0) and "relative" (any sign: > 0 raises entropy, < 0 lowers it); gamma in '
+        '[0, 1] for "decorrelate" (`zeta = gamma Cov(A, L) / Var(L)`)')
+    repo_center: str = option(
+        "batch", 'L = logp - (the batch mean of logp) for "batch", logp + H (H the token\'s entropy: centred '
+        'per state) for "state", logp for "none"; True / False mean "batch" / "none"')
     kl_coef: float = option(0.0, "weight of the KL penalty to the reference policy (needs `ref_logprobs`); >= 0")
     kl_estimator: str = option(
         "k3", '"k1" | "k2" | "k3" | "abs", or "k1+" | "k3+" | "abs+" (that value with the gradient of k2)')
@@ -122,9 +129,20 @@ class LossConfig:
         if self.delta is not None:
             _set(self, "delta", real("delta", self.delta, lo=1.0, lo_open=True))
         choice("repo", self.repo, REPO_MODES)
-        hi = 1.0 if self.repo == "decorrelate" else None
-        _set(self, "repo_coef", real("repo_coef", self.repo_coef, lo=0.0, hi=hi))
-        boolean("repo_center", self.repo_center)
+        if self.repo == "relative":  # REPO-R: the sign of zeta picks the direction
+            _set(self, "repo_coef", real("repo_coef", self.repo_coef))
+        else:
+            coef = real("repo_coef", self.repo_coef, hi=1.0 if self.repo == "decorrelate" else None)
+            if coef < 0:
+                raise ValueError(f"repo_coef must be >= 0 for repo={self.repo!r}, got {coef} (a negative zeta, "
+                                 'which lowers entropy, is for repo="relative")')
+            _set(self, "repo_coef", coef)
+        if isinstance(self.repo_center, bool):  # the older spelling
+            _set(self, "repo_center", "batch" if self.repo_center else "none")
+        if not isinstance(self.repo_center, str):
+            raise TypeError(f"repo_center must be one of {REPO_CENTERS} (or a bool), "
+                            f"got {type(self.repo_center).__name__}")
+        choice("repo_center", self.repo_center, REPO_CENTERS)
         _set(self, "kl_coef", real("kl_coef", self.kl_coef, lo=0.0))
         choice("kl_estimator", self.kl_estimator, KL_ESTIMATORS)
         if self.kl_clamp is not None:

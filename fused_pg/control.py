@@ -6,7 +6,8 @@ entropy (one device->host read of a scalar per step, nothing else)::
     error = target_entropy - smoothed_entropy
     value = clip(value + rate * error, *bounds)
 
-so the value rises while entropy is below target and falls while above.
+so the value rises while entropy is below target and falls while above
+(:class:`AdaptiveRepoCoef` also has a multiplicative law, REPO-R's).
 
 Measurements and steps are separate, so that gradient accumulation works:
 
@@ -19,7 +20,25 @@ Measurements and steps are separate, so that gradient accumulation works:
 token (``n_tokens == 0``, e.g. an all-padding micro-batch) is not a measurement: it leaves the
 controller exactly as it was.
 
-State is a dict of plain numbers (``state_dict``; JSON and ``torch.save`` friendly).
+What a controller refuses, so that it never steps on a number that is not a measurement:
+
+* an entropy that was not measured: metrics with ``entropy_measured == 0`` (e.g.
+  ``policy_loss_from_logprobs`` without ``entropy=``) raise ``ValueError`` in ``observe``;
+* a non-finite entropy or a negative / non-finite token count: a float raises in ``observe``, a
+  tensor (read only at the sync point) makes the next ``update`` raise; either way the step's
+  observations are discarded and the value is unchanged;
+* a step with nothing observed at all since the last one (over every rank of the
+  ``process_group``) changes nothing and warns with :class:`NothingObservedWarning`: a
+  controller that is never fed (``adapo_loss(..., controller=ctrl)`` does not observe for you)
+  would otherwise stay where it started without a word. Turn it into an error with
+  ``warnings.simplefilter("error", fused_pg.NothingObservedWarning)``.
+
+Thread safety: ``observe``, ``update``, ``state_dict`` and ``load_state_dict`` hold the
+controller's lock, so micro-batches may be observed from several threads (e.g. one per device)
+without losing an observation; a step sees every observation that completed before it.
+
+State is a dict of plain numbers (``state_dict``; JSON and ``torch.save`` friendly), pending
+observations included, so a checkpoint taken mid-accumulation resumes exactly.
 ``load_state_dict`` validates everything the constructor validates, plus the controller class
 and the keys, before it assigns anything; ``Controller.from_state_dict(state)`` rebuilds a
 controller without its constructor arguments.
@@ -28,6 +47,8 @@ controller without its constructor arguments.
 from __future__ import annotations
 
 import math
+import threading
+import warnings
 from collections.abc import Mapping
 from dataclasses import replace
 from numbers import Real
@@ -39,7 +60,11 @@ from . import comm
 from .checks import real as _finite
 from .config import LossConfig
 
-_STATE_VERSION = 1
+_STATE_VERSION = 2  # 2: pending observation counts; AdaptiveRepoCoef's mode and factor
+
+
+class NothingObservedWarning(RuntimeWarning):
+    """A controller step with nothing observed since the last one: the value did not move."""
 
 
 def _scalar(name: str, x) -> float | Tensor:
@@ -52,6 +77,12 @@ def _scalar(name: str, x) -> float | Tensor:
     if isinstance(x, bool) or not isinstance(x, Real):
         raise TypeError(f"{name} must be a real number or a one-element tensor, got {type(x).__name__}")
     return float(x)
+
+
+def _count(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, Real) or value != int(value) or value < 0:
+        raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+    return int(value)
 
 
 class EntropyController:
@@ -70,15 +101,12 @@ class EntropyController:
 
     def __init__(self, target_entropy: float, value: float, bounds: tuple[float, float],
                  rate: float, smoothing: float = 0.0):
+        self._lock = threading.RLock()
         self.target_entropy = _finite("target_entropy", target_entropy, lo=0.0)
-        lo, hi = self._check_bounds("bounds", bounds)
-        self.bounds = (lo, hi)
+        self.bounds = self._check_bounds("bounds", bounds)
         self.rate = _finite("rate", rate, lo=0.0, lo_open=True)
         self.smoothing = _finite("smoothing", smoothing, lo=0.0, hi=1.0, hi_open=True)
-        v = _finite(self._value_name, value)
-        if not lo <= v <= hi:
-            raise ValueError(f"{self._value_name}={v} must lie within bounds {self.bounds}")
-        self.value = v
+        self.value = self._check_value(_finite(self._value_name, value))
         self.steps = 0
         self.entropy_ema: float | None = None
         self._reset_observations()
@@ -92,11 +120,30 @@ class EntropyController:
             raise ValueError(f"{name} must satisfy low <= high, got {bounds!r}")
         return lo, hi
 
+    def _check_value(self, v: float) -> float:
+        lo, hi = self.bounds
+        if not lo <= v <= hi:
+            raise ValueError(f"{self._value_name}={v} must lie within bounds {self.bounds}")
+        return v
+
+    # the lock is no part of the state: copies and pickles get their own
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state.pop("_lock", None)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.RLock()
+
     # -- measurements ----------------------------------------------------------------------------
 
     def _reset_observations(self) -> None:
         self._entropy_sum: float | Tensor = 0.0  # sum over observations of entropy_mean * n_tokens
         self._tokens: float | Tensor = 0.0
+        self._observations = 0                   # observe() calls since the last step
+        self._bad_entropy: float | Tensor = 0.0  # of them with a non-finite entropy (tensors: read at update)
+        self._bad_tokens: float | Tensor = 0.0   # ... with a negative or non-finite n_tokens
 
     def observe(self, entropy, n_tokens=None) -> None:
         """Record one micro-batch's mean entropy, weighted by its number of valid tokens.
@@ -106,73 +153,100 @@ class EntropyController:
                      used), or the mean token entropy as a float or one-element tensor.
             n_tokens: the number of valid tokens behind ``entropy`` (with a float/tensor
                      ``entropy``; default 1, i.e. every call weighs the same). 0 (an all-masked
-                     micro-batch) records nothing.
+                     micro-batch) is an observation that moves nothing.
 
+        Raises ``ValueError`` for metrics whose entropy was not measured (``entropy_measured ==
+        0``), and for a non-finite float entropy or a negative / non-finite float count.
         Tensors are accumulated as tensors, so no host sync happens here; they are read (and
-        checked for NaN/Inf) at the next :meth:`update`.
+        checked the same way) at the next :meth:`update`. Thread-safe.
         """
         if isinstance(entropy, Mapping):
             if n_tokens is not None:
                 raise TypeError("n_tokens is taken from the metrics dict; do not pass n_tokens as well")
             if "entropy_mean" not in entropy:
                 raise ValueError("the metrics dict has no 'entropy_mean' (pass a loss output's metrics)")
+            measured = entropy.get("entropy_measured", 1.0)
+            if isinstance(measured, Real) and not isinstance(measured, bool) and measured == 0:
+                raise ValueError(
+                    "these metrics carry no entropy measurement (entropy_measured == 0: the loss got no "
+                    "per-token entropies, e.g. policy_loss_from_logprobs without entropy=), so a controller "
+                    "cannot step on them: pass entropy= to the loss, or observe an entropy you measured")
             n_tokens = entropy.get("n_tokens", 1.0)
             entropy = entropy["entropy_mean"]
         h = _scalar("entropy", entropy)
         n = 1.0 if n_tokens is None else _scalar("n_tokens", n_tokens)
         if isinstance(h, float) and not math.isfinite(h):
-            raise ValueError(f"entropy must be finite, got {h}")
-        if isinstance(n, float):
-            if not math.isfinite(n) or n < 0:
-                raise ValueError(f"n_tokens must be a finite number >= 0, got {n}")
-            if n == 0:
-                return  # an empty micro-batch is no measurement
-            contribution = h * n
-        else:  # 0 tokens contribute nothing even if their entropy_mean were not finite
-            contribution = torch.where(n > 0, torch.as_tensor(h, dtype=n.dtype, device=n.device) * n,
-                                       torch.zeros((), dtype=n.dtype, device=n.device))
-        self._entropy_sum = self._entropy_sum + contribution
-        self._tokens = self._tokens + n
+            raise ValueError(f"entropy must be finite, got {h} (NaN means it was not measured)")
+        if isinstance(n, float) and (not math.isfinite(n) or n < 0):
+            raise ValueError(f"n_tokens must be a finite number >= 0, got {n}")
+        if isinstance(h, float) and isinstance(n, float):
+            contribution, bad_h, bad_n = h * n, 0.0, 0.0
+        else:  # checked at the sync point; nothing invalid enters the sums
+            ref = h if isinstance(h, Tensor) else n
+            h_t = torch.as_tensor(h, dtype=ref.dtype, device=ref.device)
+            n_t = torch.as_tensor(n, dtype=ref.dtype, device=ref.device)
+            ok_h, ok_n = torch.isfinite(h_t), torch.isfinite(n_t) & (n_t >= 0)
+            n = torch.where(ok_n, n_t, 0.0)
+            contribution = torch.where(ok_h & (n > 0), h_t * n, 0.0)
+            bad_h, bad_n = (~ok_h).to(ref.dtype), (~ok_n).to(ref.dtype)
+        with self._lock:
+            self._entropy_sum = self._entropy_sum + contribution
+            self._tokens = self._tokens + n
+            self._observations += 1
+            self._bad_entropy = self._bad_entropy + bad_h
+            self._bad_tokens = self._bad_tokens + bad_n
 
-    def _take_observations(self, process_group=None) -> tuple[float, float]:
-        """Read (entropy_sum, tokens) -- the one host sync per step -- and clear them; with a
-        ``process_group``, summed over its ranks first (one all-reduce)."""
-        total, tokens = self._entropy_sum, self._tokens
+    def _take_observations(self, process_group=None) -> tuple[float, float, int]:
+        """Read (entropy_sum, tokens, observations) -- the one host sync per step -- and clear them;
+        with a ``process_group``, summed over its ranks first (one all-reduce). Raises for an
+        invalid observation (the step's observations are then discarded)."""
+        values = (self._entropy_sum, self._tokens, float(self._observations), self._bad_entropy, self._bad_tokens)
         self._reset_observations()
-        if process_group is not None:
-            device = next((t.device for t in (total, tokens) if isinstance(t, Tensor)), torch.device("cpu"))
-            pending = torch.stack([torch.as_tensor(x, dtype=torch.float64, device=device) for x in (total, tokens)])
-            comm.all_reduce_sum(pending, process_group)
-            total, tokens = pending.tolist()
-        total, tokens = float(total), float(tokens)
-        if not math.isfinite(tokens) or tokens < 0:
-            raise ValueError(f"n_tokens must be finite and >= 0, got a total of {tokens}; the "
-                             "observations of this step were discarded")
-        if not math.isfinite(total):
-            raise ValueError(f"entropy must be finite, got a token-weighted sum of {total}; the "
-                             "observations of this step were discarded")
-        return total, tokens
+        device = next((t.device for t in values if isinstance(t, Tensor)), None)
+        if process_group is not None or device is not None:
+            pending = torch.stack([torch.as_tensor(x, dtype=torch.float64, device=device) for x in values])
+            if process_group is not None:
+                comm.all_reduce_sum(pending, process_group)
+            values = pending.tolist()
+        total, tokens, observations, bad_h, bad_n = (float(x) for x in values)
+        if bad_h:
+            raise ValueError(f"entropy must be finite, but {int(bad_h)} observation(s) of this step were NaN or "
+                             "Inf (NaN means not measured); the observations of this step were discarded")
+        if bad_n:
+            raise ValueError(f"n_tokens must be finite and >= 0, but {int(bad_n)} observation(s) of this step "
+                             "were not; the observations of this step were discarded")
+        return total, tokens, int(observations)
 
     def update(self, entropy=None, n_tokens=None, *, process_group=None) -> float:
         """Close the optimiser step: one controller step from everything observed since the last.
 
         ``update(x, n_tokens)`` is ``observe(x, n_tokens)`` then ``update()``. With no valid
-        token observed (``n_tokens == 0`` everywhere, or nothing observed) nothing changes and
-        0.0 is returned. Returns the signed change applied to the value.
+        token observed (``n_tokens == 0`` everywhere) nothing changes and 0.0 is returned; with
+        nothing observed at all it also warns (:class:`NothingObservedWarning`). Returns the
+        signed change applied to the value.
 
         ``process_group`` (a ``torch.distributed`` group): the observations of all its ranks
-        make the step, so every rank's controller takes the same one. Every rank of the group
-        must call ``update`` at the same step (observed tensors should live on the group's
-        device, e.g. CUDA for NCCL).
+        make the step, so every rank's controller takes the same one (a rank that observed
+        nothing steps with the others, without a warning). Every rank of the group must call
+        ``update`` at the same step (observed tensors should live on the group's device, e.g.
+        CUDA for NCCL).
         """
         if entropy is not None:
             self.observe(entropy, n_tokens)
         elif n_tokens is not None:
             raise TypeError("n_tokens given without entropy")
-        total, tokens = self._take_observations(process_group)
-        if tokens == 0:
-            return 0.0
-        return self._step(total / tokens)
+        with self._lock:
+            total, tokens, observations = self._take_observations(process_group)
+            if observations == 0:
+                warnings.warn(
+                    f"{type(self).__name__}.update(): nothing was observed since the last step, so "
+                    f"{self._value_name} stays {self.value:.6g}; feed the controller with observe(out.metrics) "
+                    "per micro-batch (adapo_loss(..., controller=) does not observe unless update_controller=True)",
+                    NothingObservedWarning, stacklevel=2)
+                return 0.0
+            if tokens == 0:
+                return 0.0
+            return self._step(total / tokens)
 
     def controlled(self) -> dict[str, float]:
         """The loss options this controller sets: ``{field of LossConfig: value}``."""
@@ -199,11 +273,15 @@ class EntropyController:
     def _step(self, h: float) -> float:
         a = self.smoothing
         self.entropy_ema = h if self.entropy_ema is None else a * self.entropy_ema + (1 - a) * h
-        lo, hi = self.bounds
-        new = min(max(self.value + self.rate * (self.target_entropy - self.entropy_ema), lo), hi)
+        new = self._next_value(self.target_entropy - self.entropy_ema)
         change, self.value = new - self.value, new
         self.steps += 1
         return change
+
+    def _next_value(self, error: float) -> float:
+        """The value after one step at this (smoothed) entropy error: the additive law."""
+        lo, hi = self.bounds
+        return min(max(self.value + self.rate * error, lo), hi)
 
     # -- state -----------------------------------------------------------------------------------
 
@@ -217,13 +295,17 @@ class EntropyController:
         return cls(**args)
 
     def state_dict(self) -> dict:
-        """Plain numbers: the configuration, the value, the history and pending observations."""
-        args = self._constructor_args()
-        value = args.pop(self._value_name)
-        total, tokens = float(self._entropy_sum), float(self._tokens)
-        return {"controller": type(self).__name__, "version": _STATE_VERSION, **args, "value": value,
-                "steps": self.steps, "entropy_ema": self.entropy_ema,
-                "pending_entropy_sum": total, "pending_tokens": tokens}
+        """Plain numbers: the configuration, the value, the history and pending observations
+        (including how many of them were invalid, so a resumed controller raises at the same
+        step the original would). Thread-safe."""
+        with self._lock:
+            args = self._constructor_args()
+            value = args.pop(self._value_name)
+            pending = {"pending_entropy_sum": float(self._entropy_sum), "pending_tokens": float(self._tokens),
+                       "pending_observations": self._observations,
+                       "pending_bad_entropy": int(self._bad_entropy), "pending_bad_tokens": int(self._bad_tokens)}
+            return {"controller": type(self).__name__, "version": _STATE_VERSION, **args, "value": value,
+                    "steps": self.steps, "entropy_ema": self.entropy_ema, **pending}
 
     @classmethod
     def from_state_dict(cls, state: Mapping) -> "EntropyController":
@@ -245,9 +327,11 @@ class EntropyController:
             cls = classes[name]
         elif name != cls.__name__:
             raise ValueError(f"state is from a {name}, not a {cls.__name__}: cannot load it")
+        if state.get("version") == 1:
+            state = cls._upgrade_v1(dict(state))
         if state.get("version") != _STATE_VERSION:
             raise ValueError(f"state version {state.get('version')!r} is not supported "
-                             f"(expected {_STATE_VERSION})")
+                             f"(expected {_STATE_VERSION} or 1)")
         expected = set(cls._state_keys())
         missing, unknown = expected - set(state), set(state) - expected
         if missing or unknown:
@@ -267,15 +351,34 @@ class EntropyController:
             ema = _finite("entropy_ema", ema)
         total = _finite("pending_entropy_sum", state["pending_entropy_sum"])
         tokens = _finite("pending_tokens", state["pending_tokens"], lo=0.0)
+        observations = _count("pending_observations", state["pending_observations"])
+        bad_h = _count("pending_bad_entropy", state["pending_bad_entropy"])
+        bad_n = _count("pending_bad_tokens", state["pending_bad_tokens"])
+        if max(bad_h, bad_n) > observations:
+            raise ValueError(f"pending_bad_entropy / pending_bad_tokens ({bad_h}, {bad_n}) cannot exceed "
+                             f"pending_observations ({observations})")
         new._load_extra(state)
         new.steps, new.entropy_ema = int(steps), ema
-        new._entropy_sum, new._tokens = total, tokens
+        new._entropy_sum, new._tokens, new._observations = total, tokens, observations
+        new._bad_entropy, new._bad_tokens = float(bad_h), float(bad_n)
         return new
 
+    @classmethod
+    def _upgrade_v1(cls, state: dict) -> dict:
+        """A version-1 state (no pending counts) as version 2: its pending tokens were observed."""
+        tokens = state.get("pending_tokens")
+        observed = isinstance(tokens, Real) and not isinstance(tokens, bool) and tokens > 0
+        state.update(version=2, pending_observations=int(observed), pending_bad_entropy=0, pending_bad_tokens=0)
+        return state
+
     def load_state_dict(self, state: Mapping) -> None:
-        """Restore :meth:`state_dict`; validates all of it first, so a failed load changes nothing."""
+        """Restore :meth:`state_dict`; validates all of it first, so a failed load changes nothing.
+        Thread-safe."""
         new = type(self).from_state_dict(state)
-        self.__dict__.update(new.__dict__)
+        fresh = dict(new.__dict__)
+        fresh.pop("_lock")
+        with self._lock:
+            self.__dict__.update(fresh)
 
     @classmethod
     def _constructor_keys(cls) -> tuple[str, ...]:
@@ -284,7 +387,8 @@ class EntropyController:
     @classmethod
     def _state_keys(cls) -> tuple[str, ...]:
         return ("controller", "version", *cls._constructor_keys(), "value", "steps", "entropy_ema",
-                "pending_entropy_sum", "pending_tokens")
+                "pending_entropy_sum", "pending_tokens", "pending_observations", "pending_bad_entropy",
+                "pending_bad_tokens")
 
     def _load_extra(self, state: Mapping) -> None:
         """Subclasses: validate and set dynamic state beyond the constructor's (none here)."""
@@ -387,25 +491,93 @@ class AdaptiveClip(EntropyController):
 class AdaptiveRepoCoef(EntropyController):
     """Entropy-targeting REPO: drives ``repo_coef`` (zeta, or gamma for "decorrelate").
 
-    The coefficient grows while entropy is below target (a stronger correction removes more
-    of the advantage/log-prob covariance that collapses entropy) and shrinks while above.
+    Two laws, each moving the coefficient toward *more* entropy while the measured entropy is
+    below ``target_entropy`` and toward less while above, once per optimiser step:
+
+    * ``mode="additive"`` (default): ``repo_coef += rate * (target - entropy)`` within ``bounds``
+      (>= 0). For "fixed" (zeta) and "decorrelate" (gamma): a stronger correction removes more
+      of the advantage/log-prob covariance that collapses entropy.
+    * ``mode="multiplicative"``: REPO-R's law for ``repo="relative"`` (docs/repo.md), where zeta
+      may take either sign (zeta > 0 raises entropy, zeta < 0 lowers it). ``bounds = (zeta_min,
+      zeta_max)`` bound ``|zeta|`` (``0 < zeta_min <= zeta_max``; default ``(1e-4, 1.0)``). Below
+      target: ``zeta *= factor`` if zeta > 0 (at most ``zeta_max``), ``zeta /= factor`` if
+      zeta < 0; above target the reverse. Where ``|zeta|`` would fall below ``zeta_min`` the sign
+      flips (``zeta_min -> -zeta_min`` and back), so the same controller can also lower the
+      entropy. ``rate`` is not used. The response is monotone: every step below target raises
+      zeta (or leaves it at ``+zeta_max``), every step above lowers it (or leaves it at
+      ``-zeta_max``).
 
     Example::
 
-        ctrl = AdaptiveRepoCoef(target_entropy=0.6, repo_coef=0.5, bounds=(0.0, 1.0))
-        out = repo_loss(..., repo="decorrelate", repo_coef=ctrl.repo_coef)
-        ctrl.update(out.metrics)
+        ctrl = AdaptiveRepoCoef(target_entropy=0.6, repo_coef=0.01, mode="multiplicative")
+        out = repo_loss(..., repo="relative", repo_center="state", repo_coef=ctrl.repo_coef)
+        ctrl.update(out.metrics)   # once per optimiser step
     """
 
     _value_name = "repo_coef"
+    MODES = ("additive", "multiplicative")
 
-    def __init__(self, target_entropy: float, repo_coef: float = 0.5, *,
-                 bounds: tuple[float, float] = (0.0, 1.0), rate: float = 0.5,
+    def __init__(self, target_entropy: float, repo_coef: float = 0.5, *, mode: str = "additive",
+                 factor: float = 2.0, bounds: tuple[float, float] | None = None, rate: float = 0.5,
                  smoothing: float = 0.0):
+        if not isinstance(mode, str) or mode not in self.MODES:
+            raise ValueError(f"mode must be one of {self.MODES}, got {mode!r}")
+        self.mode = mode
+        self.factor = _finite("factor", factor, lo=1.0, lo_open=True)
+        if bounds is None:
+            bounds = (0.0, 1.0) if mode == "additive" else (1e-4, 1.0)
         super().__init__(target_entropy, repo_coef, bounds, rate, smoothing)
-        if self.bounds[0] < 0:
-            raise ValueError(f"bounds must be >= 0 for repo_coef, got {bounds!r}")
+
+    def _check_value(self, v: float) -> float:
+        lo, hi = self.bounds
+        if self.mode == "additive":
+            if lo < 0:
+                raise ValueError(f"bounds must be >= 0 for repo_coef, got {self.bounds!r}")
+            return super()._check_value(v)
+        if lo <= 0:
+            raise ValueError(f"bounds = (zeta_min, zeta_max) of |repo_coef| need zeta_min > 0 in the "
+                             f"multiplicative mode, got {self.bounds!r}")
+        if not lo <= abs(v) <= hi:
+            raise ValueError(f"repo_coef={v} must have |repo_coef| within bounds {self.bounds} (zeta_min, zeta_max)")
+        return v
 
     @property
     def repo_coef(self) -> float:
         return self.value
+
+    def _next_value(self, error: float) -> float:
+        if self.mode == "additive":
+            return super()._next_value(error)
+        lo, hi = self.bounds
+        z, f = self.value, self.factor
+        if error == 0:
+            return z
+        toward = 1.0 if error > 0 else -1.0  # the direction of more entropy is +zeta
+        if z * toward > 0:  # already on that side: grow |zeta|
+            return toward * min(abs(z) * f, hi)
+        shrunk = abs(z) / f  # on the other side: shrink |zeta|, and cross over at zeta_min
+        return -toward * shrunk if shrunk >= lo else toward * lo
+
+    @property
+    def saturated(self) -> bool:
+        if self.mode == "additive" or self.entropy_ema is None:
+            return super().saturated
+        error = self.target_entropy - self.entropy_ema
+        hi = self.bounds[1]
+        return (error > 0 and self.value >= hi) or (error < 0 and self.value <= -hi)
+
+    def _constructor_args(self) -> dict:
+        return {**super()._constructor_args(), "mode": self.mode, "factor": self.factor}
+
+    @classmethod
+    def _constructor_keys(cls) -> tuple[str, ...]:
+        return (*super()._constructor_keys(), "mode", "factor")
+
+    @classmethod
+    def _upgrade_v1(cls, state: dict) -> dict:
+        return {**super()._upgrade_v1(state), "mode": "additive", "factor": 2.0}
+
+    def __repr__(self) -> str:
+        return (f"AdaptiveRepoCoef(target_entropy={self.target_entropy}, repo_coef={self.value:.4g}, "
+                f"mode={self.mode!r}, bounds={self.bounds}"
+                + (f", rate={self.rate})" if self.mode == "additive" else f", factor={self.factor})"))

@@ -40,15 +40,16 @@ class PolicyLossOutput:
               logprobs and entropy (``policy_loss_from_logprobs``).
     logprobs: log-probabilities of the targets, fp32 (fp64 for fp64 inputs), the per-token
               shape, detached, 0 where masked.
-    entropy:  token entropies, same shape and dtype, detached, 0 where masked (all 0 when
-              ``policy_loss_from_logprobs`` got no entropy).
+    entropy:  token entropies, same shape and dtype, detached, 0 where masked (all NaN, i.e. not
+              measured, when ``policy_loss_from_logprobs`` got no entropy).
     advantages: the advantages the loss used (REPO-corrected), per token, same shape and
               dtype, detached, 0 where masked.
     ratio:    the importance ratio per token (token or sequence level; before ``delta`` and
               clipping), same shape and dtype, detached, 0 where masked.
     metrics:  every key of :data:`fused_pg.epilogue.METRICS`, always present (0 where an
-              option is off): 0-dim tensors (no host sync happens until you read them) and
-              the float hyper-parameters used (eps_low, eps_high).
+              option is off, NaN where a value could not be measured, with a flag saying why):
+              0-dim tensors (no host sync happens until you read them) and the floats eps_low,
+              eps_high (the hyper-parameters used), entropy_measured and rollout_measured.
     """
 
     loss: Tensor
@@ -99,11 +100,27 @@ class _Call:
     lead: tuple[int, ...]
 
 
-def _finish(logprobs: Tensor, entropy: Tensor, call: _Call, leaves: dict, fn: str) -> PolicyLossOutput:
-    """Whole-batch statistics (data parallelism), the epilogue, the metrics of the whole batch."""
-    batch = call.parallel.data.whole_batch(call.batch, logprobs, call.cfg)
+def _check_repo_inputs(cfg: LossConfig, repo_stats, entropy_given: bool) -> None:
+    """What the REPO options need from the call: the per-state centre needs the entropies, and
+    "decorrelate" with it needs statistics that hold the moments of ``logp + H``."""
+    if cfg.repo_center != "state" or cfg.repo == "none":
+        return
+    if not entropy_given:
+        raise ValueError("repo_center='state' centres logp by the token's entropy (L = logp + H): pass entropy= "
+                         "(per-token entropies, the shape of logprobs)")
+    if cfg.repo == "decorrelate" and isinstance(repo_stats, RepoStats) and not repo_stats.has_state:
+        raise ValueError("repo_stats has no moments of logp + H, which repo='decorrelate' with repo_center='state' "
+                         "needs: compute it with repo_statistics(..., entropy=...)")
+
+
+def _finish(logprobs: Tensor, entropy: Tensor | None, call: _Call, leaves: dict, fn: str) -> PolicyLossOutput:
+    """Whole-batch statistics (data parallelism), the epilogue, the metrics of the whole batch.
+    ``entropy=None``: not measured (the output's entropies are then NaN)."""
+    batch = call.parallel.data.whole_batch(call.batch, logprobs, call.cfg, entropy)
     loss, metrics, per_token = policy_loss(logprobs, entropy, batch, call.cfg)
     metrics = call.parallel.data.reduce_metrics(metrics)
+    if entropy is None:
+        entropy = torch.full_like(logprobs, float("nan"))
     return PolicyLossOutput(
         loss=_explain_missing_grad(loss, leaves, fn),
         logprobs=logprobs.detach().view(call.lead),
@@ -140,12 +157,13 @@ def repo_loss(
     One vocabulary sweep gives per-token log-probs and entropies (no ``N x V`` logits),
     then the epilogue of :func:`policy_loss_from_logprobs`, per valid token::
 
-        A'  = A - zeta * (logp - mu)                                   REPO (logp detached)
-        r   = exp(clamp(logp - old, -20, 20))                          (or GSPO sequence ratio)
-        pg  = max(-A' min(r, delta), -A' clip(r, 1 - eps_low, 1 + eps_high))
-        pg  = min(pg, -dual_clip A')  if A' < 0                        (dual clip)
-        pg  = pg * tis_weight * weights
-        L   = agg(pg) + kl_coef * agg_kl(KL(logp, ref)) - entropy_coef * agg_ent(H)
+        L    = logp - mu | logp + H | logp                               repo_center batch | state | none
+        A'   = A - zeta L   (REPO-R, repo="relative": A - zeta |A| L, kept on A's side; L detached)
+        r    = exp(clamp(logp - old, -20, 20))                          (or GSPO sequence ratio)
+        pg   = max(-A' min(r, delta), -A' clip(r, 1 - eps_low, 1 + eps_high))
+        pg   = min(pg, -dual_clip A')  if A' < 0                        (dual clip)
+        pg   = pg * tis_weight * weights
+        loss = agg(pg) + kl_coef * agg_kl(KL(logp, ref)) - entropy_coef * agg_ent(H)
 
     Args:
         hidden:        [B, T, D] or packed [N, D] final hidden states.
@@ -159,7 +177,8 @@ def repo_loss(
         mask:          1/True for tokens that count (bool, int or float 0/1); tokens whose
                        target is ``ignore_index`` never count.
         ref_logprobs:  reference-policy log-probs, for ``kl_coef`` (KL is reported whenever given).
-        rollout_logprobs: the inference engine's log-probs, for ``tis_cap``.
+        rollout_logprobs: the inference engine's log-probs, for ``tis_cap``; without ``tis_cap``
+                       they are only monitored (``rollout_mismatch_abs_mean``, ...).
         cu_seqlens:    [S + 1] sequence offsets of packed inputs (needed for sequence-level
                        options with packed inputs).
         weights:       per-token ([B, T] / [N]) or per-sequence ([B] / [S]) weights multiplied
@@ -168,6 +187,9 @@ def repo_loss(
                        Constants (detached inside); the normalisers still count every valid token.
         repo_stats:    REPO statistics of the whole batch (:func:`fused_pg.repo_statistics`),
                        for gradient accumulation and data parallelism; default: this batch's.
+                       Needed by "decorrelate" and by the "batch" centre; "fixed" and "relative"
+                       with ``repo_center`` "state" or "none" need no statistics (only the
+                       ``adv_logp_cov_*`` metrics use them).
         num_items_in_batch: global normaliser of the policy term replacing the local count
                        (valid tokens for token-mean, non-empty sequences for seq-mean-*, all
                        sequences for seq-mean-token-sum-norm, 1 for token-sum) for gradient
@@ -204,6 +226,7 @@ def repo_loss(
     cfg, head_cfg, extras = resolve("repo_loss", config, head, overrides, extras=_EXTRAS)
     par = Parallel.of(parallel, process_group=extras.get("process_group"),
                       data_parallel_group=extras.get("data_parallel_group"))
+    _check_repo_inputs(cfg, repo_stats, entropy_given=True)
     inputs = head_mod.prepare(hidden, weight, targets, bias, head_cfg, par, validate)
     batch = make_token_batch(
         tuple(targets.shape), hidden.device, _edt(hidden, weight), counted=inputs.counted,
@@ -251,8 +274,9 @@ def policy_loss_from_logprobs(
                    ``logprobs``' shape in place of hidden's leading shape; ``old_logprobs=None``
                    means on-policy.
         entropy:   optional per-token entropies, ``logprobs``' shape, differentiable; needed
-                   when ``entropy_coef != 0`` and reported as ``metrics["entropy_mean"]``
-                   (0 when not given).
+                   when ``entropy_coef != 0`` and for ``repo_center="state"``. Without them every
+                   metric that needs H (``entropy_mean``, ``entropy_drive``, ...) is NaN and
+                   ``metrics["entropy_measured"]`` is 0.0: a controller fed those metrics raises.
         config, overrides, validate: as in :func:`repo_loss` (``LossConfig`` fields only).
         parallel:  ``DataParallel(group)`` (or ``data_parallel_group=group``), as in :func:`repo_loss`.
 
@@ -278,6 +302,7 @@ def policy_loss_from_logprobs(
         checks.shape("entropy", entropy, lead, "the shape of logprobs")
     if entropy is None and cfg.entropy_coef != 0:
         raise ValueError("entropy_coef != 0 needs entropy (per-token entropies, the shape of logprobs)")
+    _check_repo_inputs(cfg, repo_stats, entropy_given=entropy is not None)
     validate = checks.resolve_validate(validate, dev)
     edt = _edt(logprobs)
     batch = make_token_batch(
@@ -299,7 +324,7 @@ def policy_loss_from_logprobs(
             checks.finite("entropy", ent.detach()[valid])
         ent = torch.where(valid, ent.to(edt), 0.0)
     else:
-        ent = torch.zeros_like(lp, requires_grad=False)
+        ent = None  # not measured
     call = _Call(cfg=cfg, batch=batch, parallel=par, lead=lead)
     return _finish(lp, ent, call, {"logprobs": logprobs, "entropy": entropy}, "policy_loss_from_logprobs")
 

@@ -262,11 +262,12 @@ class DataParallel:
 
     group: object
 
-    def whole_batch(self, batch: TokenBatch, logprobs: Tensor, cfg) -> TokenBatch:
+    def whole_batch(self, batch: TokenBatch, logprobs: Tensor, cfg, entropy: Tensor | None = None) -> TokenBatch:
         """The token batch with whole-group ``repo_stats`` and normalisers, for what the caller
         did not pass itself: one all-gather of float64 (statistics of this rank's tokens from the
-        fresh ``logprobs``, and its normaliser of each term that needs one: the policy term's, and
-        the KL / entropy terms' when they have their own aggregation)."""
+        fresh ``logprobs``, with the moments of ``logp + H`` for ``repo_center="state"``, and its
+        normaliser of each term that needs one: the policy term's, and the KL / entropy terms'
+        when they have their own aggregation)."""
         comm.check_group("data_parallel_group", self.group)
         own_stats = batch.repo_stats is None
         # (field of the batch, aggregation) of each normaliser to make global
@@ -278,14 +279,16 @@ class DataParallel:
         terms = [(f, mode) for f, mode in terms if getattr(batch, f) is None and mode != "token-sum"]
         if not (own_stats or terms):
             return batch
-        stats = RepoStats.of(logprobs.detach(), batch.advantages, batch.valid)
-        local = torch.cat([stats.as_tensor(), *[local_num_items(batch, mode).reshape(1) for _, mode in terms]])
-        parts = comm.all_gather(local, self.group)  # [R, 5 + terms]
+        state = entropy if cfg.repo_center == "state" else None
+        stats = RepoStats.of(logprobs.detach(), batch.advantages, batch.valid, state).as_tensor()
+        k = stats.numel()  # 5, or 8 with the moments of logp + H
+        local = torch.cat([stats, *[local_num_items(batch, mode).reshape(1) for _, mode in terms]])
+        parts = comm.all_gather(local, self.group)  # [R, k + terms]
         if own_stats:
-            merged = RepoStats.merge_all([RepoStats.from_tensor(p[:5]) for p in parts.unbind(0)])
+            merged = RepoStats.merge_all([RepoStats.from_tensor(p[:k]) for p in parts.unbind(0)])
             batch = replace(batch, repo_stats=merged)
         for i, (name, _) in enumerate(terms):
-            total = parts[:, 5 + i].sum()
+            total = parts[:, k + i].sum()
             # an all-empty group keeps the one-process behaviour (loss 0, divided by 1)
             batch = replace(batch, **{name: total.clamp_min(1.0).to(logprobs.dtype)})
         return batch
@@ -302,7 +305,12 @@ class DataParallel:
         out = dict(metrics)
         for k in keys:
             how, x = METRICS[k].reduction, col[k]
-            if how == "mean":
+            if how == "mean" and METRICS[k].weight is not None:
+                # a mean over other tokens (e.g. the clipped ones): a rank without any (its value is
+                # NaN, not measured) adds nothing; a group without any is NaN, as one process is
+                w = col[METRICS[k].weight]
+                value = torch.where(w > 0, x * w, 0.0).sum() / w.sum()
+            elif how == "mean":
                 value = (x * counts).sum() / total.clamp_min(1.0)
             elif how == "sum":
                 value = x.sum()
@@ -320,7 +328,7 @@ class Local:
     def bind(self, weight: Tensor) -> _WholeVocabulary:
         return _WholeVocabulary(weight)
 
-    def whole_batch(self, batch: TokenBatch, logprobs: Tensor, cfg) -> TokenBatch:
+    def whole_batch(self, batch: TokenBatch, logprobs: Tensor, cfg, entropy: Tensor | None = None) -> TokenBatch:
         return batch
 
     def reduce_metrics(self, metrics: dict) -> dict:

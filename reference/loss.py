@@ -9,6 +9,8 @@ sequences. Masked tokens are excluded from every statistic and contribute nothin
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, field
 
 import torch
@@ -42,7 +44,7 @@ def _sequences(lead: tuple[int, ...], cu_seqlens: Tensor | None) -> list[list[in
 
 
 OPTION_DEFAULTS = dict(
-    eps_low=0.2, eps_high=0.28, dual_clip=None, delta=None, repo="decorrelate", repo_coef=1.0, repo_center=True,
+    eps_low=0.2, eps_high=0.28, dual_clip=None, delta=None, repo="decorrelate", repo_coef=1.0, repo_center="batch",
     kl_coef=0.0, kl_estimator="k3", kl_clamp=None, kl_ratio_weight=False, kl_aggregation=None, entropy_coef=0.0,
     entropy_aggregation=None, aggregation="token-mean", max_length=None, importance_level="token", tis_cap=None,
     tis_level="token",
@@ -155,7 +157,10 @@ def policy_loss_ref(
 
     ``logprobs`` ([B, T] or packed [N]) and ``entropy`` are used as given (differentiable);
     ``old_logprobs=None`` is on-policy. ``repo_stats``, if given, is any object with
-    ``mean_logprob``, ``var_logprob`` and ``cov_adv_logprob`` (whole-batch REPO statistics).
+    ``mean_logprob``, ``var_logprob`` and ``cov_adv_logprob`` (whole-batch REPO statistics), and
+    ``var_state`` / ``cov_adv_state`` (those of ``logp + H``, or None) for ``repo_center="state"``.
+    Without ``entropy`` every metric that needs it is NaN (not measured), and so are the means
+    over clipped tokens when none is clipped and the rollout metrics without ``rollout_logprobs``.
     All arithmetic happens in ``dtype`` (default: float64 for float64 log-probs, else float32).
     The loss is ``agg(pg) + kl_coef * agg_kl(kl) - entropy_coef * agg_ent(H)``, each term with
     its own aggregation and normaliser (KL and entropy default to the policy term's).
@@ -197,33 +202,64 @@ def policy_loss_ref(
     n_tok = int(valid.sum())
     metrics: dict[str, Tensor | float] = {}
 
-    # --- REPO: A' = A - zeta * (logp - mu), logp detached -------------------------------
+    # --- REPO: A' = A - zeta L, or REPO-R, with L (Lc) the centred log-prob (detached) ---------
+    nan = torch.tensor(float("nan"), dtype=cdt, device=dev)
+    center = {True: "batch", False: "none"}.get(repo_center, repo_center)
+    H = ent.detach() if entropy is not None else None
+    if center == "state" and H is None and repo != "none":
+        raise ValueError("repo_center='state' needs entropy")
     mean_lp = _masked_mean(lpd, valid)
-    mean_A = _masked_mean(A, valid)
+    if center == "batch":
+        mu = mean_lp if repo_stats is None else torch.as_tensor(repo_stats.mean_logprob, dtype=cdt, device=dev)
+        Lc = [lpd[t] - mu for t in range(N)]
+    elif center == "state":  # E_a[log pi(a|s)] = -H(s): centred per state
+        Lc = [lpd[t] + H[t] if H is not None else nan for t in range(N)]
+    else:
+        Lc = [lpd[t] for t in range(N)]
+    Lc = torch.stack(Lc) if N else lpd.clone()
+
+    def cov_with(x: Tensor, y: Tensor) -> Tensor:
+        """Population covariance over the valid tokens, the obvious two-pass way."""
+        if n_tok == 0:
+            return zero
+        mx, my = x[valid].mean(), y[valid].mean()
+        return sum(((x[t] - mx) * (y[t] - my) for t in range(N) if valid[t]), zero) / n_tok
+
     if repo_stats is None:
-        mu_stat = mean_lp
-        cov = _masked_mean((A - mean_A) * (lpd - mean_lp), valid)
-        var = _masked_mean((lpd - mean_lp) ** 2, valid)
-    else:  # statistics of the whole batch, computed elsewhere
-        mu_stat = torch.as_tensor(repo_stats.mean_logprob, dtype=cdt, device=dev)
+        cov, var = cov_with(A, Lc), cov_with(Lc, Lc)
+    elif center == "state":
+        s_cov, s_var = getattr(repo_stats, "cov_adv_state", None), getattr(repo_stats, "var_state", None)
+        cov = nan if s_cov is None else torch.as_tensor(s_cov, dtype=cdt, device=dev)
+        var = nan if s_var is None else torch.as_tensor(s_var, dtype=cdt, device=dev)
+    else:  # statistics of the whole batch, computed elsewhere (a constant centre changes neither)
         cov = torch.as_tensor(repo_stats.cov_adv_logprob, dtype=cdt, device=dev)
         var = torch.as_tensor(repo_stats.var_logprob, dtype=cdt, device=dev)
     if repo == "none":
         zeta = zero
-    elif repo == "fixed":
+    elif repo in ("fixed", "relative"):
         zeta = torch.tensor(repo_coef, dtype=cdt, device=dev)
     elif repo == "decorrelate":
-        # gamma * Cov(A, logp) / Var(logp): with gamma = 1 the corrected advantage has
-        # exactly zero covariance with the log-probability over the batch.
+        # gamma * Cov(A, L) / Var(L): with gamma = 1 the corrected advantage has exactly zero
+        # covariance with L over the batch.
         zeta = repo_coef * cov / var if var > REPO_VAR_EPS else zero
     else:
         raise ValueError(repo)
-    mu = mu_stat if repo_center else zero
-    A_corr = A - zeta * (lpd - mu) if repo != "none" else A
-    if repo_stats is None:
-        mean_Ac = _masked_mean(A_corr, valid)
-        cov_after = _masked_mean((A_corr - mean_Ac) * (lpd - mean_lp), valid)
-    else:  # Cov(A - zeta (logp - mu), logp) = Cov(A, logp) - zeta Var(logp), over the whole batch
+    if repo == "none":
+        A_corr = A
+    elif repo == "relative":  # REPO-R: beta = zeta |A|, and A' keeps the sign of A
+        A_corr = torch.zeros(N, dtype=cdt, device=dev)
+        for t in range(N):
+            if A[t] > 0:
+                A_corr[t] = torch.clamp(A[t] * (1 - zeta * Lc[t]), min=0.0)
+            elif A[t] < 0:
+                A_corr[t] = torch.clamp(A[t] * (1 + zeta * Lc[t]), max=0.0)
+    else:
+        A_corr = A - zeta * Lc
+    if repo == "relative":
+        cov_after = nan  # the sign clamp makes it no function of the batch moments
+    elif repo_stats is None:
+        cov_after = cov_with(A_corr, Lc)
+    else:  # Cov(A - zeta L, L) = Cov(A, L) - zeta Var(L), over the whole batch
         cov_after = cov - zeta * var
     metrics.update(repo_zeta=zeta, adv_logp_cov_before=cov, adv_logp_cov_after=cov_after)
 
@@ -253,9 +289,31 @@ def policy_loss_ref(
     metrics["clip_frac_low"] = _masked_mean(((ratio < 1 - eps_low) & (A_corr < 0)).to(cdt), valid)
     metrics["clip_frac_high"] = _masked_mean(((ratio > 1 + eps_high) & (A_corr > 0)).to(cdt), valid)
 
+    # --- which tokens the clip acts on, token by token ------------------------------------------
+    r_det = ratio.detach()
+    for side in ("low", "high"):
+        if side == "low":
+            hit = [t for t in range(N) if valid[t] and r_det[t] < 1 - eps_low and A_corr[t] < 0]
+        else:
+            hit = [t for t in range(N) if valid[t] and r_det[t] > 1 + eps_high and A_corr[t] > 0]
+        metrics[f"n_clip_{side}"] = torch.tensor(float(len(hit)), dtype=cdt, device=dev)
+        metrics[f"clip_{side}_p_mean"] = (sum((torch.exp(old[t]) for t in hit), zero) / len(hit)) if hit else nan
+        if hit and H is not None:
+            metrics[f"clip_{side}_below_avg"] = torch.tensor(
+                sum(1.0 for t in hit if lpd[t] + H[t] < 0) / len(hit), dtype=cdt, device=dev)
+        else:
+            metrics[f"clip_{side}_below_avg"] = nan
+
     # --- truncated importance sampling against the rollout engine's log-probs ---------
     metrics["tis_weight_mean"] = zero
     is_ratio = ratio  # the importance ratio before delta and clipping (for kl_ratio_weight)
+    metrics["rollout_mismatch_abs_mean"] = metrics["rollout_phantom_clip_frac"] = nan
+    if rollout_logprobs is not None:  # the trainer's behaviour log-probs against the engine's
+        rollout = rollout_logprobs.detach().reshape(-1).to(cdt)
+        gaps = [old[t] - rollout[t] for t in range(N) if valid[t]]
+        metrics["rollout_mismatch_abs_mean"] = sum((abs(g) for g in gaps), zero) / max(n_tok, 1)
+        outside = sum(1.0 for g in gaps if not (1 - eps_low <= math.exp(float(g)) <= 1 + eps_high))
+        metrics["rollout_phantom_clip_frac"] = torch.tensor(outside / max(n_tok, 1), dtype=cdt, device=dev)
     if tis_cap is not None:
         rollout = rollout_logprobs.reshape(-1).to(cdt)
         log_w = old - rollout
@@ -334,15 +392,30 @@ def policy_loss_ref(
         metrics["kl_loss"] = kl_term.detach()
 
     # --- entropy bonus ---------------------------------------------------------------------
-    ent_term = aggregate(ent, ent_mode, ent_items)
-    loss = loss - entropy_coef * ent_term
-    metrics["entropy_loss"] = ent_term.detach()
+    if entropy is not None:
+        ent_term = aggregate(ent, ent_mode, ent_items)
+        loss = loss - entropy_coef * ent_term
+        metrics["entropy_loss"] = ent_term.detach()
+    else:
+        metrics["entropy_loss"] = nan
+
+    # --- the entropy monitor: -mean over counted tokens of A' (logp + H) -------------------
+    metrics["entropy_measured"] = 1.0 if H is not None else 0.0
+    metrics["rollout_measured"] = 1.0 if rollout_logprobs is not None else 0.0
+    if H is not None:
+        for side, keep in (("pos", lambda a: a > 0), ("neg", lambda a: a < 0)):
+            part = sum((-A_corr[t] * (lpd[t] + H[t]) for t in range(N) if valid[t] and keep(A_corr[t])), zero)
+            metrics[f"entropy_drive_{side}"] = part / max(n_tok, 1)
+        drive = sum((-A_corr[t] * (lpd[t] + H[t]) for t in range(N) if valid[t]), zero)
+        metrics["entropy_drive"] = drive / max(n_tok, 1)
+    else:
+        metrics["entropy_drive"] = metrics["entropy_drive_pos"] = metrics["entropy_drive_neg"] = nan
 
     # --- metrics --------------------------------------------------------------------------
     metrics.update(
         n_tokens=torch.tensor(float(n_tok), dtype=cdt, device=dev),
         empty_batch=torch.tensor(float(n_tok == 0), dtype=cdt, device=dev),
-        entropy_mean=_masked_mean(ent.detach(), valid),
+        entropy_mean=_masked_mean(ent.detach(), valid) if H is not None else nan,
         logprob_mean=mean_lp,
         ratio_mean=_masked_mean(ratio.detach(), valid),
         ratio_max=ratio.detach()[valid].max() if n_tok else zero,

@@ -88,7 +88,8 @@ def test_update_accepts_a_tensor_and_rejects_non_finite():
     lambda: AdaptiveClip(target_entropy=0.8, eps_low=0.2, eps_high=0.3, rate=0.07, smoothing=0.5,
                          adapt_low=True, low_ratio=0.7),
     lambda: AdaptiveRepoCoef(target_entropy=0.8, repo_coef=0.4, rate=0.3, smoothing=0.2),
-], ids=["AdaptiveClip", "AdaptiveRepoCoef"])
+    lambda: AdaptiveRepoCoef(target_entropy=0.8, repo_coef=0.03, mode="multiplicative", bounds=(0.01, 0.2)),
+], ids=["AdaptiveClip", "AdaptiveRepoCoef", "AdaptiveRepoCoef-multiplicative"])
 def test_state_dict_round_trip_gives_identical_trajectories(make):
     measurements = [0.3, 1.2, 0.7, 0.75, 2.0, 0.1, 0.9]
     a = make()
@@ -259,8 +260,10 @@ CONTROLLERS = [
     lambda: AdaptiveClip(target_entropy=0.8, eps_low=0.2, eps_high=0.28, rate=0.07, smoothing=0.5,
                          adapt_low=True, low_ratio=0.7),
     lambda: AdaptiveRepoCoef(target_entropy=0.8, repo_coef=0.4, rate=0.3, smoothing=0.2),
+    lambda: AdaptiveRepoCoef(target_entropy=0.8, repo_coef=-0.02, mode="multiplicative", factor=1.5,
+                             bounds=(0.01, 0.5), smoothing=0.3),
 ]
-CONTROLLER_IDS = ["AdaptiveClip", "AdaptiveRepoCoef"]
+CONTROLLER_IDS = ["AdaptiveClip", "AdaptiveRepoCoef", "AdaptiveRepoCoef-multiplicative"]
 
 
 def _empty_metrics():
@@ -282,7 +285,8 @@ def test_an_empty_batch_leaves_the_controller_unchanged(make):
     assert c.update(torch.tensor(0.0), n_tokens=torch.tensor(0.0)) == 0.0
     c.observe(metrics)
     assert c.update() == 0.0
-    assert c.update() == 0.0  # nothing observed at all: no step either
+    with pytest.warns(fused_pg.NothingObservedWarning, match="nothing was observed"):
+        assert c.update() == 0.0  # nothing observed at all: no step either, and it says so
     assert c.state_dict() == before
 
 
@@ -322,8 +326,9 @@ def test_observe_per_micro_batch_update_per_step_is_token_weighted(make):
     assert accumulated.value == pytest.approx(one_batch.value, rel=1e-6)
     assert accumulated.value == pytest.approx(by_hand.value, rel=1e-12)
     assert accumulated.entropy_ema == pytest.approx(by_hand.entropy_ema, rel=1e-12)
-    # the observations were consumed: the next update() without new ones does nothing
-    assert accumulated.update() == 0.0 and accumulated.steps == 1
+    # the observations were consumed: the next update() without new ones does nothing (and warns)
+    with pytest.warns(fused_pg.NothingObservedWarning):
+        assert accumulated.update() == 0.0 and accumulated.steps == 1
 
 
 def test_update_with_a_value_closes_the_step_over_pending_observations():
@@ -349,7 +354,9 @@ def test_observe_rejects_bad_measurements(bad, error, match):
     with pytest.raises(error, match=match):
         c.observe(**bad)
         c.update()
-    assert c.state_dict() == before and c.update() == 0.0
+    assert c.state_dict() == before
+    with pytest.warns(fused_pg.NothingObservedWarning):  # the bad measurement was not recorded
+        assert c.update() == 0.0
 
 
 def test_a_non_finite_tensor_observation_fails_at_update_and_is_dropped():
@@ -359,7 +366,8 @@ def test_a_non_finite_tensor_observation_fails_at_update_and_is_dropped():
     with pytest.raises(ValueError, match="entropy"):
         c.update()
     assert c.state_dict() == before  # nothing assigned; the bad observations are discarded
-    assert c.update() == 0.0
+    with pytest.warns(fused_pg.NothingObservedWarning):
+        assert c.update() == 0.0
 
 
 # --- state_dict / load_state_dict / from_state_dict -----------------------------------------------
@@ -510,3 +518,242 @@ def test_update_over_a_process_group_steps_every_rank_alike(world):
         assert math.isclose(r["change"], expected, rel_tol=1e-12, abs_tol=1e-15)
         assert math.isclose(r["eps_high"], one.eps_high, rel_tol=1e-12)
         assert math.isclose(r["ema"], one.entropy_ema, rel_tol=1e-12)
+
+
+# --- REPO-R's multiplicative law ------------------------------------------------------------------
+
+def test_multiplicative_law_doubles_halves_and_flips_the_sign_at_zeta_min():
+    c = AdaptiveRepoCoef(target_entropy=1.0, repo_coef=0.1, mode="multiplicative", bounds=(0.05, 0.4))
+    trajectory = []
+    for h in (0.5, 0.5, 0.5, 0.5):  # below target: more entropy, |zeta| doubles up to zeta_max
+        c.update(h)
+        trajectory.append(c.repo_coef)
+    assert trajectory == [0.2, 0.4, 0.4, 0.4] and c.saturated
+    assert c.controlled() == {"repo_coef": 0.4}
+    trajectory = []
+    for h in (2.0,) * 7:  # above target: halve, cross to -zeta_min, then grow the negative side
+        c.update(h)
+        trajectory.append(c.repo_coef)
+    assert trajectory == [0.2, 0.1, 0.05, -0.05, -0.1, -0.2, -0.4] and c.saturated
+    c.update(1.0)  # on target: no change
+    assert c.repo_coef == -0.4
+    c.update(0.0)  # below again: the negative zeta shrinks toward the flip
+    assert c.repo_coef == -0.2 and not c.saturated
+    assert c.steps == 13
+
+
+@settings(max_examples=n_examples(40))
+@given(target=st.floats(0, 5), start=st.floats(-1.0, 1.0).filter(lambda z: abs(z) >= 1e-3),
+       factor=st.floats(1.05, 4.0), smoothing=st.floats(0, 0.9), hs=st.lists(st.floats(0, 10), min_size=1, max_size=30))
+def test_multiplicative_law_is_monotone_and_bounded(target, start, factor, smoothing, hs):
+    """Every step moves zeta toward more entropy (up) while the smoothed entropy is below target
+    and toward less (down) while above, never leaves |zeta| in [zeta_min, zeta_max], never 0."""
+    lo, hi = 1e-3, 1.0
+    c = AdaptiveRepoCoef(target_entropy=target, repo_coef=start, mode="multiplicative", factor=factor,
+                         bounds=(lo, hi), smoothing=smoothing)
+    for h in hs:
+        before = c.repo_coef
+        change = c.update(h)
+        assert lo <= abs(c.repo_coef) <= hi
+        assert change == c.repo_coef - before
+        err = target - c.entropy_ema
+        if err > 0:
+            assert c.repo_coef >= before and (c.repo_coef > before or before == hi)
+        elif err < 0:
+            assert c.repo_coef <= before and (c.repo_coef < before or before == -hi)
+        else:
+            assert c.repo_coef == before
+    count_example()
+
+
+def test_multiplicative_controller_drives_repo_r_through_its_config():
+    from fused_pg import LossConfig
+
+    c = AdaptiveRepoCoef(target_entropy=1.0, repo_coef=0.01, mode="multiplicative")
+    for _ in range(3):
+        c.update(3.0)  # above target: 0.01 -> 0.005 -> 0.0025 -> 0.00125
+    for _ in range(6):
+        c.update(3.0)  # ... past zeta_min = 1e-4: the sign flips
+    assert c.repo_coef < 0
+    cfg = c.apply(LossConfig(repo="relative", repo_center="state"))
+    assert cfg.repo_coef == c.repo_coef
+    with pytest.raises(ValueError, match="repo_coef must be >= 0 for repo='decorrelate'"):
+        c.apply(LossConfig(repo="decorrelate"))  # a negative zeta belongs to REPO-R only
+
+
+@pytest.mark.parametrize("kw,error,match", [
+    (dict(mode="exponential"), ValueError, "mode"),
+    (dict(mode="multiplicative", factor=1.0), ValueError, "factor"),
+    (dict(mode="multiplicative", factor=math.nan), ValueError, "factor"),
+    (dict(mode="multiplicative", bounds=(0.0, 1.0)), ValueError, "zeta_min > 0"),
+    (dict(mode="multiplicative", repo_coef=0.0), ValueError, "repo_coef"),
+    (dict(mode="multiplicative", repo_coef=-2.0), ValueError, "repo_coef"),
+    (dict(mode="multiplicative", repo_coef=1e-5), ValueError, "repo_coef"),
+    (dict(mode="additive", repo_coef=-0.1), ValueError, "repo_coef"),
+])
+def test_multiplicative_bad_arguments(kw, error, match):
+    with pytest.raises(error, match=match):
+        AdaptiveRepoCoef(target_entropy=1.0, **{"repo_coef": 0.5, **kw})
+
+
+def test_repo_r_closes_the_loop_on_a_toy_policy():
+    """A few optimiser steps of REPO-R with the multiplicative controller: the entropy is far
+    below the target, so zeta doubles every step (it only ever sees the reported entropy_mean)."""
+    torch.manual_seed(0)
+    h, W, y, adv, old, mask = _batch(seed=5)
+    W = (W * 4).requires_grad_()
+    ctrl = AdaptiveRepoCoef(target_entropy=10.0, repo_coef=0.01, mode="multiplicative")
+    opt = torch.optim.SGD([W], lr=0.1)
+    seen = []
+    for _ in range(4):
+        out = repo_loss(h, W, y, adv, old, mask, repo="relative", repo_center="state", repo_coef=ctrl.repo_coef)
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+        ctrl.update(out.metrics)
+        seen.append(ctrl.repo_coef)
+    assert seen == [0.02, 0.04, 0.08, 0.16]
+
+
+# --- what a controller refuses: unmeasured entropies, empty steps, bad tensors --------------------
+
+@pytest.mark.parametrize("make", CONTROLLERS, ids=CONTROLLER_IDS)
+def test_a_controller_refuses_an_entropy_that_was_not_measured(make):
+    """policy_loss_from_logprobs without entropy= reports entropy_mean NaN with entropy_measured
+    0: observing it raises (it used to be read as 0 nats and drive eps_high to its bound)."""
+    lp = -torch.rand(2, 6) - 0.1
+    metrics = fused_pg.policy_loss_from_logprobs(lp, torch.randn(2), None, repo="none").metrics
+    c = make()
+    c.update(0.7)
+    before = c.state_dict()
+    for call in (lambda: c.observe(metrics), lambda: c.update(metrics)):
+        with pytest.raises(ValueError, match="entropy_measured == 0"):
+            call()
+    assert c.state_dict() == before
+    # the NaN itself, observed as a tensor without the flag, fails at the step
+    c.observe(metrics["entropy_mean"], metrics["n_tokens"])
+    with pytest.raises(ValueError, match="NaN means not measured"):
+        c.update()
+    assert c.state_dict() == before
+
+
+def test_repo_loss_module_refuses_to_observe_an_unmeasured_entropy():
+    from fused_pg import RepoLoss
+
+    module = RepoLoss(repo="none", controller=AdaptiveClip(target_entropy=1.0))
+    lp = -torch.rand(2, 6, requires_grad=True)
+    with pytest.raises(ValueError, match="entropy_measured == 0"):
+        module.from_logprobs(lp, torch.randn(2))
+    out = module.from_logprobs(lp, torch.randn(2), entropy=torch.rand(2, 6))
+    assert out.metrics["entropy_measured"] == 1.0 and module.update_controller() != 0.0
+
+
+def test_adapo_loss_without_observing_warns_at_the_step():
+    """adapo_loss(..., controller=) does not observe: the step that follows says so."""
+    h, W, y, adv, old, mask = _batch()
+    ctrl = AdaptiveClip(target_entropy=5.0)
+    adapo_loss(h, W, y, adv, old, mask, controller=ctrl)
+    with pytest.warns(fused_pg.NothingObservedWarning, match="adapo_loss"):
+        assert ctrl.update() == 0.0
+    assert ctrl.steps == 0 and ctrl.eps_high == 0.28
+
+
+@pytest.mark.parametrize("entropy,n_tokens", [
+    (torch.tensor(0.5), torch.tensor(-2.0)),              # a negative count, even if the window's total is >= 0
+    (torch.tensor(math.nan), torch.tensor(0.0)),          # NaN is refused whatever the count (as a float is)
+    (torch.tensor(0.5), torch.tensor(math.inf)),
+])
+def test_invalid_tensor_observations_fail_the_step_whatever_the_window(entropy, n_tokens):
+    c = AdaptiveClip(target_entropy=1.0)
+    c.observe(torch.tensor(0.7), torch.tensor(10.0))
+    c.observe(entropy, n_tokens)
+    before = c.state_dict()
+    assert before["pending_bad_entropy"] + before["pending_bad_tokens"] == 1
+    with pytest.raises(ValueError, match="entropy must be finite|n_tokens must be finite"):
+        c.update()
+    assert c.steps == 0 and c.eps_high == 0.28
+    with pytest.raises(ValueError, match="entropy"):
+        c.observe(math.nan, 0)  # the float form raises at once, also with no tokens
+
+
+def test_a_state_dict_taken_after_an_invalid_observation_loads_and_fails_the_same_step():
+    a = AdaptiveClip(target_entropy=1.0, rate=0.1)
+    a.observe(torch.tensor(0.4), torch.tensor(3.0))
+    a.observe(torch.tensor(math.nan), torch.tensor(5.0))
+    state = json.loads(json.dumps(a.state_dict()))  # plain, finite numbers
+    b = AdaptiveClip.from_state_dict(state)
+    for c in (a, b):
+        with pytest.raises(ValueError, match="1 observation"):
+            c.update()
+    assert a.state_dict() == b.state_dict()
+
+
+def test_version_1_states_still_load():
+    c = AdaptiveRepoCoef(target_entropy=1.0, repo_coef=0.3)
+    c.observe(0.5, n_tokens=4)
+    v2 = c.state_dict()
+    v1 = {k: v for k, v in v2.items() if k not in ("pending_observations", "pending_bad_entropy",
+                                                    "pending_bad_tokens", "mode", "factor")}
+    v1["version"] = 1
+    d = AdaptiveRepoCoef.from_state_dict(v1)
+    assert d.state_dict() == v2 and d.mode == "additive"
+    assert d.update() == c.update()
+
+
+def test_update_over_a_process_group_warns_only_when_no_rank_observed():
+    from helpers.multiproc import run_group
+
+    def job(rank, world):
+        import warnings
+
+        import torch.distributed as dist
+
+        ctrl = AdaptiveClip(target_entropy=1.0, eps_high=0.28, rate=0.1)
+        if rank == 0:
+            ctrl.observe(torch.tensor(0.5), torch.tensor(8.0))
+        with warnings.catch_warnings(record=True) as first:
+            warnings.simplefilter("always")
+            change = ctrl.update(process_group=dist.group.WORLD)  # rank 1 observed nothing itself
+        with warnings.catch_warnings(record=True) as second:
+            warnings.simplefilter("always")
+            ctrl.update(process_group=dist.group.WORLD)  # nobody observed anything
+        return dict(change=change, first=len(first), second=[str(w.category.__name__) for w in second])
+
+    for r in run_group(2, [("step", job)]):
+        r = r["step"]
+        assert r["change"] == pytest.approx(0.05) and r["first"] == 0
+        assert r["second"] == ["NothingObservedWarning"]
+
+
+@pytest.mark.parametrize("as_tensor", [False, True])
+def test_observe_from_many_threads_loses_nothing(as_tensor):
+    """observe() holds the controller's lock: 8 threads x 500 observations all arrive."""
+    import threading
+
+    c = AdaptiveClip(target_entropy=1.0, rate=0.01)
+    value = (lambda: torch.tensor(0.5)) if as_tensor else (lambda: 0.5)
+
+    def feed():
+        for _ in range(500):
+            c.observe(value(), n_tokens=torch.tensor(1.0) if as_tensor else 1)
+
+    threads = [threading.Thread(target=feed) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    state = c.state_dict()
+    assert state["pending_observations"] == 4000 and state["pending_tokens"] == 4000.0
+    assert state["pending_entropy_sum"] == 2000.0
+    assert c.update() == pytest.approx(0.005)
+
+
+def test_copies_and_pickles_keep_working():
+    import pickle
+
+    c = AdaptiveRepoCoef(target_entropy=1.0, repo_coef=0.2, mode="multiplicative")
+    c.observe(0.5, n_tokens=3)
+    for other in (copy.deepcopy(c), pickle.loads(pickle.dumps(c))):
+        assert other.state_dict() == c.state_dict()
+        other.observe(0.1)  # its own lock and observations
+        assert other.state_dict()["pending_observations"] == 2 and c.state_dict()["pending_observations"] == 1

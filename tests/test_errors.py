@@ -103,7 +103,8 @@ ARG_CASES = [
     ("temperature str", {}, dict(temperature="1"), TypeError, "temperature"),
     ("eps_low bool", {}, dict(eps_low=True), TypeError, "eps_low"),
     ("deterministic not bool", {}, dict(deterministic=1), TypeError, "deterministic"),
-    ("repo_center not bool", {}, dict(repo_center=1), TypeError, "repo_center"),
+    ("repo_center not a name", {}, dict(repo_center=1), TypeError, "repo_center"),
+    ("repo_center unknown", {}, dict(repo_center="sequence"), ValueError, "repo_center"),
     # --- values ------------------------------------------------------------------------------------
     ("hidden NaN", dict(hidden=_nan_at(torch.randn(B, T, D))), {}, ValueError, "hidden"),
     ("hidden Inf", dict(hidden=_nan_at(torch.randn(B, T, D), math.inf)), {}, ValueError, "hidden"),
@@ -154,7 +155,6 @@ ARG_CASES = [
     ("softcap 0", {}, dict(softcap=0.0), ValueError, "softcap"),
     ("softcap negative", {}, dict(softcap=-30.0), ValueError, "softcap"),
     ("tis_cap without rollout_logprobs", {}, dict(tis_cap=2.0), ValueError, "rollout_logprobs"),
-    ("rollout_logprobs without tis_cap", {}, dict(rollout_logprobs=torch.zeros(B, T)), ValueError, "tis_cap"),
     ("tis_cap 0", {}, dict(tis_cap=0.0, rollout_logprobs=torch.zeros(B, T)), ValueError, "tis_cap"),
     ("kl_coef without ref_logprobs", {}, dict(kl_coef=0.1, ref_logprobs=None), ValueError, "ref_logprobs"),
     ("max_length with token-mean", {}, dict(max_length=T), ValueError, "max_length"),

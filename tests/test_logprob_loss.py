@@ -14,7 +14,7 @@ from fused_pg.config import PRESET_OPTIONS, PRESETS
 from fused_pg.reference.head import logprobs_entropy_ref
 from fused_pg.reference.loss import policy_loss_ref, repo_loss_ref
 from helpers import (BACKENDS, HEAD_OPTIONS, TOLS, assert_close, assert_grad_close, check_metrics, check_per_token,
-                     loss_cases, make_loss_inputs, oracle_guards, run_property)
+                     loss_cases, make_loss_inputs, oracle_guards, run_property, same_number)
 
 
 def check_logprob_case(case) -> None:
@@ -88,7 +88,7 @@ def test_repo_loss_is_the_head_plus_the_logprob_loss(backend):
     b.loss.backward()
     assert torch.equal(a.loss, b.loss)
     for k in a.metrics:
-        assert float(a.metrics[k]) == float(b.metrics[k]), k
+        assert same_number(a.metrics[k], b.metrics[k]), k
     assert torch.equal(h1.grad, h2.grad) and torch.equal(W1.grad, W2.grad)
 
 
@@ -154,7 +154,9 @@ def test_logprob_loss_needs_entropy_for_an_entropy_bonus():
     with pytest.raises(ValueError, match="entropy_coef"):
         fused_pg.policy_loss_from_logprobs(lp, torch.randn(2), None, entropy_coef=0.1)
     out = fused_pg.policy_loss_from_logprobs(lp, torch.randn(2), None)
-    assert float(out.metrics["entropy_mean"]) == 0.0  # always present, 0 when not given
+    # always present; not measured: NaN with the flag at 0, never a number a controller could use
+    assert math.isnan(float(out.metrics["entropy_mean"])) and out.metrics["entropy_measured"] == 0.0
+    assert torch.isnan(out.entropy).all()
 
 
 @pytest.mark.parametrize("name", ["logprobs", "old_logprobs", "ref_logprobs", "rollout_logprobs"])

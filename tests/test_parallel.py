@@ -33,7 +33,7 @@ import fused_pg
 from fused_pg.comm import CommLog
 from fused_pg.parallel import OFF_SHARD, merge_shard_stats, vocab_parallel_comm_bytes
 from helpers import (TOLS, assert_close, check_grads, check_head_values, check_metrics, loss_cases,
-                     make_loss_inputs, oracle_guards, run_oracle_loss)
+                     make_loss_inputs, oracle_guards, run_oracle_loss, same_number)
 from helpers.multiproc import run_group
 
 WORLDS = (2, 4)
@@ -309,7 +309,7 @@ def _dp_combined(name, case, inp, ranks, parts):
     got["logprobs"], got["entropy"] = lp.view(inp.head.targets.shape), ent.view(inp.head.targets.shape)
     for k, r in enumerate(ranks[1:], 1):  # metrics are the whole batch's, on every rank
         for key, v in r["metrics"].items():
-            assert float(v) == float(ranks[0]["metrics"][key]), f"{name}: metric {key} differs between ranks 0, {k}"
+            assert same_number(v, ranks[0]["metrics"][key]), f"{name}: metric {key} differs between ranks 0, {k}"
     return got, grads
 
 

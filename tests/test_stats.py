@@ -129,3 +129,45 @@ def test_per_micro_batch_statistics_do_not_accumulate_to_one_batch(repo):
                            **kw).loss.backward()
     rel = float((W1.grad - W2.grad).abs().max() / W1.grad.abs().max())
     assert rel > 1e-3, rel
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(0, 40), cuts=st.lists(st.integers(0, 40), max_size=4), seed=st.integers(0, 2**31 - 1))
+def test_moments_of_logp_plus_entropy_merge_exactly(n, cuts, seed):
+    """With entropies, the statistics also hold the moments of L = logp + H (the per-state
+    centre): merged over micro-batches and through the tensor form, they equal the whole batch's
+    and the textbook population moments."""
+    count_example()
+    g = torch.Generator().manual_seed(seed)
+    lp = -5 * torch.rand(n, generator=g, dtype=torch.float64)
+    ent = 3 * torch.rand(n, generator=g, dtype=torch.float64)
+    adv = torch.randn(n, generator=g, dtype=torch.float64) - 0.4 * lp
+    mask = torch.rand(n, generator=g) > 0.3
+    bounds = sorted({0, n, *[min(c, n) for c in cuts]})
+    parts = [repo_statistics(lp[a:b], adv[a:b], mask[a:b], entropy=ent[a:b]) for a, b in zip(bounds[:-1], bounds[1:])] \
+        or [repo_statistics(lp, adv, mask, entropy=ent)]
+    merged = RepoStats.from_tensor(RepoStats.merge_all(parts).as_tensor())
+    whole = repo_statistics(lp, adv, mask, entropy=ent)
+    assert merged.has_state and whole.as_tensor().shape == (8,)
+    for name in ("var_state", "cov_adv_state", "mean_state", "var_logprob", "cov_adv_logprob"):
+        assert_close(f"merged {name}", getattr(whole, name), getattr(merged, name), atol=1e-12, rtol=1e-10)
+    s, a = (lp + ent)[mask], adv[mask]
+    if s.numel():
+        assert_close("var of logp + H", ((s - s.mean()) ** 2).mean(), whole.var_state, atol=1e-12, rtol=1e-10)
+        assert_close("cov of A and logp + H", ((a - a.mean()) * (s - s.mean())).mean(), whole.cov_adv_state,
+                     atol=1e-12, rtol=1e-10)
+
+
+def test_statistics_with_and_without_entropies_do_not_mix():
+    lp, adv = -torch.rand(2, 3, dtype=torch.float64), torch.randn(2, dtype=torch.float64)
+    with_h = repo_statistics(lp, adv, entropy=torch.rand(2, 3, dtype=torch.float64))
+    without = repo_statistics(lp, adv)
+    assert with_h.has_state and not without.has_state and without.var_state is None
+    with pytest.raises(ValueError, match="with entropies and without"):
+        with_h.merge(without)
+    with pytest.raises(ValueError, match="5 or 8 values"):
+        RepoStats.from_tensor(torch.zeros(6, dtype=torch.float64))
+    with pytest.raises(ValueError, match="entropy"):
+        repo_statistics(lp, adv, entropy=torch.rand(3, 2, dtype=torch.float64))
+    # the logp moments are the same either way
+    assert torch.equal(with_h.as_tensor()[:5], without.as_tensor())

@@ -199,7 +199,7 @@ def make_loss_inputs(case: LossCase) -> LossInputs:
         # log w = old - rollout with rollout <= 0: log w >= old
         w_lo = torch.clamp(old, min=-1.0)
         log_w = w_lo + (1.0 - w_lo) * torch.rand(N, generator=gen, dtype=f64)
-        cap = [math.log(o["tis_cap"])]
+        cap = [math.log(o["tis_cap"])] if o["tis_cap"] is not None else []
         if o["tis_level"] == "token":
             log_w = _push_away(log_w, cap)
         else:

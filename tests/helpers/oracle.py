@@ -3,8 +3,8 @@ full equality check of one loss example (loss, logp, entropy, metrics, per-token
 gradients) against it.
 
 Ill-conditioned examples are skipped with ``assume`` rather than by loosening the rules (see
-``oracle_guards``): REPO "decorrelate" with Var(logp) < 1e-3, and clip / TIS boundaries; and
-(``zeta_conditioning_guard``) a "decorrelate" zeta that the backend's measured log-prob error
+``oracle_guards``): REPO "decorrelate" with Var(L) < 1e-3, clip / TIS / REPO-R clamp boundaries;
+and (``zeta_conditioning_guard``) a "decorrelate" zeta that the backend's measured error of L
 can move by more than the value tolerance.
 """
 
@@ -55,43 +55,70 @@ def run_oracle_loss(case: LossCase, inp: LossInputs, backend: str | None = None)
     return ref, grads, floors
 
 
+def _centre(o: dict) -> str:
+    c = o.get("repo_center", "batch")
+    return {True: "batch", False: "none"}.get(c, c)
+
+
 def oracle_guards(case: LossCase, inp: LossInputs, ref) -> None:
     """``assume`` away examples whose comparison is ill-conditioned (not a tolerance change).
 
-    * REPO "decorrelate" divides by Var(logp) over the valid tokens. Below Var = 1e-3 (1e-6 in
-      fp64) fp32 rounding of logp (~1e-6) moves zeta = gamma Cov/Var by more than the fp32
-      tolerance, so such examples are skipped; Var == 0 exactly (<= 1 valid token) is kept.
+    * REPO "decorrelate" divides by Var(L) over the valid tokens (L = logp, or logp + H for the
+      per-state centre). Below Var = 1e-3 (1e-6 in fp64) fp32 rounding of L (~1e-6) moves
+      zeta = gamma Cov/Var by more than the fp32 tolerance, so such examples are skipped;
+      Var == 0 exactly (<= 1 valid token) is kept.
     * The clip indicators (clip_frac_*, dual clip) and the TIS cap switch at exact boundaries.
       Generated log-ratios already avoid them (``make_loss_inputs``), and the signs of the
-      REPO-corrected advantages must not be within 1e-4 of zero.
+      REPO-corrected advantages must not be within 1e-4 of zero -- for REPO-R ("relative"), whose
+      clamp makes A' exactly 0, the factor ``1 -+ zeta L`` must not be within 1e-4 of zero.
+    * The clip metrics count clipped tokens with logp + H < 0, and the rollout metrics ratios
+      outside [1 - eps_low, 1 + eps_high]: neither may sit within rounding of its boundary.
     """
     valid = inp.valid
     n = int(valid.sum())
     o = case.opts
     if n == 0:
         return
-    lp = inp.lp64[valid]
-    var = float(((lp - lp.mean()) ** 2).mean())
+    eff = case.effective
+    centre = _centre(o)
+    lp_all = ref.logprobs.detach().double().reshape(-1)
+    H_all = ref.entropy.detach().double().reshape(-1)
+    lp, H = lp_all[valid], H_all[valid]
+    L = lp + H if centre == "state" else lp
+    var = float(((L - L.mean()) ** 2).mean())
     if o["repo"] == "decorrelate" and o["repo_coef"] > 0 and n > 1:
         assume(var >= (1e-6 if case.dtype == "fp64" else 1e-3))
     A = inp.advantages.double()
     if case.adv_per_seq:
-        A = torch.cat([A[i].expand(L) for i, L in enumerate(case.lengths)])
-    A = A.reshape(-1)
+        A = torch.cat([A[i].expand(L_) for i, L_ in enumerate(case.lengths)])
+    A = A.reshape(-1)[valid]
     zeta = float(ref.metrics["repo_zeta"])
-    mu = float(lp.mean()) if o["repo_center"] else 0.0
-    A_corr = A - zeta * (inp.lp64 - mu) if o["repo"] != "none" else A
-    assume(bool((A_corr[valid].abs() > 1e-4).all()))
-    note(f"valid tokens {n}, Var(logp) {var:.3e}, zeta {zeta:.4g}")
+    if o["repo"] == "relative":
+        Lc = L - L.mean() if centre == "batch" else L
+        factor = 1 - zeta * torch.sign(A) * Lc
+        assume(bool((A.abs() > 1e-4).all()) and bool((factor.abs() > 1e-4).all()))
+    else:
+        A_corr = ref.advantages.detach().double().reshape(-1)[valid]
+        assume(bool((A_corr.abs() > 1e-4).all()))
+    A_corr = ref.advantages.detach().double().reshape(-1)[valid]
+    r = ref.ratio.detach().double().reshape(-1)[valid]
+    clipped = ((r > 1 + eff["eps_high"]) & (A_corr > 0)) | ((r < 1 - eff["eps_low"]) & (A_corr < 0))
+    assume(bool(((lp + H)[clipped].abs() > 1e-4 * (1 + lp[clipped].abs())).all()))
+    if inp.rollout_logprobs is not None:
+        engine = torch.exp(inp.old_logprobs.double().reshape(-1) - inp.rollout_logprobs.double().reshape(-1))[valid]
+        for bound in (1 - eff["eps_low"], 1 + eff["eps_high"]):
+            assume(bool(((engine - bound).abs() > 1e-5).all()))
+    note(f"valid tokens {n}, Var(L) {var:.3e}, zeta {zeta:.4g}")
 
 
 def zeta_conditioning_guard(case: LossCase, inp: LossInputs, ref, out) -> None:
-    """``assume`` away a REPO "decorrelate" example whose zeta the measured log-prob error can
-    move by more than the value tolerance (``oracle_guards`` can only bound Var(logp) before the
-    run; this uses the backend's actual error, itself within the head's tolerance).
+    """``assume`` away a REPO "decorrelate" example whose zeta the measured error of L (the
+    log-prob, or log-prob + entropy for the per-state centre) can move by more than the value
+    tolerance (``oracle_guards`` can only bound Var(L) before the run; this uses the backend's
+    actual error, itself within the head's tolerance).
 
-    zeta = gamma C / V with C = mean((A - mean A)(l - mean l)) and V = mean((l - mean l)^2); a
-    log-prob error d moves it by at most gamma (max|A - mean A| + 2 |C / V| max|l - mean l|)
+    zeta = gamma C / V with C = mean((A - mean A)(l - mean l)) and V = mean((l - mean l)^2); an
+    error d of l moves it by at most gamma (max|A - mean A| + 2 |C / V| max|l - mean l|)
     max|d| / V (first order).
     """
     o = case.opts
@@ -99,7 +126,12 @@ def zeta_conditioning_guard(case: LossCase, inp: LossInputs, ref, out) -> None:
     n = int(valid.sum())
     if o["repo"] != "decorrelate" or o["repo_coef"] == 0 or n < 2 or case.dtype == "fp64":
         return
-    lp = inp.lp64[valid]
+    state = _centre(o) == "state"
+    lp = ref.logprobs.detach().double().reshape(-1)[valid]
+    got = out.logprobs.detach().double().reshape(-1)[valid]
+    if state:
+        lp = lp + ref.entropy.detach().double().reshape(-1)[valid]
+        got = got + out.entropy.detach().double().reshape(-1)[valid]
     A = inp.advantages.double()
     if case.adv_per_seq:
         A = torch.cat([A[i].expand(L) for i, L in enumerate(case.lengths)])
@@ -108,11 +140,11 @@ def zeta_conditioning_guard(case: LossCase, inp: LossInputs, ref, out) -> None:
     if var == 0.0:
         return
     zeta_over_gamma = float(ref.metrics["repo_zeta"]) / o["repo_coef"]
-    d = float((out.logprobs.detach().double().reshape(-1)[valid] - lp).abs().max())
+    d = float((got - lp).abs().max())
     moved = o["repo_coef"] * (float((A - A.mean()).abs().max())
                               + 2 * abs(zeta_over_gamma) * float((lp - lp.mean()).abs().max())) * d / var
     allowed = TOLS[case.dtype].value * (1 + abs(float(ref.metrics["repo_zeta"])))
-    note(f"zeta sensitivity to the measured log-prob error {d:.2e}: {moved:.2e} (tolerance {allowed:.2e})")
+    note(f"zeta sensitivity to the measured error of L {d:.2e}: {moved:.2e} (tolerance {allowed:.2e})")
     assume(moved <= allowed)
 
 

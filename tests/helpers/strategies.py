@@ -119,6 +119,8 @@ PRESET_OPTIONS = ("eps_low", "eps_high", "dual_clip", "delta", "aggregation", "i
 LIBRARY_DEFAULTS = dict(eps_low=0.2, eps_high=0.28, dual_clip=None, delta=None, aggregation="token-mean",
                         importance_level="token", kl_estimator="k3", kl_clamp=None, max_length=None)
 MASKS = ("none", "random", "random", "empty_rows", "empty_rows", "all_masked")  # repeats weight the pick
+REPO_MODES = ("none", "fixed", "decorrelate", "relative")
+REPO_CENTERS = ("batch", "state", "none", True, False)  # True / False: the older spelling
 
 
 @dataclass
@@ -149,6 +151,7 @@ class LossCase:
         """Option values of this example, for the coverage summary."""
         o, h = self.effective, self.head
         f = [f"dtype={h.dtype}", f"layout={self.layout}", f"mask={self.mask}", f"repo={o['repo']}",
+             f"repo_center={o['repo_center']}",
              f"aggregation={o['aggregation']}", f"importance={o['importance_level']}", f"bias={h.bias}",
              f"softcap={h.softcap is not None}", f"temperature!=1={h.temperature != 1}",
              f"dual_clip={o['dual_clip'] is not None}", f"delta={o['delta'] is not None}",
@@ -162,7 +165,7 @@ class LossCase:
             f.append(f"kl={o['kl_estimator']},coef>0={o['kl_coef'] > 0}")
             f.append(f"kl_clamp={o['kl_clamp']},ratio_weight={o.get('kl_ratio_weight', False)}")
         if self.with_rollout:
-            f.append(f"tis_level={o['tis_level']}")
+            f.append(f"tis_level={o['tis_level']},tis_cap={o['tis_cap'] is not None}")
         if self.layout == "packed":
             f.append(f"empty_sequence={0 in self.lengths}")
         return f
@@ -175,7 +178,7 @@ class LossCase:
 
 @st.composite
 def loss_cases(draw, backend: str, layouts=("dense", "packed", "packed-nocu"), masks=MASKS,
-               dtypes=None) -> LossCase:
+               dtypes=None, repos=REPO_MODES, centers=REPO_CENTERS) -> LossCase:
     lim = limits(backend)
     layout = draw(st.sampled_from(layouts))
     if layout == "dense":
@@ -196,12 +199,14 @@ def loss_cases(draw, backend: str, layouts=("dense", "packed", "packed-nocu"), m
     rng = option_rng(draw, head)
     pick = rng.choice
     opts: dict = dict(temperature=head.temperature, softcap=head.softcap, ignore_index=head.ignore_index)
-    opts["repo"] = repo = pick(["none", "fixed", "decorrelate"])
+    opts["repo"] = repo = pick(list(repos))
     if repo == "fixed":
         opts["repo_coef"] = pick([0.0, 0.1, 0.5, 2.0])
     elif repo == "decorrelate":
         opts["repo_coef"] = pick([0.3, 1.0, 1.0])
-    opts["repo_center"] = pick([True, False])
+    elif repo == "relative":  # any sign; |zeta L| > 1 happens, so the sign clamp acts
+        opts["repo_coef"] = pick([-2.0, -0.5, 0.0, 0.3, 1.0, 3.0])
+    opts["repo_center"] = pick(list(centers))
     opts["eps_low"] = pick([0.0, 0.1, 0.2, 0.35])
     opts["eps_high"] = pick([0.0, 0.2, 0.28, 0.5])
     opts["dual_clip"] = pick([None, 1.5, 3.0])
@@ -222,8 +227,8 @@ def loss_cases(draw, backend: str, layouts=("dense", "packed", "packed-nocu"), m
         if pick([True, False]):
             opts[f"{term}_num_items_in_batch"] = float(rng.randint(1, 3 * head.N))
     with_rollout = pick([True, False])
-    if with_rollout:
-        opts["tis_cap"] = pick([0.5, 1.5, 4.0])
+    if with_rollout:  # (rollout log-probs without tis_cap are only monitored)
+        opts["tis_cap"] = pick([0.5, 1.5, 4.0, None])
         opts["tis_level"] = pick(["token", "sequence"] if seqs else ["token"])
     if pick([True, False]):
         opts["num_items_in_batch"] = float(rng.randint(1, 3 * head.N))

@@ -56,7 +56,14 @@ def assert_close(name: str, ref, got, *, atol: float = 0.0, rtol: float = 0.0, k
         ref_t, got_t = ref_t[where], got_t[where]
     if ref_t.numel() == 0:
         return 0.0
-    assert not torch.isnan(got_t).any(), f"{name}: NaN in result\n got={got_t}"
+    # NaN is a value of its own (not measured): where the reference is NaN the result must be too
+    unmeasured = torch.isnan(ref_t)
+    assert torch.equal(torch.isnan(got_t), unmeasured), (
+        f"{name}: NaN in result where the reference has a number, or a number where it has NaN (not measured)"
+        f"\n got={got_t}\n ref={ref_t}")
+    ref_t, got_t = ref_t[~unmeasured], got_t[~unmeasured]
+    if ref_t.numel() == 0:
+        return 0.0
     same_inf = (ref_t == got_t) & torch.isinf(ref_t)
     err = torch.where(same_inf, 0.0, (got_t - ref_t).abs())
     allowed = atol + rtol * torch.where(torch.isinf(ref_t), 0.0, ref_t.abs())
@@ -236,6 +243,46 @@ def check_head_values(name: str, dtype_name: str, ref: Tensor, got: Tensor, vali
                                 f"PyTorch's {err_plain:.3e} + margin (allowed {allowed:.3e})")
 
 
+def same_number(a, b) -> bool:
+    """Bitwise-equal metric values, NaN (not measured) equal to NaN."""
+    a, b = float(a), float(b)
+    return a == b or (math.isnan(a) and math.isnan(b))
+
+
+ENTROPY_KEYS = ("entropy_mean", "entropy_loss", "entropy_drive", "entropy_drive_pos", "entropy_drive_neg",
+                "clip_low_below_avg", "clip_high_below_avg")
+ROLLOUT_KEYS = ("rollout_mismatch_abs_mean", "rollout_phantom_clip_frac")
+
+
+def check_metric_convention(metrics: dict, repo: str = "decorrelate", cov_measured: bool = True) -> None:
+    """The metrics' NaN convention (fused_pg.epilogue.METRICS): every key present; a value is NaN
+    exactly where it could not be measured, as its flag says -- ``entropy_measured``,
+    ``rollout_measured``, ``n_clip_low`` / ``n_clip_high`` -- and the REPO covariances where the
+    statistics cannot give them ("relative" after the correction; ``cov_measured=False``: the
+    per-state centre with statistics lacking the moments of logp + H). Finite everywhere else."""
+    import fused_pg
+
+    assert set(metrics) == set(fused_pg.METRIC_KEYS), sorted(set(metrics) ^ set(fused_pg.METRIC_KEYS))
+    unmeasured = set()
+    if metrics["entropy_measured"] == 0.0:
+        unmeasured.update(ENTROPY_KEYS)
+    if metrics["rollout_measured"] == 0.0:
+        unmeasured.update(ROLLOUT_KEYS)
+    for side in ("low", "high"):
+        if float(metrics[f"n_clip_{side}"]) == 0:
+            unmeasured.update((f"clip_{side}_p_mean", f"clip_{side}_below_avg"))
+    if not cov_measured:
+        unmeasured.update(("adv_logp_cov_before", "adv_logp_cov_after"))
+    if repo == "relative":
+        unmeasured.add("adv_logp_cov_after")
+    for k, v in metrics.items():
+        x = float(v)
+        if k in unmeasured:
+            assert math.isnan(x), f"metric {k} = {x}, but it was not measured: NaN expected"
+        else:
+            assert math.isfinite(x), f"metric {k} = {x}, but it was measured: a finite number expected"
+
+
 def check_metrics(ref_metrics: dict, got_metrics: dict, dtype_name: str) -> None:
     assert set(got_metrics) == set(ref_metrics), (
         f"metric keys differ: only in fused_pg {sorted(set(got_metrics) - set(ref_metrics))}, "
@@ -248,6 +295,9 @@ def check_metrics(ref_metrics: dict, got_metrics: dict, dtype_name: str) -> None
             continue
         assert isinstance(gv, Tensor) and gv.dim() == 0, f"metric {k} must be a 0-dim tensor, got {gv!r}"
         assert not gv.requires_grad, f"metric {k} must be detached"
+        if math.isnan(float(rv)):  # not measured (the oracle's own reason): NaN there too
+            assert math.isnan(float(gv)), f"metric {k}: {float(gv)!r}, but the oracle says not measured (NaN)"
+            continue
         assert_close(f"metric {k}", rv, gv, atol=tol, rtol=tol, key=dtype_name)
 
 
