@@ -39,6 +39,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import fused_pg
 from fused_pg import AdaptiveClip
 from fused_pg.integrations.openrlhf import PolicyLoss
 from fused_pg.reference.loss import policy_loss_ref
@@ -177,7 +178,9 @@ def test_adapo_controller_sets_the_clip_range_and_steps_when_told():
     for w in (windows[:3], windows[3:]):
         expected += 0.02 * (4.0 - sum(a for a, _ in w) / sum(b for _, b in w))
     assert ctrl.steps == 2 and ctrl.eps_high == pytest.approx(expected, rel=1e-12)
-    assert PolicyLoss(controller=dict(target_entropy=1.0), clip_eps_high=0.3).controller.eps_high == 0.3
+    built = PolicyLoss(controller=lambda low, high: AdaptiveClip(target_entropy=1.0, eps_low=low, eps_high=high),
+                       clip_eps_high=0.3)
+    assert built.controller.eps_high == 0.3
 
 
 def test_errors_name_the_option():
@@ -371,6 +374,9 @@ def rel_diff(a: dict, b: dict) -> float:
 
 
 REPO_MODES = {
+    "relative": dict(repo="relative", repo_coef=0.5),
+    "relative-negative-uncentred": dict(repo="relative", repo_coef=-0.5, repo_center="none"),
+    "decorrelate-uncentred": dict(repo="decorrelate", repo_center="none"),
     "fixed": dict(repo="fixed", repo_coef=0.5),
     "fixed-uncentred": dict(repo="fixed", repo_coef=0.5, repo_center=False),
     "decorrelate": dict(repo="decorrelate"),
@@ -485,14 +491,44 @@ def test_adapo_steps_once_per_optimiser_step_and_resumes_from_the_deepspeed_chec
     torch.save({"model": actor.model.state_dict(), "client": {"consumed": 8}},
                tmp_path / "global_step1" / "ckpt.pt")
     for fresh in (False, True):
-        installed(**ADAPO, adapo_fresh_start=fresh)
+        installed(**ADAPO, controller_fresh_start=fresh)
         actor = Actor()
         CkptStrategy().load_ckpt(actor.model, str(tmp_path), "global_step1")
         if fresh:
             assert trainer(Strategy(4), 2, actor).actor_loss_fn.controller.steps == 0
         else:
-            with pytest.raises(ValueError, match="adapo_fresh_start"):
+            with pytest.raises(ValueError, match="controller_fresh_start"):
                 trainer(Strategy(4), 2, actor)
+
+
+def test_the_repo_controller_steps_repo_coef_once_per_optimiser_step(installed):
+    """REPO-R with the multiplicative REPO controller: below its target, zeta doubles at each
+    optimiser step (whatever the number of micro-batches); the loss used the value before."""
+    installed(repo="relative", repo_coef=0.01, repo_control_target_entropy=9.0, repo_control_mode="multiplicative")
+    t = trainer(Strategy(4), 2)
+    zetas = []
+    for seed in (1, 2):
+        ppo_train(t, experiences(seed=seed))
+        zetas.append(float(t.actor_loss_fn.metrics["repo_zeta"]))
+    ctrl = t.actor_loss_fn.controller
+    assert isinstance(ctrl, fused_pg.AdaptiveRepoCoef) and ctrl.steps == 2
+    assert zetas == pytest.approx([0.01, 0.02]) and ctrl.repo_coef == pytest.approx(0.04)
+    assert {"entropy_drive", "clip_high_p_mean", "rollout_phantom_clip_frac"} <= set(t.actor_loss_fn.metrics)
+
+
+def test_options_openrlhf_cannot_serve_are_refused(installed):
+    """The per-state centre needs entropies, which OpenRLHF does not give its loss. (And without
+    options install() gives OpenRLHF's own loss.)"""
+    installed()
+    assert ppo_actor.PolicyLoss().config.repo == "none" and ppo_actor.PolicyLoss().controller is None
+    with pytest.raises(ValueError, match="repo_center='state'"):
+        PolicyLoss(repo="fixed", repo_center="state")
+    with pytest.raises(ValueError, match="repo_center='state'"):
+        installed(repo="relative", repo_center="state")
+    with pytest.raises(ValueError, match="one controller at a time"):
+        installed(repo="fixed", adapo_target_entropy=1.0, repo_control_target_entropy=1.0)
+    with pytest.raises(ValueError, match="repo_control_target_entropy.*repo != 'none'"):
+        installed(repo_control_target_entropy=1.0)
 
 
 def test_dynamic_batching_is_refused_with_repo_statistics(installed):
@@ -552,8 +588,8 @@ def test_options_are_checked_where_given(monkeypatch):
     with pytest.raises(ValueError, match="FUSED_PG_OPENRLHF_OPTIONS is not valid JSON"):
         fo.setup_worker()
     options, rest = fo.parse_args(["--actor.eps_clip", "0.2", "--fused_pg.repo", "fixed", "--fused_pg.repo_coef",
-                                   "0.3", "--fused_pg.adapo_fresh_start"])
-    assert options == dict(repo="fixed", repo_coef=0.3, adapo_fresh_start=True) and rest == ["--actor.eps_clip", "0.2"]
+                                   "0.3", "--fused_pg.controller_fresh_start"])
+    assert options == dict(repo="fixed", repo_coef=0.3, controller_fresh_start=True) and rest == ["--actor.eps_clip", "0.2"]
 
 
 RECIPE = Path(__file__).resolve().parents[1] / "examples" / "openrlhf_repo.sh"

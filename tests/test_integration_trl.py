@@ -476,6 +476,24 @@ def test_import_swap_alone_is_stock(tmp_path, model_dir, tokenizer, dataset):
     assert trainer.fused_pg_controller is None
 
 
+def test_repo_r_with_the_per_state_centre_and_the_repo_controller(tmp_path, model_dir, tokenizer, dataset):
+    """REPO-R (zeta of either sign) centred per state (L = logp + H from fused-pg's head) with the
+    multiplicative REPO controller: the first step used zeta = -0.3; below the target, a negative
+    zeta halves at each optimiser step; the entropy monitor's metrics are logged."""
+    args = config(tmp_path, max_steps=2, repo="relative", repo_center="state", repo_coef=-0.3,
+                  repo_control_target_entropy=9.0, repo_control_mode="multiplicative")
+    trainer, _ = train(True, args, model_dir, tokenizer, dataset)
+    logs = [r for r in trainer.state.log_history if "fused_pg/repo_zeta" in r]
+    assert logs[0]["fused_pg/repo_zeta"] == pytest.approx(-0.3) and logs[1]["fused_pg/repo_zeta"] == pytest.approx(-0.15)
+    assert isinstance(trainer.fused_pg_controller, fused_pg.AdaptiveRepoCoef)
+    assert trainer.fused_pg_controller.repo_coef == pytest.approx(-0.075)
+    for key in ("entropy_drive", "entropy_drive_pos", "entropy_drive_neg", "clip_high_p_mean", "clip_low_p_mean",
+                "clip_high_below_avg", "clip_low_below_avg", "rollout_mismatch_abs_mean",
+                "rollout_phantom_clip_frac"):
+        assert f"fused_pg/{key}" in logs[0], key
+    assert logs[0]["fused_pg/entropy_measured"] == 1.0 and math.isfinite(logs[0]["fused_pg/entropy_drive"])
+
+
 ADAPO = dict(epsilon_high=0.28, adapo_target_entropy=9.0, adapo_rate=0.01)
 
 
@@ -511,9 +529,24 @@ def test_adapo_controller_steps_once_per_optimizer_step_and_is_checkpointed(tmp_
     assert resume().state_dict() == first  # resuming restores the controller from the checkpoint
     # a checkpoint without the controller's state (e.g. written by stock TRL) is refused ...
     os.remove(os.path.join(str(tmp_path), "checkpoint-1", CONTROLLER_FILE))
-    with pytest.raises(ValueError, match="adapo_fresh_start"):
+    with pytest.raises(ValueError, match="controller_fresh_start"):
         resume()
-    assert resume(adapo_fresh_start=True).steps == 0  # ... unless restarting it is asked for
+    assert resume(controller_fresh_start=True).steps == 0  # ... unless restarting it is asked for
+
+
+def test_a_resumed_run_continues_the_controllers_trajectory(tmp_path, model_dir, tokenizer, dataset):
+    """Two optimiser steps in one run, and the same run resumed from its first checkpoint through
+    ``train(resume_from_checkpoint=...)``: the controller ends in the same state, exactly. (One
+    iteration per generation: TRL does not checkpoint a generation batch it would reuse.)"""
+    args = config(tmp_path, max_steps=2, save_strategy="steps", save_steps=1, num_iterations=1, **ADAPO)
+    full, _ = train(True, args, model_dir, tokenizer, dataset)
+    resumed = GRPOTrainer(model=model_dir, reward_funcs=reward, args=config(tmp_path / "resumed", max_steps=2,
+                                                                             save_strategy="no", num_iterations=1,
+                                                                             **ADAPO),
+                          train_dataset=dataset, processing_class=tokenizer)
+    resumed.train(resume_from_checkpoint=os.path.join(str(tmp_path), "checkpoint-1"))
+    assert resumed.fused_pg_controller.steps == 2
+    assert resumed.fused_pg_controller.state_dict() == full.fused_pg_controller.state_dict()
 
 
 YAML = """

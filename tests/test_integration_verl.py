@@ -345,6 +345,10 @@ def rel_diff(a: dict, b: dict) -> float:
 
 REPO_MODES = {
     "none": dict(repo="none"),
+    "relative": dict(repo="relative", repo_coef=0.5),
+    "relative-negative-state": dict(repo="relative", repo_coef=-0.5, repo_center="state"),
+    "fixed-state": dict(repo="fixed", repo_coef=0.5, repo_center="state"),
+    "decorrelate-uncentred": dict(repo="decorrelate", repo_center="none"),
     "fixed": dict(repo="fixed", repo_coef=0.5),
     "fixed-uncentred": dict(repo="fixed", repo_coef=0.5, repo_center=False),
     "decorrelate": dict(repo="decorrelate"),
@@ -383,7 +387,7 @@ def test_repo_gradient_is_the_same_on_two_data_parallel_ranks(agg):
     gradients (what FSDP / DDP apply) is one process's gradient on the whole mini-batch."""
     from helpers.multiproc import run_group
 
-    repos = ["fixed", "decorrelate", "decorrelate-0.6-uncentred"]
+    repos = ["fixed", "decorrelate", "decorrelate-0.6-uncentred", "relative", "fixed-state"]
     results = run_group(2, [(r, _dp_job(r, agg)) for r in repos])
     for repo in repos:
         one = train_step(TinyEngine(), rollout(), 4,
@@ -392,9 +396,57 @@ def test_repo_gradient_is_the_same_on_two_data_parallel_ranks(agg):
         assert rel_diff(mean, one) <= 1e-6, f"{repo}/{agg}: 2 ranks differ from 1 by {rel_diff(mean, one):.2e}"
 
 
+def test_what_verl_cannot_serve_is_refused():
+    """decorrelate with the per-state centre needs the whole mini-batch's entropies up front, which
+    verl does not keep (refused when the config is built); the per-state centre needs verl's
+    entropies (refused at the first loss without them)."""
+    with pytest.raises(ValueError, match="policy_loss.repo_center.*'decorrelate' with repo_center='state'"):
+        fverl.PolicyLossConfig(loss_mode="repo", repo="decorrelate", repo_center="state")
+    with pytest.raises(ValueError, match="calculate_entropy=True"):
+        train_step(TinyEngine(entropy=False), rollout(), 4,
+                   fverl.PolicyLossConfig(loss_mode="repo", repo="fixed", repo_center="state"))
+
+
+def test_the_new_metrics_are_logged():
+    engine = TinyEngine()
+    config = actor_config(fverl.PolicyLossConfig(loss_mode="repo", repo="relative", repo_coef=0.3,
+                                                 repo_center="state"), ppo_micro_batch_size_per_gpu=8)
+    seen = []
+
+    def loss_function(**kwargs):
+        loss, metrics = ppo_loss(config=config, **kwargs)
+        seen.append(metrics)
+        return loss, metrics
+
+    data = rollout()
+    tu.assign_non_tensor(data, use_dynamic_bsz=False, micro_batch_size_per_gpu=8)
+    engine.train_batch(data, loss_function)
+    keys = {k.removeprefix("actor/fused_pg/") for k in seen[0] if k.startswith("actor/fused_pg/")}
+    assert {"entropy_drive", "entropy_drive_pos", "entropy_drive_neg", "clip_high_p_mean", "clip_low_p_mean",
+            "clip_high_below_avg", "clip_low_below_avg", "rollout_mismatch_abs_mean",
+            "rollout_phantom_clip_frac"} <= keys
+    assert seen[0]["actor/fused_pg/entropy_measured"].values == [1.0]  # verl's entropies reached the loss
+    assert seen[0]["actor/fused_pg/repo_zeta"].values == [pytest.approx(0.3)]
+
+
 # ---------------------------------------------------------------------------------------------
-# ADAPO
+# controllers
 # ---------------------------------------------------------------------------------------------
+
+def test_the_repo_controller_steps_repo_coef_once_per_optimiser_step():
+    """REPO-R with the multiplicative REPO controller (loss_mode=repo): below its target, zeta
+    doubles at each optimiser step, whatever the number of micro-batches."""
+    engine = TinyEngine()
+    policy = fverl.PolicyLossConfig(loss_mode="repo", repo="relative", repo_coef=0.01, repo_center="state",
+                                    repo_control_target_entropy=9.0, repo_control_mode="multiplicative")
+    for seed in (1, 2):
+        train_step(engine, rollout(seed=seed), 2, policy)
+    ctrl = fverl.current_controller()
+    assert isinstance(ctrl, fused_pg.AdaptiveRepoCoef) and ctrl.steps == 2 and ctrl.repo_coef == pytest.approx(0.04)
+    with pytest.raises(ValueError, match="ADAPO is loss_mode=adapo"):
+        fverl.PolicyLossConfig(loss_mode="repo", adapo_target_entropy=1.0)
+    with pytest.raises(ValueError, match="not the REPO controller"):
+        fverl.PolicyLossConfig(loss_mode="adapo", repo_control_target_entropy=1.0)
 
 def adapo_loss_config(**kw):
     return fverl.PolicyLossConfig(loss_mode="adapo", repo="none", adapo_target_entropy=5.0, adapo_rate=0.01, **kw)
@@ -466,10 +518,10 @@ def test_adapo_controller_is_checkpointed_and_a_resume_continues_its_trajectory(
     (ckpt / _common.CONTROLLER_FILE).unlink()
     monkeypatch.setattr(fverl, "_SESSION", fverl._Session())
     adapo_loss_config()
-    with pytest.raises(ValueError, match="adapo_fresh_start"):
+    with pytest.raises(ValueError, match="controller_fresh_start"):
         build().load_checkpoint(str(ckpt), None, False)
     monkeypatch.setattr(fverl, "_SESSION", fverl._Session())
-    adapo_loss_config(adapo_fresh_start=True)
+    adapo_loss_config(controller_fresh_start=True)
     build().load_checkpoint(str(ckpt), None, False)
 
 
@@ -528,7 +580,7 @@ def test_register_resets_to_the_documented_defaults():
     fverl.register(repo="fixed", repo_coef=0.3, adapo_target_entropy=2.0)
     fverl.register()
     options = fverl._default_options
-    assert options.loss == fused_pg.LossConfig() and options.adapo is None and options.validate is None
+    assert options.loss == fused_pg.LossConfig() and options.controller_kind is None and options.validate is None
     with pytest.raises(ValueError, match=r"register\(repo_coef=...\)"):
         fverl.register(repo_coef=2.0)
 

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from ..config import LossConfig
-from ..control import AdaptiveClip, EntropyController
+from ..control import AdaptiveClip, AdaptiveRepoCoef, EntropyController
 from ..stats import RepoStats
 
 CONTROLLER_FILE = "fused_pg_controller.json"
@@ -154,6 +154,13 @@ def behaviour_repo_stats(parts: Sequence[tuple[Tensor, Tensor, Tensor]], group=N
     return merged.all_reduce(group) if group is not None else merged
 
 
+def needs_batch_stats(cfg: LossConfig) -> bool:
+    """Whether REPO with ``cfg`` uses statistics of the batch: the batch centre's mean, or
+    "decorrelate"'s covariance and variance ("fixed" / "relative" with the "state" or "none"
+    centre use none)."""
+    return cfg.repo != "none" and (cfg.repo_center == "batch" or cfg.repo == "decorrelate")
+
+
 def surprisal_mean(old_logprobs: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
     """``(mean -log pi_old(y_t), n_tokens)`` over the counted tokens (float64, no host sync).
 
@@ -208,8 +215,8 @@ def read_controller(folder: str) -> dict | None:
 
 def missing_controller_error(folder: str, how_to_start_fresh: str) -> ValueError:
     return ValueError(
-        f"resuming from {folder}, which has no {CONTROLLER_FILE}: the ADAPO controller's state (its clip "
-        "range and entropy estimate) was not saved with this checkpoint (e.g. it was written without the "
+        f"resuming from {folder}, which has no {CONTROLLER_FILE}: the controller's state (its clip "
+        "range or REPO coefficient, and entropy estimate) was not saved with this checkpoint (e.g. it was written without the "
         "controller), so resuming would silently restart the controller. To restart it on purpose, "
         f"{how_to_start_fresh}")
 
@@ -230,32 +237,46 @@ def load_controller(folder: str, controller: EntropyController, *, fresh_ok: boo
 # fused-pg's options of a drop-in, as a trainer's configuration gives them
 # ---------------------------------------------------------------------------------------------
 
-ADAPO_ARGS = ("rate", "bounds", "smoothing", "adapt_low", "low_ratio", "low_bounds")
-"""The :class:`fused_pg.AdaptiveClip` arguments a drop-in takes as ``adapo_<name>`` (besides
-``adapo_target_entropy``; the initial clip range is the trainer's own)."""
+CONTROLLERS = {
+    "adapo": (AdaptiveClip, ("rate", "bounds", "smoothing", "adapt_low", "low_ratio", "low_bounds")),
+    "repo_control": (AdaptiveRepoCoef, ("mode", "factor", "rate", "bounds", "smoothing")),
+}
+"""The controllers a drop-in runs, by option prefix: ``<prefix>_target_entropy`` turns one on and
+``<prefix>_<argument>`` sets an argument of its class. ``adapo``: :class:`fused_pg.AdaptiveClip`,
+whose clip range starts at the trainer's; ``repo_control``: :class:`fused_pg.AdaptiveRepoCoef`,
+whose coefficient starts at ``repo_coef``."""
 
 
 def option_keys(loss_fields: Sequence[str]) -> tuple[str, ...]:
     """A drop-in's option names: the :class:`fused_pg.LossConfig` fields it exposes (same names),
-    ``validate``, and the ADAPO controller's ``adapo_*`` arguments."""
-    return (*loss_fields, "validate", "adapo_target_entropy", *(f"adapo_{a}" for a in ADAPO_ARGS),
-            "adapo_fresh_start")
+    ``validate``, the controllers' (:data:`CONTROLLERS`) and ``controller_fresh_start``."""
+    keys = [*loss_fields, "validate"]
+    for prefix, (_, args) in CONTROLLERS.items():
+        keys += [f"{prefix}_target_entropy", *(f"{prefix}_{a}" for a in args)]
+    return (*keys, "controller_fresh_start")
 
 
 @dataclass(frozen=True)
 class Options:
     """A drop-in's fused-pg options, checked: the loss part as a :class:`fused_pg.LossConfig` (the
     trainer's clip range and aggregation are added where the trainer gives them), the value
-    checks, and the ADAPO controller's arguments (None: no controller)."""
+    checks, and the controller (``controller_kind``: a key of :data:`CONTROLLERS` or None; its
+    arguments)."""
 
     loss: LossConfig
     validate: bool | None
-    adapo: dict | None
+    controller_kind: str | None
+    controller_args: dict | None
     fresh_start: bool
 
-    def controller(self, eps_low: float, eps_high: float) -> AdaptiveClip | None:
-        """A new controller starting from the trainer's clip range (None without one)."""
-        return None if self.adapo is None else AdaptiveClip(eps_low=eps_low, eps_high=eps_high, **self.adapo)
+    def controller(self, eps_low: float, eps_high: float) -> EntropyController | None:
+        """A new controller (None without one): ADAPO starting from the trainer's clip range, the
+        REPO controller from ``repo_coef``."""
+        if self.controller_kind is None:
+            return None
+        if self.controller_kind == "adapo":
+            return AdaptiveClip(eps_low=eps_low, eps_high=eps_high, **self.controller_args)
+        return AdaptiveRepoCoef(repo_coef=self.loss.repo_coef, **self.controller_args)
 
 
 def _named(error: Exception, names: dict[str, str], where: Callable[[str], str], fallback: str) -> Exception:
@@ -281,23 +302,32 @@ def resolve_options(values: dict, keys: Sequence[str], where: Callable[[str], st
     validate = values.get("validate")
     if validate is not None and not isinstance(validate, bool):
         raise TypeError(f"{where('validate')}: must be true, false or null, got {validate!r}")
-    adapo = None
-    if values.get("adapo_target_entropy") is not None:
-        adapo = {"target_entropy": values["adapo_target_entropy"]}
-        adapo.update({a: values[f"adapo_{a}"] for a in ADAPO_ARGS if values.get(f"adapo_{a}") is not None})
-        adapo = {k: tuple(v) if isinstance(v, list) else v for k, v in adapo.items()}
-        try:
-            AdaptiveClip(**adapo)  # every check the controller makes, now
+    kind = args = None
+    for prefix, (cls, names) in CONTROLLERS.items():
+        given = {a: values[f"{prefix}_{a}"] for a in names if values.get(f"{prefix}_{a}") is not None}
+        if values.get(f"{prefix}_target_entropy") is None:
+            if given:
+                raise ValueError(f"{where(f'{prefix}_{next(iter(given))}')} is set without {prefix}_target_entropy "
+                                 "(the controller's target entropy, which turns it on)")
+            continue
+        if kind is not None:
+            raise ValueError(f"{where(f'{prefix}_target_entropy')}: one controller at a time ({kind}_target_entropy "
+                             "is set too)")
+        kind, args = prefix, {"target_entropy": values[f"{prefix}_target_entropy"], **given}
+        args = {k: tuple(v) if isinstance(v, list) else v for k, v in args.items()}
+        try:  # every check the controller makes, now
+            if prefix == "adapo":
+                cls(**args)
+            else:
+                if loss.repo == "none":
+                    raise ValueError("the REPO controller adapts repo_coef: it needs repo != 'none'")
+                cls(repo_coef=loss.repo_coef, **args)
         except (TypeError, ValueError) as e:
-            raise _named(e, {k: f"adapo_{k}" for k in adapo}, where, "adapo_target_entropy") from e
-    else:
-        given = [f"adapo_{a}" for a in ADAPO_ARGS if values.get(f"adapo_{a}") is not None]
-        if given:
-            raise ValueError(f"{where(given[0])} is set without adapo_target_entropy (the ADAPO controller's target)")
-    fresh = values.get("adapo_fresh_start")
+            raise _named(e, {k: f"{prefix}_{k}" for k in args}, where, f"{prefix}_target_entropy") from e
+    fresh = values.get("controller_fresh_start")
     if fresh is not None and not isinstance(fresh, bool):
-        raise TypeError(f"{where('adapo_fresh_start')}: must be true or false, got {fresh!r}")
-    return Options(loss=loss, validate=validate, adapo=adapo, fresh_start=bool(fresh))
+        raise TypeError(f"{where('controller_fresh_start')}: must be true or false, got {fresh!r}")
+    return Options(loss=loss, validate=validate, controller_kind=kind, controller_args=args, fresh_start=bool(fresh))
 
 
 def env_options(variable: str, keys: Sequence[str]) -> dict:

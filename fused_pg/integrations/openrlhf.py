@@ -15,10 +15,14 @@ Without ``--fused_pg.*`` flags the loss is OpenRLHF's own (REPO off, no controll
 implementation changes.
 
 fused-pg's options (``--fused_pg.<name>``, or the keywords of :func:`install`): ``repo``,
-``repo_coef``, ``repo_center`` (the :class:`fused_pg.LossConfig` fields of the same names),
-``validate``, ``adapo_target_entropy`` (an ADAPO controller; its clip range starts at
-OpenRLHF's ``--actor.eps_clip_low_high``) with ``adapo_rate``, ``adapo_bounds``, ...
-(:class:`fused_pg.AdaptiveClip`'s arguments), ``adapo_fresh_start``.
+``repo_coef``, ``repo_center`` (the :class:`fused_pg.LossConfig` fields of the same names;
+"relative" is REPO-R; the "state" centre needs entropies, which OpenRLHF does not give its
+loss, and is refused), ``validate``; ``adapo_target_entropy`` (an ADAPO controller, its clip
+range starting at OpenRLHF's ``--actor.eps_clip_low_high``) with ``adapo_rate``,
+``adapo_bounds``, ... (:class:`fused_pg.AdaptiveClip`'s arguments), or
+``repo_control_target_entropy`` (a REPO controller starting at ``repo_coef``) with
+``repo_control_mode``, ``repo_control_factor``, ... (:class:`fused_pg.AdaptiveRepoCoef`'s);
+``controller_fresh_start``.
 
 What :func:`install` changes in OpenRLHF (each internal checked first; a missing or changed one
 raises :class:`~fused_pg.integrations._common.TrainerChanged` naming it and OpenRLHF's version):
@@ -31,13 +35,14 @@ raises :class:`~fused_pg.integrations._common.TrainerChanged` naming it and Open
   one (the optimiser step), one step of the ADAPO controller from the whole window of every
   rank. The gradient therefore does not depend on ``--train.micro_batch_size`` or the number of
   ranks. OpenRLHF's dynamic batching (``--train.dynamic_batch_enable``) bypasses these windows:
-  with REPO statistics or a controller it raises.
+  with REPO statistics or a controller it raises. fused-pg's metrics of the last call are the
+  loss's ``metrics`` (those that need entropies are NaN, with ``entropy_measured`` 0).
 * ``DeepspeedStrategy.save_ckpt`` / ``load_ckpt`` and ``ActorPPOTrainer.__init__``: the
   controller's state is saved in the actor's DeepSpeed checkpoint (its ``client_state``, key
   ``fused_pg_controller``) and restored on resume (``--ckpt.load_enable``); a checkpoint without
-  it raises unless ``--fused_pg.adapo_fresh_start`` restarts the controller on purpose.
+  it raises unless ``--fused_pg.controller_fresh_start`` restarts the controller on purpose.
 
-The controller's entropy: OpenRLHF gives its policy loss no entropies, so it observes the
+The controllers' entropy: OpenRLHF gives its policy loss no entropies, so they observe the
 sampled tokens' mean surprisal ``-log pi_old(y)``, an unbiased estimate of the behaviour
 policy's token entropy when sampling did not truncate the distribution (top-p / top-k bias it
 low). For the exact entropy use fused-pg's head in your own loop
@@ -71,16 +76,17 @@ import importlib
 import inspect
 import json
 import sys
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
 
 from ..config import LossConfig
-from ..control import AdaptiveClip
+from ..control import EntropyController
 from ..loss import policy_loss_from_logprobs
 from ..stats import RepoStats
 from ._common import (TrainerChanged, behaviour_repo_stats, check_internal, check_uses, distributed_group,
-                      env_options, observe_entropy, option_keys, require, resolve_options)
+                      env_options, needs_batch_stats, observe_entropy, option_keys, require, resolve_options)
 
 ENV_OPTIONS = "FUSED_PG_OPENRLHF_OPTIONS"
 OPTION_KEYS = option_keys(("repo", "repo_coef", "repo_center"))
@@ -121,12 +127,14 @@ class PolicyLoss(nn.Module):
         is_correction_level, is_correction_mode, is_correction_gating, is_correction_threshold:
             OpenRLHF's, same defaults and checks (all made here, at construction).
         repo, repo_coef, repo_center: the :class:`fused_pg.LossConfig` fields (default: REPO off,
-            OpenRLHF's loss).
-        controller: an :class:`fused_pg.AdaptiveClip`, or the keywords of one without the clip
-            range (which then starts at ``clip_eps_low`` / ``clip_eps_high``): ADAPO, whose clip
-            range replaces ``clip_eps_low`` / ``clip_eps_high``. Training calls observe the
-            sampled tokens' surprisal; :meth:`update_controller` steps it (once per optimiser
-            step: :func:`install` does it at the end of each of OpenRLHF's accumulation windows).
+            OpenRLHF's loss; "relative" is REPO-R; the "state" centre needs entropies, which
+            OpenRLHF does not give its loss).
+        controller: a fused-pg controller: :class:`fused_pg.AdaptiveClip` (ADAPO, whose clip range
+            replaces ``clip_eps_low`` / ``clip_eps_high``) or :class:`fused_pg.AdaptiveRepoCoef`
+            (``repo_coef``), or a function ``(clip_eps_low, clip_eps_high) -> controller``.
+            Training calls observe the sampled tokens' surprisal; :meth:`update_controller` steps
+            it (once per optimiser step: :func:`install` does it at the end of each of OpenRLHF's
+            accumulation windows).
         validate: fused-pg's value checks (default: on CPU tensors only).
 
     The loss options are one :class:`fused_pg.LossConfig`, built (and checked) here.
@@ -146,8 +154,8 @@ class PolicyLoss(nn.Module):
         *,
         repo: str = "none",
         repo_coef: float = 1.0,
-        repo_center: bool = True,
-        controller: AdaptiveClip | dict | None = None,
+        repo_center: str | bool = "batch",
+        controller: EntropyController | Callable[[float, float], EntropyController] | None = None,
         validate: bool | None = None,
     ) -> None:
         super().__init__()
@@ -178,10 +186,14 @@ class PolicyLoss(nn.Module):
             repo_coef=repo_coef, repo_center=repo_center,
             aggregation="token-mean" if self.token_level_loss else "seq-mean-token-mean",
             importance_level="sequence" if policy_loss_type == "gspo" else "token")
-        if isinstance(controller, dict):
-            controller = AdaptiveClip(eps_low=clip_eps_low, eps_high=clip_eps_high, **controller)
-        if controller is not None and not isinstance(controller, AdaptiveClip):
-            raise TypeError(f"controller must be a fused_pg.AdaptiveClip or its keywords, got {type(controller).__name__}")
+        if self.config.repo != "none" and self.config.repo_center == "state":
+            raise ValueError("repo_center='state' centres logp by the token's entropy, and OpenRLHF gives its policy "
+                             "loss no entropies: use repo_center='batch' or 'none'")
+        if callable(controller) and not isinstance(controller, EntropyController):
+            controller = controller(clip_eps_low, clip_eps_high)
+        if controller is not None and not isinstance(controller, EntropyController):
+            raise TypeError("controller must be a fused_pg controller (AdaptiveClip, AdaptiveRepoCoef) or a function "
+                            f"(eps_low, eps_high) -> controller, got {type(controller).__name__}")
         self.controller = controller
         self.validate = validate
         self.metrics: dict = {}  # fused-pg's metrics of the last call
@@ -259,7 +271,7 @@ class PolicyLoss(nn.Module):
         window = _WINDOW.current
         cfg = self.controller.apply(self.config) if self.controller is not None else self.config
         repo_stats = None
-        if cfg.repo != "none":
+        if needs_batch_stats(cfg):
             if window is not None:
                 repo_stats = window.repo_stats
             elif training and _INSTALLED["options"] is not None:
@@ -268,7 +280,7 @@ class PolicyLoss(nn.Module):
                 repo_stats = behaviour_repo_stats([(old_log_probs, advantages, mask)])
         if self.controller is not None and training:
             if window is None and _INSTALLED["options"] is not None:
-                raise _no_window_error("the ADAPO controller's optimiser steps")
+                raise _no_window_error("the controller's optimiser steps")
             observe_entropy(self.controller, mask, old_logprobs=old_log_probs)
             if window is not None:
                 window.controllers.append(self.controller)
@@ -295,7 +307,7 @@ class _Window:
 
     def __init__(self, repo_stats: RepoStats | None):
         self.repo_stats = repo_stats
-        self.controllers: list[AdaptiveClip] = []
+        self.controllers: list[EntropyController] = []
 
 
 class _WindowState:
@@ -350,7 +362,8 @@ def install(**options) -> None:
     """Put fused-pg's ``PolicyLoss`` into OpenRLHF's actor (in the process that trains: a Ray
     worker; the launcher does it with a ``worker_process_setup_hook``). ``options``: fused-pg's
     options (:data:`OPTION_KEYS`), checked now. Calling it again replaces the options."""
-    resolved = resolve_options(options, OPTION_KEYS, lambda k: f"install({k}=...)")
+    # OpenRLHF's own loss unless asked: REPO off by default (LossConfig's default is "decorrelate")
+    resolved = resolve_options({"repo": "none", **options}, OPTION_KEYS, lambda k: f"install({k}=...)")
     require("openrlhf", package="openrlhf", minimum="0.11", below="0.12", extra="openrlhf")
     ppo_actor = importlib.import_module("openrlhf.trainer.ray.ppo_actor")
     strategy_module = importlib.import_module("openrlhf.utils.deepspeed")
@@ -360,8 +373,9 @@ def install(**options) -> None:
 
     loss_kw = dict(repo=resolved.loss.repo, repo_coef=resolved.loss.repo_coef, repo_center=resolved.loss.repo_center,
                    validate=resolved.validate)
-    if resolved.adapo is not None:
-        loss_kw["controller"] = dict(resolved.adapo)
+    if resolved.controller_kind is not None:
+        loss_kw["controller"] = resolved.controller  # a new one for each loss, from its clip range
+    PolicyLoss(**loss_kw)  # every check, now
     ppo_actor.PolicyLoss = PolicyLoss.with_options(**loss_kw)
 
     iterate, dp_group_of = found["iterate"], found["dp_group"]
@@ -380,8 +394,8 @@ def install(**options) -> None:
                     break
             if not window:
                 return
-            state = _Window(None if resolved.loss.repo == "none" else behaviour_repo_stats(
-                [(it.action_log_probs, it.advantages, it.action_mask) for it in window], group))
+            parts = [(it.action_log_probs, it.advantages, it.action_mask) for it in window]
+            state = _Window(behaviour_repo_stats(parts, group) if needs_batch_stats(resolved.loss) else None)
             for item, info in iterate(iter(window), strategy, accumulated_gradient, mask_fn):
                 outer, _WINDOW.current = _WINDOW.current, state
                 try:
@@ -413,7 +427,7 @@ def install(**options) -> None:
                     raise ValueError(
                         f"resuming from {loaded[0]}, whose client state has no {CLIENT_STATE_KEY!r}: the ADAPO "
                         "controller's state was not saved with this checkpoint, so resuming would silently restart "
-                        "it. To restart it on purpose, pass --fused_pg.adapo_fresh_start")
+                        "it. To restart it on purpose, pass --fused_pg.controller_fresh_start")
             else:
                 controller.load_state_dict(state)
 
@@ -456,8 +470,9 @@ def _pair(text: str) -> list[float]:
     return [float(x) for x in text.split(",")]
 
 
-_FLAG_TYPES = {"repo": str, "repo_center": _boolean, "validate": _boolean, "adapo_adapt_low": _boolean,
-               "adapo_bounds": _pair, "adapo_low_bounds": _pair}
+_FLAG_TYPES = {"repo": str, "repo_center": str, "validate": _boolean, "adapo_adapt_low": _boolean,
+               "adapo_bounds": _pair, "adapo_low_bounds": _pair, "repo_control_mode": str,
+               "repo_control_bounds": _pair}
 
 
 def parse_args(argv: list[str]) -> tuple[dict, list[str]]:
@@ -466,7 +481,7 @@ def parse_args(argv: list[str]) -> tuple[dict, list[str]]:
     parser = argparse.ArgumentParser(prog="python -m fused_pg.integrations.openrlhf", add_help=False,
                                      allow_abbrev=False)
     for name in OPTION_KEYS:
-        if name == "adapo_fresh_start":
+        if name == "controller_fresh_start":
             parser.add_argument(f"--fused_pg.{name}", dest=name, action="store_true", default=None)
         else:
             parser.add_argument(f"--fused_pg.{name}", dest=name, type=_FLAG_TYPES.get(name, float), default=None)
@@ -476,7 +491,7 @@ def parse_args(argv: list[str]) -> tuple[dict, list[str]]:
         raise SystemExit(f"unknown fused-pg option {stray[0]} (the options: "
                          f"{', '.join('--fused_pg.' + k for k in OPTION_KEYS)})")
     options = {k: v for k, v in vars(known).items() if v is not None}
-    resolve_options(options, OPTION_KEYS, lambda k: f"--fused_pg.{k}")
+    resolve_options({"repo": "none", **options}, OPTION_KEYS, lambda k: f"--fused_pg.{k}")
     return options, rest
 
 

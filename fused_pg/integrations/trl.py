@@ -12,13 +12,17 @@ YAML file and the command line, ``python -m fused_pg.integrations.trl grpo --con
 is TRL's ``trl grpo`` with this trainer):
 
 * ``repo``, ``repo_coef``, ``repo_center``: the :class:`fused_pg.LossConfig` fields of the same
-  names (REPO; ``repo`` defaults to "none" here: stock TRL).
+  names (REPO; ``repo`` defaults to "none" here: stock TRL; "relative" is REPO-R, centre
+  "batch" / "state" / "none": fused-pg's head gives the per-state centre's entropies).
 * ``backend``, ``precision``, ``deterministic``, ``token_chunk``, ``vocab_chunk``,
   ``compact_rows``: the :class:`fused_pg.HeadConfig` fields of the same names; ``validate``.
 * ``adapo_target_entropy`` (an ADAPO controller, :class:`fused_pg.AdaptiveClip`, whose clip range
   replaces ``epsilon`` / ``epsilon_high``, starting from them), ``adapo_rate``, ``adapo_bounds``,
   ``adapo_smoothing``, ``adapo_adapt_low``, ``adapo_low_ratio``, ``adapo_low_bounds``: its
-  arguments; ``adapo_fresh_start``.
+  arguments; or ``repo_control_target_entropy`` (a REPO controller,
+  :class:`fused_pg.AdaptiveRepoCoef`, starting at ``repo_coef``) with ``repo_control_mode``,
+  ``repo_control_factor``, ``repo_control_rate``, ``repo_control_bounds``,
+  ``repo_control_smoothing``; ``controller_fresh_start``.
 
 Each field's help text is the library's documentation of the option. Every option, fused-pg's
 and the ``GRPOConfig`` values fused-pg reads, is checked when the config and the trainer are
@@ -71,12 +75,12 @@ configurations (measured on a 2-core Intel Xeon CPU, torch 2.13.0); the bf16 bac
 rounding dominates both.
 
 REPO statistics are those of each micro-batch on each rank (TRL hands the loss one micro-batch
-at a time; ``repo="fixed"`` with ``repo_center=False`` needs none). An ADAPO controller is
+at a time; "fixed" and "relative" with the "state" or "none" centre need none). A controller is
 stepped once per optimiser step with the token-weighted mean of the exact token entropies
 (fused-pg's head computes them) over the whole accumulation window across processes, saved
 with every checkpoint (``fused_pg_controller.json`` in the checkpoint folder) and restored on
 resume; resuming from a checkpoint without that file (e.g. one written by stock TRL) raises
-unless ``adapo_fresh_start=True``.
+unless ``controller_fresh_start=True``.
 
 Tested with trl 1.16.0 and transformers 5.25.0 (the drop-in refuses other trl minor versions).
 """
@@ -94,7 +98,7 @@ import torch
 from torch import Tensor
 
 from ..config import HeadConfig, LossConfig
-from ..control import AdaptiveClip
+from ..control import EntropyController
 from ..epilogue import METRIC_KEYS
 from ..head import fused_logprobs_entropy
 from ..loss import PolicyLossOutput, policy_loss_from_logprobs
@@ -151,6 +155,21 @@ def _adapo_field(name: str):
     return field(default=None, metadata={"help": f"fused-pg ADAPO: {_ADAPO_DOCS[name]}"})
 
 
+_REPO_CONTROL_DOCS = {
+    "target_entropy": "the REPO controller's target mean token entropy (nats); set it to adapt repo_coef (its "
+                      "starting point); None: no controller",
+    "mode": '"additive" or "multiplicative" (REPO-R\'s law for repo="relative"; fused_pg.AdaptiveRepoCoef\'s mode)',
+    "factor": "the multiplicative law's factor (fused_pg.AdaptiveRepoCoef's factor)",
+    "rate": "the additive law's step per nat of entropy error (fused_pg.AdaptiveRepoCoef's rate)",
+    "bounds": "bounds of repo_coef (additive) or of |repo_coef| (multiplicative; fused_pg.AdaptiveRepoCoef)",
+    "smoothing": "exponential moving average of the measured entropy, in [0, 1) (fused_pg.AdaptiveRepoCoef)",
+}
+
+
+def _repo_control_field(name: str):
+    return field(default=None, metadata={"help": f"fused-pg REPO controller: {_REPO_CONTROL_DOCS[name]}"})
+
+
 @dataclass
 class GRPOConfig(trl.GRPOConfig):
     """TRL's ``GRPOConfig`` plus fused-pg's options (see the module docstring); each field is the
@@ -159,7 +178,7 @@ class GRPOConfig(trl.GRPOConfig):
 
     repo: str = _library_field(LossConfig, "repo", "none", " (default here: 'none', stock TRL)")
     repo_coef: float = _library_field(LossConfig, "repo_coef")
-    repo_center: bool = _library_field(LossConfig, "repo_center")
+    repo_center: str = _library_field(LossConfig, "repo_center")
     backend: str = _library_field(HeadConfig, "backend")
     precision: str = _library_field(HeadConfig, "precision")
     deterministic: bool = _library_field(HeadConfig, "deterministic")
@@ -175,8 +194,14 @@ class GRPOConfig(trl.GRPOConfig):
     adapo_adapt_low: bool | None = _adapo_field("adapt_low")
     adapo_low_ratio: float | None = _adapo_field("low_ratio")
     adapo_low_bounds: list[float] | None = _adapo_field("low_bounds")
-    adapo_fresh_start: bool = field(default=False, metadata={
-        "help": "fused-pg ADAPO: resume from a checkpoint without the controller's state, restarting it "
+    repo_control_target_entropy: float | None = _repo_control_field("target_entropy")
+    repo_control_mode: str | None = _repo_control_field("mode")
+    repo_control_factor: float | None = _repo_control_field("factor")
+    repo_control_rate: float | None = _repo_control_field("rate")
+    repo_control_bounds: list[float] | None = _repo_control_field("bounds")
+    repo_control_smoothing: float | None = _repo_control_field("smoothing")
+    controller_fresh_start: bool = field(default=False, metadata={
+        "help": "fused-pg: resume from a checkpoint without the controller's state, restarting the controller "
                 "(by default such a resume raises)"})
 
     def __post_init__(self):
@@ -436,8 +461,8 @@ class GRPOTrainer(trl.GRPOTrainer):
         self.add_callback(_LossHookGuard(self))
 
     @property
-    def fused_pg_controller(self) -> AdaptiveClip | None:
-        """The ADAPO controller (None without ``adapo_target_entropy``)."""
+    def fused_pg_controller(self) -> EntropyController | None:
+        """The controller: ADAPO (``adapo_target_entropy``), REPO's (``repo_control_target_entropy``) or None."""
         return self._fused_pg_controller
 
     # ---- construction ---------------------------------------------------------------------------
@@ -648,7 +673,7 @@ class GRPOTrainer(trl.GRPOTrainer):
         super()._load_optimizer_and_scheduler(checkpoint)
         if self._fused_pg_controller is not None and checkpoint is not None:
             load_controller(checkpoint, self._fused_pg_controller, fresh_ok=self._fused_pg_options.fresh_start,
-                            how_to_start_fresh="set GRPOConfig.adapo_fresh_start=True")
+                            how_to_start_fresh="set GRPOConfig.controller_fresh_start=True")
 
 
 # ---------------------------------------------------------------------------------------------

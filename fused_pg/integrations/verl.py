@@ -22,7 +22,11 @@ when verl builds the config, naming the key.
 fused-pg's keys (``+actor_rollout_ref.actor.policy_loss.<key>=...``):
 
 * ``repo``, ``repo_coef``, ``repo_center``: the :class:`fused_pg.LossConfig` fields of the same
-  names (the REPO correction; ``loss_mode=repo`` defaults to "decorrelate").
+  names (``loss_mode=repo`` defaults to "decorrelate"; "relative" is REPO-R, whose ``repo_coef``
+  may be negative; ``repo_center`` "batch", "state" -- which needs verl's entropies,
+  ``actor_rollout_ref.actor.calculate_entropy=True`` -- or "none". "decorrelate" with the
+  "state" centre is refused: it needs the whole mini-batch's entropies up front, which verl does
+  not keep).
 * ``importance_level``: "token" (verl's "vanilla" loss, dual clip ``clip_ratio_c``) or
   "sequence" (verl's "gspo").
 * ``validate``: fused-pg's value checks (default: on CPU tensors only).
@@ -30,8 +34,12 @@ fused-pg's keys (``+actor_rollout_ref.actor.policy_loss.<key>=...``):
   ``adapo_smoothing``, ``adapo_adapt_low``, ``adapo_low_ratio``, ``adapo_low_bounds``: the
   arguments of :class:`fused_pg.AdaptiveClip` without the ``adapo_`` prefix; its initial
   ``eps_low`` / ``eps_high`` are verl's ``clip_ratio_low`` / ``clip_ratio_high``.
-* ``adapo_fresh_start``: resume from a checkpoint without the controller's state, restarting
-  the controller (by default such a resume raises).
+* ``repo_control_target_entropy`` (with ``loss_mode=repo``), ``repo_control_mode``,
+  ``repo_control_factor``, ``repo_control_rate``, ``repo_control_bounds``,
+  ``repo_control_smoothing``: a REPO controller, :class:`fused_pg.AdaptiveRepoCoef` (e.g. the
+  multiplicative law of REPO-R), starting at ``repo_coef``.
+* ``controller_fresh_start``: resume from a checkpoint without the controller's state,
+  restarting the controller (by default such a resume raises).
 
 Keys left unset take the process defaults: :func:`register` (called on import) with the JSON
 object in ``$FUSED_PG_VERL_OPTIONS`` (same keys; checked on import, naming the variable).
@@ -46,15 +54,16 @@ number of ranks. On the first mini-batch after a rollout these are the current p
 log-probs; later ones keep the behaviour policy's. A direct call outside verl's engine is its
 own mini-batch.
 
-**ADAPO** (``loss_mode=adapo``): the clip range comes from a :class:`fused_pg.AdaptiveClip`,
-stepped once per optimiser step (after each ``train_batch``) from the whole mini-batch of every
-rank. What it observes: the current policy's exact token entropies when verl computes them
-(``actor_rollout_ref.actor.calculate_entropy=True``, or an entropy bonus), else the sampled
-tokens' mean surprisal ``-log pi_old(y)``, an unbiased estimate of the behaviour policy's
-entropy only when sampling did not truncate the distribution (top-p / top-k bias it low). Its
-state is saved in each actor checkpoint folder as ``fused_pg_controller.json`` and restored on
-resume; a resume from a checkpoint without it raises (``adapo_fresh_start=true`` restarts the
-controller on purpose).
+**Controllers.** ADAPO (``loss_mode=adapo``: the clip range comes from a
+:class:`fused_pg.AdaptiveClip`) or a REPO controller (``loss_mode=repo``: ``repo_coef`` from a
+:class:`fused_pg.AdaptiveRepoCoef`) is stepped once per optimiser step (after each
+``train_batch``) from the whole mini-batch of every rank. What it observes: the current policy's
+exact token entropies when verl computes them (``actor_rollout_ref.actor.calculate_entropy=True``,
+or an entropy bonus), else the sampled tokens' mean surprisal ``-log pi_old(y)``, an unbiased
+estimate of the behaviour policy's entropy only when sampling did not truncate the distribution
+(top-p / top-k bias it low). Its state is saved in each actor checkpoint folder as
+``fused_pg_controller.json`` and restored on resume; a resume from a checkpoint without it
+raises (``controller_fresh_start=true`` restarts the controller on purpose).
 
 verl's options and defaults, reproduced exactly (``repo="none"`` gives verl's "vanilla" loss):
 ``clip_ratio_low`` / ``clip_ratio_high`` (each falling back to ``clip_ratio``), ``clip_ratio_c``
@@ -80,7 +89,8 @@ fused-pg 0. With ``importance_level="sequence"`` the losses are verl's "gspo" mo
 dual clip; verl clamps the GSPO log-ratio at +10 from above, fused-pg at +-20).
 
 Metrics: verl's ``actor/pg_clipfrac``, ``actor/ppo_kl``, ``actor/pg_clipfrac_lower`` and every
-fused-pg metric as ``actor/fused_pg/<key>`` (0-dim tensors; verl's ``Metric`` reads them).
+fused-pg metric as ``actor/fused_pg/<key>`` (0-dim tensors; verl's ``Metric`` reads them; those
+that need entropies are NaN, with ``entropy_measured`` 0, unless verl computes them).
 
 verl adds its entropy bonus and KL loss itself, outside the policy loss. For those terms in
 fused-pg's own losses, :data:`KL_LOSS_TYPES` maps verl's ``kl_loss_type`` names (with
@@ -104,12 +114,12 @@ import torch
 from torch import Tensor
 
 from ..config import LossConfig
-from ..control import AdaptiveClip
+from ..control import EntropyController
 from ..epilogue import METRIC_KEYS
 from ..loss import policy_loss_from_logprobs
 from ..stats import RepoStats
 from ._common import (Options, TrainerChanged, behaviour_repo_stats, check_internal, check_uses, distributed_group,
-                      env_options, missing_controller_error, observe_entropy, option_keys, read_controller, require,
+                      env_options, missing_controller_error, needs_batch_stats, observe_entropy, option_keys, read_controller, require,
                       resolve_options, save_controller)
 
 core_algos = require("verl.trainer.ppo.core_algos", package="verl", minimum="0.9", below="0.10", extra="verl")
@@ -128,7 +138,12 @@ OPTION_KEYS = option_keys(("repo", "repo_coef", "repo_center", "importance_level
 
 
 def _resolve(values: dict, where) -> Options:
-    return resolve_options(values, OPTION_KEYS, where)
+    options = resolve_options(values, OPTION_KEYS, where)
+    if options.loss.repo == "decorrelate" and options.loss.repo_center == "state":
+        raise ValueError(f"{where('repo_center')}: repo='decorrelate' with repo_center='state' needs the entropies of "
+                         "the whole mini-batch before its first micro-batch, which verl does not keep (use 'batch' or "
+                         "'none' with 'decorrelate', or 'state' with 'fixed' / 'relative')")
+    return options
 
 
 def kl_options(kl_loss_type: str) -> dict:
@@ -160,7 +175,7 @@ class PolicyLossConfig(_VerlPolicyLossConfig):
 
     repo: str | None = None
     repo_coef: float | None = None
-    repo_center: bool | None = None
+    repo_center: str | None = None
     importance_level: str | None = None
     validate: bool | None = None
     adapo_target_entropy: float | None = None
@@ -170,24 +185,36 @@ class PolicyLossConfig(_VerlPolicyLossConfig):
     adapo_adapt_low: bool | None = None
     adapo_low_ratio: float | None = None
     adapo_low_bounds: list | None = None
-    adapo_fresh_start: bool | None = None
+    repo_control_target_entropy: float | None = None
+    repo_control_mode: str | None = None
+    repo_control_factor: float | None = None
+    repo_control_rate: float | None = None
+    repo_control_bounds: list | None = None
+    repo_control_smoothing: float | None = None
+    controller_fresh_start: bool | None = None
 
     def __post_init__(self):
         parent = getattr(super(), "__post_init__", None)
         if parent is not None:
             parent()
         options = self.fused_pg_options()
-        if self.loss_mode == "adapo":
-            if options.adapo is None:
-                raise ValueError("actor_rollout_ref.actor.policy_loss.loss_mode=adapo needs "
-                                 "+actor_rollout_ref.actor.policy_loss.adapo_target_entropy=<nats> (the ADAPO "
-                                 "controller's target entropy)")
+        _check_loss_mode(self.loss_mode, options, "actor_rollout_ref.actor.policy_loss.")
+        if options.controller_kind is not None and self.loss_mode in ("repo", "adapo"):
             _SESSION.expect_controller(options)
 
     def fused_pg_options(self) -> Options:
         """These keys over the process defaults, checked."""
         given = {k: getattr(self, k) for k in OPTION_KEYS if getattr(self, k) is not None}
         return _resolve({**_defaults, **given}, lambda k: f"actor_rollout_ref.actor.policy_loss.{k}")
+
+
+def _check_loss_mode(loss_mode: str, options: Options, prefix: str) -> None:
+    """``adapo`` runs the ADAPO controller; ``repo`` no controller or the REPO controller."""
+    if loss_mode == "adapo" and options.controller_kind != "adapo":
+        raise ValueError(f"{prefix}loss_mode=adapo needs +{prefix}adapo_target_entropy=<nats> (the ADAPO controller's "
+                         "target entropy)" + (", not the REPO controller" if options.controller_kind else ""))
+    if loss_mode == "repo" and options.controller_kind == "adapo":
+        raise ValueError(f"{prefix}adapo_target_entropy is set with loss_mode=repo: ADAPO is loss_mode=adapo")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -204,7 +231,7 @@ class _MiniBatch:
         self.micro_batch = None       # the micro-batch the engine is computing the loss of
         self.entropy = None           # its per-token entropies, when verl computed them
         self._stats: RepoStats | None = None
-        self.controller: AdaptiveClip | None = None  # observed by this mini-batch's losses
+        self.controller: EntropyController | None = None  # observed by this mini-batch's losses
 
     def repo_stats(self) -> RepoStats:
         """The statistics of the whole mini-batch, over the engine's data-parallel group (computed
@@ -230,17 +257,16 @@ class _Session:
 
     def __init__(self):
         self.current: _MiniBatch | None = None
-        self.controller: AdaptiveClip | None = None
-        self.expected: Options | None = None   # a loss_mode=adapo config was built in this process
+        self.controller: EntropyController | None = None
+        self.expected: Options | None = None   # a config with a controller was built in this process
         self.pending_state: dict | None = None
 
     def expect_controller(self, options: Options) -> None:
         self.expected = options
 
-    def controller_for(self, options: Options, config) -> AdaptiveClip:
+    def controller_for(self, options: Options, config) -> EntropyController:
         if self.controller is None:
-            low, high = _clip_range(config)
-            ctrl = AdaptiveClip(eps_low=low, eps_high=high, **options.adapo)
+            ctrl = options.controller(*_clip_range(config))
             if self.pending_state is not None:
                 ctrl.load_state_dict(self.pending_state)
                 self.pending_state = None
@@ -255,7 +281,7 @@ class _Session:
 
     def load(self, folder: str) -> None:
         options = self.expected if self.expected is not None else (
-            _default_options if _default_options.adapo is not None else None)
+            _default_options if _default_options.controller_kind is not None else None)
         if options is None and self.controller is None:
             return  # no controller in this process
         state = read_controller(folder)
@@ -263,20 +289,20 @@ class _Session:
             fresh = options.fresh_start if options is not None else False
             if not fresh:
                 raise missing_controller_error(
-                    folder, "set +actor_rollout_ref.actor.policy_loss.adapo_fresh_start=true")
+                    folder, "set +actor_rollout_ref.actor.policy_loss.controller_fresh_start=true")
             return
         if self.controller is not None:
             self.controller.load_state_dict(state)
         else:
-            AdaptiveClip.from_state_dict(state)  # checked now, applied when the controller is built
+            EntropyController.from_state_dict(state)  # checked now, applied when the controller is built
             self.pending_state = state
 
 
 _SESSION = _Session()
 
 
-def current_controller() -> AdaptiveClip | None:
-    """The ADAPO controller of this worker process (None before the first "adapo" loss)."""
+def current_controller() -> EntropyController | None:
+    """The controller of this worker process (None before its first loss call)."""
     return _SESSION.controller
 
 
@@ -487,26 +513,26 @@ def _policy_loss(old_log_prob, log_prob, advantages, response_mask, loss_agg_mod
     options, cfg = _configs(config, loss_agg_mode)
     batch = _SESSION.current
     training = torch.is_grad_enabled()
+    _check_loss_mode("adapo" if adapo else "repo", options, "")
     controller = None
-    if adapo:
-        if options.adapo is None:
-            raise ValueError("loss_mode 'adapo' needs an ADAPO controller: set "
-                             "+actor_rollout_ref.actor.policy_loss.adapo_target_entropy=<nats> (with "
-                             "policy_loss._target_=fused_pg.integrations.verl.PolicyLossConfig), or "
-                             "register(adapo_target_entropy=...)")
+    if options.controller_kind is not None:
         if training and batch is None:
-            raise ValueError("loss_mode 'adapo' steps its controller once per optimiser step of verl's engine "
-                             f"(BaseEngine.train_batch); this call came from outside it ({engine_hook_status()})")
+            raise ValueError("the controller steps once per optimiser step of verl's engine (BaseEngine.train_batch); "
+                             f"this call came from outside it ({engine_hook_status()})")
         controller = _SESSION.controller_for(options, config)
         cfg = controller.apply(cfg)
-    repo_stats = None
-    if cfg.repo != "none":
-        # the whole mini-batch's statistics (a call outside verl's engine is its own mini-batch)
-        repo_stats = batch.repo_stats() if batch is not None else behaviour_repo_stats(
-            [(old_log_prob, advantages, response_mask)])
     entropy = batch.entropy if batch is not None and batch.entropy is not None else None
     if entropy is not None and entropy.shape != log_prob.shape:
         entropy = None
+    repo_stats = None
+    if cfg.repo != "none" and cfg.repo_center == "state":
+        if entropy is None:  # L = logp + H needs this micro-batch's entropies; no batch statistics
+            raise ValueError("repo_center='state' needs the current policy's token entropies: set "
+                             "actor_rollout_ref.actor.calculate_entropy=True (verl's engine then computes them)")
+    elif needs_batch_stats(cfg):
+        # the whole mini-batch's statistics (a call outside verl's engine is its own mini-batch)
+        repo_stats = batch.repo_stats() if batch is not None else behaviour_repo_stats(
+            [(old_log_prob, advantages, response_mask)])
     norm = _normalisers(loss_agg_mode, response_mask, config)
     max_length = norm.pop("max_length", None)
     if max_length is not None:
