@@ -589,7 +589,8 @@ def test_options_are_checked_where_given(monkeypatch):
         fo.setup_worker()
     options, rest = fo.parse_args(["--actor.eps_clip", "0.2", "--fused_pg.repo", "fixed", "--fused_pg.repo_coef",
                                    "0.3", "--fused_pg.controller_fresh_start"])
-    assert options == dict(repo="fixed", repo_coef=0.3, controller_fresh_start=True) and rest == ["--actor.eps_clip", "0.2"]
+    assert options == dict(repo="fixed", repo_coef=0.3, controller_fresh_start=True)
+    assert rest == ["--actor.eps_clip", "0.2"]
 
 
 RECIPE = Path(__file__).resolve().parents[1] / "examples" / "openrlhf_repo.sh"

@@ -484,7 +484,8 @@ def test_repo_r_with_the_per_state_centre_and_the_repo_controller(tmp_path, mode
                   repo_control_target_entropy=9.0, repo_control_mode="multiplicative")
     trainer, _ = train(True, args, model_dir, tokenizer, dataset)
     logs = [r for r in trainer.state.log_history if "fused_pg/repo_zeta" in r]
-    assert logs[0]["fused_pg/repo_zeta"] == pytest.approx(-0.3) and logs[1]["fused_pg/repo_zeta"] == pytest.approx(-0.15)
+    assert logs[0]["fused_pg/repo_zeta"] == pytest.approx(-0.3)
+    assert logs[1]["fused_pg/repo_zeta"] == pytest.approx(-0.15)
     assert isinstance(trainer.fused_pg_controller, fused_pg.AdaptiveRepoCoef)
     assert trainer.fused_pg_controller.repo_coef == pytest.approx(-0.075)
     for key in ("entropy_drive", "entropy_drive_pos", "entropy_drive_neg", "clip_high_p_mean", "clip_low_p_mean",
@@ -492,6 +493,36 @@ def test_repo_r_with_the_per_state_centre_and_the_repo_controller(tmp_path, mode
                 "rollout_phantom_clip_frac"):
         assert f"fused_pg/{key}" in logs[0], key
     assert logs[0]["fused_pg/entropy_measured"] == 1.0 and math.isfinite(logs[0]["fused_pg/entropy_drive"])
+
+
+SPLIT_MODES = {
+    "fixed": dict(repo="fixed", repo_coef=0.5),
+    "decorrelate": dict(repo="decorrelate"),
+    "decorrelate-state": dict(repo="decorrelate", repo_center="state"),
+    "relative": dict(repo="relative", repo_coef=0.5),
+}
+
+
+def first_step_grads(tmp_path, model_dir, tokenizer, dataset, micro, loss_type, **options):
+    """The first optimiser step over 8 completions (two prompts' groups of 4), in micro-batches
+    of ``micro`` rows (8 // micro gradient accumulation steps; the same generation batch)."""
+    args = config(tmp_path / f"{micro}", loss_type, max_steps=1, per_device_train_batch_size=micro,
+                  gradient_accumulation_steps=8 // micro, num_iterations=1, **options)
+    return train(True, args, model_dir, tokenizer, dataset)[1][0]
+
+
+@pytest.mark.parametrize("loss_type,repo", [("dapo", m) for m in SPLIT_MODES] + [("grpo", "decorrelate")])
+def test_repo_gradient_does_not_depend_on_the_micro_batching(loss_type, repo, tmp_path, model_dir, tokenizer,
+                                                            dataset):
+    """One optimiser step in 1, 2 and 4 micro-batches: the same gradient (1e-6 relative): REPO's
+    statistics are the whole step's, from a no-grad pass at its first micro-batch."""
+    grads = [first_step_grads(tmp_path, model_dir, tokenizer, dataset, micro, loss_type, **SPLIT_MODES[repo])
+             for micro in (8, 4, 2)]
+    for micro, g in zip((4, 2), grads[1:]):
+        assert global_rel(g, grads[0]) <= 1e-6, f"{repo}: micro-batches of {micro} move the gradient by " \
+                                                 f"{global_rel(g, grads[0]):.2e}"
+    off = first_step_grads(tmp_path / "off", model_dir, tokenizer, dataset, 8, loss_type, repo="none")
+    assert global_rel(grads[0], off) > 1e-3  # REPO acted
 
 
 ADAPO = dict(epsilon_high=0.28, adapo_target_entropy=9.0, adapo_rate=0.01)
@@ -623,8 +654,8 @@ def test_the_grpo_command_line_trains_with_fused_pgs_options(tmp_path, monkeypat
 # loud failure when TRL changes
 # ---------------------------------------------------------------------------------------------
 
-RENAMES = ["_compute_loss", "compute_loss", "_get_per_token_logps_and_entropies", "_save_checkpoint",
-           "_load_optimizer_and_scheduler"]
+RENAMES = ["_compute_loss", "compute_loss", "_get_per_token_logps_and_entropies", "_prepare_inputs",
+           "_save_checkpoint", "_load_optimizer_and_scheduler"]
 
 
 @pytest.mark.parametrize("internal", RENAMES)

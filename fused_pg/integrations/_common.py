@@ -62,8 +62,8 @@ def require(module: str, *, package: str, minimum: str, below: str, extra: str):
 
     version = _version(package, mod)
     if version is None:
-        raise ImportError(f"fused_pg.integrations.{extra}: cannot tell which {package} is installed "
-                          f"(no distribution metadata, no {package}.__version__); it needs {package}>={minimum},<{below}")
+        raise ImportError(f"fused_pg.integrations.{extra}: cannot tell which {package} is installed (no "
+                          f"distribution metadata, no {package}.__version__); it needs {package}>={minimum},<{below}")
     v = Version(version)
     if not Version(minimum) <= v < Version(below):
         raise ImportError(f"fused_pg.integrations.{extra} is tested with {package}>={minimum},<{below} (it relies on "
@@ -129,26 +129,29 @@ def distributed_group(group):
     return group if torch.distributed.get_world_size(group) > 1 else None
 
 
-def behaviour_repo_stats(parts: Sequence[tuple[Tensor, Tensor, Tensor]], group=None) -> RepoStats:
-    """REPO statistics of a whole mini-batch from its behaviour log-probs.
+def behaviour_repo_stats(parts: Sequence[tuple], group=None) -> RepoStats:
+    """REPO statistics of a whole mini-batch from log-probs known before its first micro-batch.
 
-    ``parts``: ``(old_logprobs, advantages, mask)`` of each of this rank's micro-batches (any
-    matching shapes; advantages may also be one per row of ``[B, T]`` log-probs). ``group``: the
-    data-parallel group whose ranks together hold the mini-batch (None: this process only).
-    Masked positions may hold anything (-inf included).
+    ``parts``: ``(logprobs, advantages, mask)`` or ``(logprobs, advantages, mask, entropy)`` of
+    each of this rank's micro-batches (any matching shapes; advantages may also be one per row of
+    ``[B, T]`` log-probs; with entropies the statistics also hold the moments of ``logp + H``).
+    ``group``: the data-parallel group whose ranks together hold the mini-batch (None: this
+    process only). Masked positions may hold anything (-inf included).
 
-    The behaviour log-probs are known for the whole mini-batch before its first micro-batch, so
-    the statistics (and with them REPO's ``zeta`` and centre ``mu``) are the same whatever the
+    verl and OpenRLHF pass the behaviour log-probs (known for the whole mini-batch up front): the
+    statistics (and with them REPO's ``zeta`` and centre ``mu``) are then the same whatever the
     micro-batching and the number of ranks. On the first update after a rollout they are the
     current policy's log-probs; on later ones (PPO epochs, further mini-batches) they stay those
-    of the policy that sampled the batch.
+    of the policy that sampled the batch. TRL passes the current policy's, from a no-grad pass at
+    the optimiser step's first micro-batch.
     """
     stats = []
-    for old, adv, mask in parts:
+    for old, adv, mask, *entropy in parts:
         valid = mask.bool() if mask is not None else torch.ones_like(old, dtype=torch.bool)
         if adv.shape != old.shape:
             adv = adv.reshape(adv.shape[0], *([1] * (old.dim() - 1))).expand_as(old)
-        stats.append(RepoStats.of(old.detach().reshape(-1), adv.detach().reshape(-1), valid.reshape(-1)))
+        ent = entropy[0].detach().reshape(-1) if entropy and entropy[0] is not None else None
+        stats.append(RepoStats.of(old.detach().reshape(-1), adv.detach().reshape(-1), valid.reshape(-1), ent))
     merged = RepoStats.merge_all(stats)
     group = distributed_group(group)
     return merged.all_reduce(group) if group is not None else merged
@@ -216,8 +219,8 @@ def read_controller(folder: str) -> dict | None:
 def missing_controller_error(folder: str, how_to_start_fresh: str) -> ValueError:
     return ValueError(
         f"resuming from {folder}, which has no {CONTROLLER_FILE}: the controller's state (its clip "
-        "range or REPO coefficient, and entropy estimate) was not saved with this checkpoint (e.g. it was written without the "
-        "controller), so resuming would silently restart the controller. To restart it on purpose, "
+        "range or REPO coefficient, and entropy estimate) was not saved with this checkpoint (e.g. it was "
+        "written without the controller), so resuming would silently restart the controller. To restart it on purpose, "
         f"{how_to_start_fresh}")
 
 

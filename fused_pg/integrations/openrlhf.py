@@ -335,14 +335,16 @@ def _internals(ppo_actor, strategy_module, loss_utils, experience_module) -> dic
     current = getattr(ppo_actor, "PolicyLoss", None)
     if not (isinstance(current, type) or getattr(current, "func", None) is PolicyLoss):  # (installed before)
         raise TrainerChanged(f"openrlhf has no {where}.PolicyLoss, which the fused-pg drop-in replaces")
-    init = check_internal(trainer, "__init__", ("strategy", "actor"), package="openrlhf", where=f"{where}.ActorPPOTrainer")
+    init = check_internal(trainer, "__init__", ("strategy", "actor"), package="openrlhf",
+                          where=f"{where}.ActorPPOTrainer")
     init = inspect.unwrap(init)
     check_uses(init, "PolicyLoss(", package="openrlhf", where=f"{where}.ActorPPOTrainer.__init__")
     check_uses(init, "actor_loss_fn", package="openrlhf", where=f"{where}.ActorPPOTrainer.__init__")
     ppo_train = check_internal(trainer, "ppo_train", ("kl_ctl",), package="openrlhf", where=f"{where}.ActorPPOTrainer")
     check_uses(ppo_train, "iter_grad_accum_global_norm", package="openrlhf", where=f"{where}.ActorPPOTrainer.ppo_train")
     iterate = check_internal(ppo_actor, "iter_grad_accum_global_norm",
-                             ("data_iter", "strategy", "accumulated_gradient", "mask_fn"), package="openrlhf", where=where)
+                             ("data_iter", "strategy", "accumulated_gradient", "mask_fn"), package="openrlhf",
+                             where=where)
     strategy = getattr(strategy_module, "DeepspeedStrategy", None)
     swhere = "openrlhf.utils.deepspeed.DeepspeedStrategy"
     save = check_internal(strategy, "save_ckpt", ("model", "save_dir", "tag", "max_num", "max_mem", "client_state"),
@@ -502,7 +504,8 @@ def _hooked_ray_init(ray_init, options: dict):
     def init(*args, runtime_env=None, **kwargs):
         env = dict(runtime_env or {})
         if env.get("worker_process_setup_hook") not in (None, f"{__name__}.setup_worker"):
-            raise ValueError("OpenRLHF's ray.init already sets a worker_process_setup_hook; fused-pg cannot add its own")
+            raise ValueError("OpenRLHF's ray.init already sets a worker_process_setup_hook; fused-pg cannot add "
+                             "its own")
         env["worker_process_setup_hook"] = f"{__name__}.setup_worker"
         env["env_vars"] = {**env.get("env_vars", {}), ENV_OPTIONS: json.dumps(options)}
         return ray_init(*args, runtime_env=env, **kwargs)

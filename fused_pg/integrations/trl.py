@@ -74,8 +74,13 @@ weight. At the level of training the two are about equally far from fp32: on the
 configurations (measured on a 2-core Intel Xeon CPU, torch 2.13.0); the bf16 backbone's own
 rounding dominates both.
 
-REPO statistics are those of each micro-batch on each rank (TRL hands the loss one micro-batch
-at a time; "fixed" and "relative" with the "state" or "none" centre need none). A controller is
+REPO statistics are those of the whole optimiser step: every micro-batch of the gradient
+accumulation window (TRL's generation buffer holds them all) on every process, from a no-grad
+pass of the current policy (log-probs, and entropies for the per-state centre) at the step's
+first micro-batch -- one extra forward per optimiser step, only for the modes that use batch
+statistics ("fixed" and "relative" with the "state" or "none" centre use none). The gradient
+therefore does not depend on how a step is split into micro-batches or processes (for the loss
+types whose own normalisers do not: all but "bnpo"). A controller is
 stepped once per optimiser step with the token-weighted mean of the exact token entropies
 (fused-pg's head computes them) over the whole accumulation window across processes, saved
 with every checkpoint (``fused_pg_controller.json`` in the checkpoint folder) and restored on
@@ -102,8 +107,9 @@ from ..control import EntropyController
 from ..epilogue import METRIC_KEYS
 from ..head import fused_logprobs_entropy
 from ..loss import PolicyLossOutput, policy_loss_from_logprobs
-from ._common import (CONTROLLER_FILE, Options, TrainerChanged, check_internal, check_uses, distributed_group,
-                      load_controller, option_keys, require, resolve_options, save_controller, trainer_version)
+from ._common import (CONTROLLER_FILE, Options, TrainerChanged, behaviour_repo_stats, check_internal, check_uses,
+                      distributed_group, load_controller, needs_batch_stats, option_keys, require, resolve_options,
+                      save_controller, trainer_version)
 
 trl = require("trl", package="trl", minimum="1.16", below="1.17", extra="trl")
 transformers = require("transformers", package="transformers", minimum="5.0", below="6", extra="trl")
@@ -398,7 +404,7 @@ def _loss_config(loss_type, eps_low, eps_high, delta, importance_level, beta, bi
 _TRAINER_ATTRIBUTES = ("loss_type", "epsilon_low", "epsilon_high", "importance_sampling_level", "beta",
                        "temperature", "entropy_coef", "_entropy_bonus_enabled", "off_policy_mask_threshold",
                        "use_vllm", "vllm_importance_sampling_correction", "max_completion_length", "aux_loss_enabled",
-                       "ref_model", "accelerator", "_metrics")
+                       "ref_model", "accelerator", "_metrics", "_step", "_buffered_inputs")
 
 
 def check_trl() -> None:
@@ -412,6 +418,9 @@ def check_trl() -> None:
     logps = check_internal(stock, "_get_per_token_logps_and_entropies", ("model", "input_ids"), package="trl",
                            where=where)
     check_uses(logps, "fused_lm_head=True", package="trl", where=f"{where}._get_per_token_logps_and_entropies")
+    prepare = check_internal(stock, "_prepare_inputs", ("generation_batch",), package="trl", where=where)
+    check_uses(prepare, "self._buffered_inputs[self._step % self.args.steps_per_generation]", package="trl",
+               where=f"{where}._prepare_inputs")
     check_internal(stock, "_save_checkpoint", ("model", "trial"), package="trl", where=where)
     check_internal(stock, "_load_optimizer_and_scheduler", ("checkpoint",), package="trl", where=where)
 
@@ -426,7 +435,8 @@ class _LossHookGuard(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if self.trainer._fused_pg_calls == 0:
             raise TrainerChanged(f"trl {trainer_version('trl')} ran an optimiser step without calling "
-                                 "GRPOTrainer._compute_loss, fused-pg's loss hook: this version of TRL is not supported")
+                                 "GRPOTrainer._compute_loss, fused-pg's loss hook: this version of TRL is not "
+                                 "supported")
         self.trainer._fused_pg_calls = 0
 
 
@@ -456,6 +466,13 @@ class GRPOTrainer(trl.GRPOTrainer):
         self._fused_pg_checked_inputs = False
         self._fused_pg_adv_per_row = True
         self._fused_pg_calls = 0
+        self._fused_pg_window: tuple = (None, None, None)  # (generation buffer, first slice, RepoStats)
+        if needs_batch_stats(self._fused_pg_config()) and self.args.steps_per_generation % \
+                self.args.gradient_accumulation_steps:
+            raise ValueError(f"GRPOConfig.steps_per_generation={self.args.steps_per_generation} is not a multiple of "
+                             f"gradient_accumulation_steps={self.args.gradient_accumulation_steps}: an optimiser step "
+                             "would span two generation batches, and REPO's statistics of the whole step cannot be "
+                             "had before its first micro-batch")
         self._fused_pg_head = self._check_model(head)
         self._patch_forward()
         self.add_callback(_LossHookGuard(self))
@@ -543,6 +560,38 @@ class GRPOTrainer(trl.GRPOTrainer):
             normaliser = normaliser * self.current_gradient_accumulation_steps / self.args.steps_per_generation
         return normaliser
 
+    def _fused_pg_repo_stats(self, inputs: dict, config: LossConfig):
+        """REPO statistics of the whole optimiser step: every micro-batch of the accumulation window
+        (the slices of TRL's generation buffer) on every process, from a no-grad pass of the current
+        policy (log-probs, and entropies for the per-state centre) at the window's first
+        micro-batch. None where REPO uses no batch statistics, and in evaluation (its own batch)."""
+        if not needs_batch_stats(config) or not self.model.training:
+            return None
+        buffered = self._buffered_inputs
+        index = self._step % self.args.steps_per_generation
+        if buffered is None or buffered[index] is not inputs:
+            raise TrainerChanged(f"trl {trainer_version('trl')}: the micro-batch is not GRPOTrainer._buffered_inputs"
+                                 "[_step % steps_per_generation], from which fused-pg takes the optimiser step's "
+                                 "micro-batches: this version of TRL is not supported")
+        start = index - index % self.args.gradient_accumulation_steps
+        cached_buffer, cached_start, stats = self._fused_pg_window
+        if cached_buffer is not buffered or cached_start != start:
+            state = config.repo_center == "state"
+            parts = []
+            with torch.no_grad(), self.accelerator.autocast():
+                for batch in buffered[start:start + self.args.gradient_accumulation_steps]:
+                    completion_ids = batch["completion_ids"]
+                    logps, entropies, _ = self._get_per_token_logps_and_entropies(
+                        self.model, torch.cat([batch["prompt_ids"], completion_ids], dim=1),
+                        torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1), completion_ids.size(1),
+                        compute_entropy=state)
+                    mask = batch["completion_mask"] if "tool_mask" not in batch else \
+                        batch["completion_mask"] * batch["tool_mask"]
+                    parts.append((logps, batch["advantages"], mask, entropies if state else None))
+            stats = behaviour_repo_stats(parts, distributed_group(None))
+            self._fused_pg_window = (buffered, start, stats)
+        return stats
+
     def _compute_loss(self, model, inputs):
         self._fused_pg_calls += 1
         if not self._fused_pg_checked_inputs:
@@ -565,6 +614,9 @@ class GRPOTrainer(trl.GRPOTrainer):
         self._fused_pg_adv_per_row = advantages.dim() == 1
         data = dict(advantages=advantages, old_logprobs=inputs.get("old_per_token_logps"),
                     num_items_in_batch=self._normaliser(self.loss_type, B, mask, inputs, accumulation))
+        repo_stats = self._fused_pg_repo_stats(inputs, config)
+        if repo_stats is not None:
+            data["repo_stats"] = repo_stats
         if self.beta != 0.0:
             data["ref_logprobs"] = inputs["ref_per_token_logps"]
         if config.entropy_coef != 0.0:
@@ -704,7 +756,8 @@ def main(argv: list[str] | None = None) -> None:
         trl.GRPOTrainer = stock
 
 
-__all__ = ["GRPOTrainer", "GRPOConfig", "FusedPGCausalLMOutput", "SUPPORTED_LOSS_TYPES", "check_trl", "main"]
+__all__ = ["GRPOTrainer", "GRPOConfig", "FusedPGCausalLMOutput", "SUPPORTED_LOSS_TYPES", "CONTROLLER_FILE", "check_trl",
+           "main"]
 
 if __name__ == "__main__":
     main()

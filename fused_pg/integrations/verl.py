@@ -105,8 +105,6 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import inspect
-import json
-import os
 import warnings
 from dataclasses import dataclass
 
@@ -119,8 +117,8 @@ from ..epilogue import METRIC_KEYS
 from ..loss import policy_loss_from_logprobs
 from ..stats import RepoStats
 from ._common import (Options, TrainerChanged, behaviour_repo_stats, check_internal, check_uses, distributed_group,
-                      env_options, missing_controller_error, needs_batch_stats, observe_entropy, option_keys, read_controller, require,
-                      resolve_options, save_controller)
+                      env_options, missing_controller_error, needs_batch_stats, observe_entropy, option_keys,
+                      read_controller, require, resolve_options, save_controller)
 
 core_algos = require("verl.trainer.ppo.core_algos", package="verl", minimum="0.9", below="0.10", extra="verl")
 from verl.workers.config import PolicyLossConfig as _VerlPolicyLossConfig  # noqa: E402
