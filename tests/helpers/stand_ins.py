@@ -75,6 +75,19 @@ def stand_ins(packages: tuple[str, ...]):
         sys.meta_path.remove(finder)
         for name in [n for n in sys.modules if n.split(".")[0] in missing]:
             del sys.modules[name]
+        _forget_availability()
+
+
+def _forget_availability() -> None:
+    """Clear the cached "is <package> available" answers of the libraries' import utilities: a
+    check that ran while the stand-ins were in place cached their packages as installed
+    (transformers' ``is_peft_available`` is an ``lru_cache``), and later imports would follow it."""
+    for name, module in list(sys.modules.items()):
+        if module is None or not name.endswith(("import_utils", ".imports")):
+            continue
+        for value in list(vars(module).values()):
+            if callable(getattr(value, "cache_clear", None)):
+                value.cache_clear()
 
 
 def import_with_stand_ins(module: str, packages: tuple[str, ...]):
