@@ -1,7 +1,9 @@
 """fused_pg.integrations.trl against stock TRL: two real ``GRPOTrainer`` steps on a tiny Qwen2
-built from a config (D=64, 2 layers, V=1000; a WordLevel tokenizer; no download), stock vs fused,
-for every TRL loss type fused-pg expresses; the options TRL's loss reads, on identical inputs;
-what it refuses; the ADAPO controller's stepping and checkpointing.
+built from a config (D=64, 2 layers, V=1000; a WordLevel tokenizer; no download), stock vs fused
+with TRL's own ``GRPOConfig`` (the import swap alone), for every TRL loss type fused-pg
+expresses; the options TRL's loss reads, on identical inputs; what it refuses; fused-pg's options
+as ``GRPOConfig`` fields (Python, YAML, the ``grpo`` command line); the ADAPO controller's
+stepping and checkpointing; loud failure when a TRL internal changes.
 
 Set-up that makes the comparison mean something: the model stops at ~1 token in 9 (a set of
 end-of-sequence ids), so completions have different lengths and the normalisers differ between
@@ -24,9 +26,12 @@ Pass rules (fp32; ``pytest -s`` prints the measured values, see ``test_agreement
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
+import re
+import sys
 
 import pytest
 import torch
@@ -41,7 +46,9 @@ from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM,
 from trl import GRPOConfig  # noqa: E402
 
 import fused_pg  # noqa: E402
-from fused_pg.integrations.trl import CONTROLLER_FILE, FusedPGOptions, GRPOTrainer  # noqa: E402
+from fused_pg.integrations import _common  # noqa: E402
+from fused_pg.integrations import trl as ftrl  # noqa: E402
+from fused_pg.integrations.trl import CONTROLLER_FILE, GRPOTrainer  # noqa: E402
 
 V, D = 1000, 64
 LOSS_TYPES = [("grpo", "token"), ("grpo", "sequence"), ("bnpo", "token"), ("dr_grpo", "token"),
@@ -114,21 +121,24 @@ def recording(base):
     return Recording
 
 
+FUSED_FIELDS = set(ftrl.OPTION_KEYS) | set(ftrl.HEAD_OPTIONS)
+
+
 def config(tmp_path, loss_type="dapo", level="token", **kw) -> GRPOConfig:
+    """TRL's GRPOConfig; fused-pg's subclass when a fused-pg field is given."""
     base = dict(output_dir=str(tmp_path), per_device_train_batch_size=4, num_generations=4,
                 gradient_accumulation_steps=2, max_completion_length=8, max_steps=2, learning_rate=0.05,
                 optim="sgd", num_iterations=2, logging_steps=1, report_to=[], use_cpu=True, bf16=False,
                 save_strategy="no", seed=0, loss_type=loss_type, importance_sampling_level=level)
     base.update(kw)
-    return GRPOConfig(**base)
+    return (ftrl.GRPOConfig if FUSED_FIELDS & set(kw) else GRPOConfig)(**base)
 
 
-def train(fused: bool, args: GRPOConfig, model_dir, tokenizer, dataset, **fused_kw):
+def train(fused: bool, args: GRPOConfig, model_dir, tokenizer, dataset):
     recorder = GradRecorder()
     cls = recording(GRPOTrainer if fused else trl.GRPOTrainer)
-    extra = dict(fused_pg=FusedPGOptions(**{"repo": "none", **fused_kw})) if fused else {}
     trainer = cls(model=model_dir, reward_funcs=reward, args=args, train_dataset=dataset,
-                  processing_class=tokenizer, callbacks=[recorder], **extra)
+                  processing_class=tokenizer, callbacks=[recorder])
     trainer.recorded, trainer.entropies = [], []
     trainer.train()
     return trainer, recorder.grads
@@ -253,10 +263,9 @@ def test_peft_lora_matches_stock_trl(tmp_path, model_dir, tokenizer, dataset):
     for fused in (False, True):
         recorder = GradRecorder()
         cls = recording(GRPOTrainer if fused else trl.GRPOTrainer)
-        extra = dict(fused_pg=FusedPGOptions(repo="none")) if fused else {}
         trainer = cls(model=model_dir, reward_funcs=reward, args=args, train_dataset=dataset,
                       processing_class=tokenizer, callbacks=[recorder],
-                      peft_config=peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]), **extra)
+                      peft_config=peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
         trainer.recorded, trainer.entropies = [], []
         trainer.train()
         runs.append((trainer, recorder.grads))
@@ -404,32 +413,125 @@ def test_softcap_with_temperature_is_refused(tmp_path, tokenizer, dataset):
                     processing_class=tokenizer)
 
 
-def test_bad_options_object_is_refused(tmp_path, model_dir, tokenizer, dataset):
-    with pytest.raises(TypeError, match="fused_pg"):
-        GRPOTrainer(model=model_dir, reward_funcs=reward, args=config(tmp_path), train_dataset=dataset,
-                    processing_class=tokenizer, fused_pg=3)
-    with pytest.raises(TypeError, match="controller"):
-        FusedPGOptions(controller="adapo")
+BAD_FIELDS = [
+    (dict(repo="decorelate"), "GRPOConfig.repo"),
+    (dict(repo="decorrelate", repo_coef=2.0), "GRPOConfig.repo_coef"),
+    (dict(repo_center="yes"), "GRPOConfig.repo_center"),
+    (dict(backend="cuda"), "GRPOConfig.backend"),
+    (dict(token_chunk=0), "GRPOConfig.token_chunk"),
+    (dict(validate="no"), "GRPOConfig.validate"),
+    (dict(adapo_target_entropy=1.0, adapo_rate=-1.0), "GRPOConfig.adapo_rate"),
+    (dict(adapo_rate=0.1), "GRPOConfig.adapo_rate"),
+    (dict(repo="none", delta=1.0), "GRPOConfig.delta"),
+    (dict(repo="none", epsilon=1.0), "GRPOConfig.epsilon"),
+    (dict(repo="none", loss_type="cispo"), "loss_type"),
+]
+
+
+@pytest.mark.parametrize("fields,named", BAD_FIELDS, ids=[n for _, n in BAD_FIELDS])
+def test_bad_options_fail_when_the_config_is_built(fields, named, tmp_path):
+    with pytest.raises((ValueError, TypeError), match=re.escape(named)):
+        config(tmp_path, **fields)
+
+
+def test_grpo_config_values_fused_pg_refuses_fail_before_training(tmp_path, model_dir, tokenizer, dataset):
+    """TRL's own GRPOConfig accepts delta=1.0 and epsilon=1.0; the fused trainer refuses them when
+    it is built, naming TRL's field, before any rollout."""
+    for kw, named in ((dict(delta=1.0), "GRPOConfig.delta"), (dict(epsilon=1.0), "GRPOConfig.epsilon")):
+        with pytest.raises(ValueError, match=re.escape(named)):
+            GRPOTrainer(model=model_dir, reward_funcs=reward, args=config(tmp_path, **kw), train_dataset=dataset,
+                        processing_class=tokenizer)
+
+
+def test_fields_are_documented_by_the_library():
+    """Each fused-pg field's help is the documentation of the library option of the same name."""
+    fields = {f.name: f for f in dataclasses.fields(ftrl.GRPOConfig)}
+    for name in ("repo_coef", "repo_center"):
+        assert fused_pg.LossConfig.__dataclass_fields__[name].metadata["doc"] in fields[name].metadata["help"]
+    for name in ftrl.HEAD_OPTIONS:
+        assert fused_pg.HeadConfig.__dataclass_fields__[name].metadata["doc"] in fields[name].metadata["help"]
+        assert fields[name].default == fused_pg.HeadConfig.__dataclass_fields__[name].default
+    assert fields["repo"].default == "none"  # stock TRL unless asked
 
 
 # ---------------------------------------------------------------------------------------------
-# REPO and ADAPO through the trainer
+# REPO and ADAPO through the trainer; YAML and the command line
 # ---------------------------------------------------------------------------------------------
 
 def test_repo_metrics_are_logged(tmp_path, model_dir, tokenizer, dataset):
     """With REPO "decorrelate" (gamma = 1) each micro-batch's corrected advantages have no covariance
     with the log-probs; the trainer logs zeta and both covariances."""
-    trainer, _ = train(True, config(tmp_path, max_steps=1), model_dir, tokenizer, dataset, repo="decorrelate")
+    trainer, _ = train(True, config(tmp_path, max_steps=1, repo="decorrelate"), model_dir, tokenizer, dataset)
     logs = trainer.state.log_history[0]
     assert logs["fused_pg/repo_zeta"] != 0.0
     assert abs(logs["fused_pg/adv_logp_cov_after"]) <= 1e-6 * (1 + abs(logs["fused_pg/adv_logp_cov_before"]))
     assert logs["fused_pg/adv_logp_cov_before"] != 0.0
 
 
+def test_import_swap_alone_is_stock(tmp_path, model_dir, tokenizer, dataset):
+    """TRL's GRPOConfig with the fused trainer: REPO off, no controller (zeta 0, TRL's clip range)."""
+    trainer, _ = train(True, config(tmp_path, max_steps=1), model_dir, tokenizer, dataset)
+    logs = trainer.state.log_history[0]
+    assert logs["fused_pg/repo_zeta"] == 0.0 and logs["fused_pg/eps_high"] == pytest.approx(0.2)
+    assert trainer.fused_pg_controller is None
+
+
+def test_repo_r_with_the_per_state_centre_and_the_repo_controller(tmp_path, model_dir, tokenizer, dataset):
+    """REPO-R (zeta of either sign) centred per state (L = logp + H from fused-pg's head) with the
+    multiplicative REPO controller: the first step used zeta = -0.3; below the target, a negative
+    zeta halves at each optimiser step; the entropy monitor's metrics are logged."""
+    args = config(tmp_path, max_steps=2, repo="relative", repo_center="state", repo_coef=-0.3,
+                  repo_control_target_entropy=9.0, repo_control_mode="multiplicative")
+    trainer, _ = train(True, args, model_dir, tokenizer, dataset)
+    logs = [r for r in trainer.state.log_history if "fused_pg/repo_zeta" in r]
+    assert logs[0]["fused_pg/repo_zeta"] == pytest.approx(-0.3)
+    assert logs[1]["fused_pg/repo_zeta"] == pytest.approx(-0.15)
+    assert isinstance(trainer.fused_pg_controller, fused_pg.AdaptiveRepoCoef)
+    assert trainer.fused_pg_controller.repo_coef == pytest.approx(-0.075)
+    for key in ("entropy_drive", "entropy_drive_pos", "entropy_drive_neg", "clip_high_p_mean", "clip_low_p_mean",
+                "clip_high_below_avg", "clip_low_below_avg", "rollout_mismatch_abs_mean",
+                "rollout_phantom_clip_frac"):
+        assert f"fused_pg/{key}" in logs[0], key
+    assert logs[0]["fused_pg/entropy_measured"] == 1.0 and math.isfinite(logs[0]["fused_pg/entropy_drive"])
+
+
+SPLIT_MODES = {
+    "fixed": dict(repo="fixed", repo_coef=0.5),
+    "decorrelate": dict(repo="decorrelate"),
+    "decorrelate-state": dict(repo="decorrelate", repo_center="state"),
+    "relative": dict(repo="relative", repo_coef=0.5),
+}
+
+
+def first_step_grads(tmp_path, model_dir, tokenizer, dataset, micro, loss_type, **options):
+    """The first optimiser step over 8 completions (two prompts' groups of 4), in micro-batches
+    of ``micro`` rows (8 // micro gradient accumulation steps; the same generation batch)."""
+    args = config(tmp_path / f"{micro}", loss_type, max_steps=1, per_device_train_batch_size=micro,
+                  gradient_accumulation_steps=8 // micro, num_iterations=1, **options)
+    return train(True, args, model_dir, tokenizer, dataset)[1][0]
+
+
+@pytest.mark.parametrize("loss_type,repo", [("dapo", m) for m in SPLIT_MODES] + [("grpo", "decorrelate")])
+def test_repo_gradient_does_not_depend_on_the_micro_batching(loss_type, repo, tmp_path, model_dir, tokenizer,
+                                                            dataset):
+    """One optimiser step in 1, 2 and 4 micro-batches: the same gradient (1e-6 relative): REPO's
+    statistics are the whole step's, from a no-grad pass at its first micro-batch."""
+    grads = [first_step_grads(tmp_path, model_dir, tokenizer, dataset, micro, loss_type, **SPLIT_MODES[repo])
+             for micro in (8, 4, 2)]
+    for micro, g in zip((4, 2), grads[1:]):
+        assert global_rel(g, grads[0]) <= 1e-6, f"{repo}: micro-batches of {micro} move the gradient by " \
+                                                 f"{global_rel(g, grads[0]):.2e}"
+    off = first_step_grads(tmp_path / "off", model_dir, tokenizer, dataset, 8, loss_type, repo="none")
+    assert global_rel(grads[0], off) > 1e-3  # REPO acted
+
+
+ADAPO = dict(epsilon_high=0.28, adapo_target_entropy=9.0, adapo_rate=0.01)
+
+
 def test_adapo_controller_steps_once_per_optimizer_step_and_is_checkpointed(tmp_path, model_dir, tokenizer, dataset):
-    ctrl = fused_pg.AdaptiveClip(target_entropy=9.0, eps_low=0.2, eps_high=0.28, rate=0.01)
-    args = config(tmp_path, max_steps=2, save_strategy="steps", save_steps=1)
-    trainer, _ = train(True, args, model_dir, tokenizer, dataset, controller=ctrl)
+    args = config(tmp_path, max_steps=2, save_strategy="steps", save_steps=1, **ADAPO)
+    trainer, _ = train(True, args, model_dir, tokenizer, dataset)
+    ctrl = trainer.fused_pg_controller
     assert ctrl.steps == 2  # two optimiser steps of two micro-batches each
     # it saw the token-weighted mean entropy of each whole accumulation window
     tokens = [float(inp["completion_mask"].sum()) for _, inp in trainer.recorded]
@@ -447,14 +549,144 @@ def test_adapo_controller_steps_once_per_optimizer_step_and_is_checkpointed(tmp_
     assert state == json.loads(json.dumps(ctrl.state_dict()))
     first = json.load(open(os.path.join(str(tmp_path), "checkpoint-1", CONTROLLER_FILE)))
     assert first["steps"] == 1 and first["value"] < state["value"]
-    # resuming restores the controller from the checkpoint
-    fresh = fused_pg.AdaptiveClip(target_entropy=9.0, eps_low=0.2, eps_high=0.28, rate=0.01)
-    resumed = GRPOTrainer(model=model_dir, reward_funcs=reward, args=config(tmp_path, max_steps=1),
-                          train_dataset=dataset, processing_class=tokenizer,
-                          fused_pg=FusedPGOptions(repo="none", controller=fresh))
-    resumed.create_optimizer_and_scheduler(num_training_steps=1)
-    resumed._load_optimizer_and_scheduler(os.path.join(str(tmp_path), "checkpoint-1"))
-    assert fresh.state_dict() == first
+
+    def resume(**kw):
+        resumed = GRPOTrainer(model=model_dir, reward_funcs=reward, args=config(tmp_path, max_steps=1, **ADAPO, **kw),
+                              train_dataset=dataset, processing_class=tokenizer)
+        resumed.create_optimizer_and_scheduler(num_training_steps=1)
+        resumed._load_optimizer_and_scheduler(os.path.join(str(tmp_path), "checkpoint-1"))
+        return resumed.fused_pg_controller
+
+    assert resume().state_dict() == first  # resuming restores the controller from the checkpoint
+    # a checkpoint without the controller's state (e.g. written by stock TRL) is refused ...
+    os.remove(os.path.join(str(tmp_path), "checkpoint-1", CONTROLLER_FILE))
+    with pytest.raises(ValueError, match="controller_fresh_start"):
+        resume()
+    assert resume(controller_fresh_start=True).steps == 0  # ... unless restarting it is asked for
+
+
+def test_a_resumed_run_continues_the_controllers_trajectory(tmp_path, model_dir, tokenizer, dataset):
+    """Two optimiser steps in one run, and the same run resumed from its first checkpoint through
+    ``train(resume_from_checkpoint=...)``: the controller ends in the same state, exactly. (One
+    iteration per generation: TRL does not checkpoint a generation batch it would reuse.)"""
+    args = config(tmp_path, max_steps=2, save_strategy="steps", save_steps=1, num_iterations=1, **ADAPO)
+    full, _ = train(True, args, model_dir, tokenizer, dataset)
+    resumed = GRPOTrainer(model=model_dir, reward_funcs=reward, args=config(tmp_path / "resumed", max_steps=2,
+                                                                             save_strategy="no", num_iterations=1,
+                                                                             **ADAPO),
+                          train_dataset=dataset, processing_class=tokenizer)
+    resumed.train(resume_from_checkpoint=os.path.join(str(tmp_path), "checkpoint-1"))
+    assert resumed.fused_pg_controller.steps == 2
+    assert resumed.fused_pg_controller.state_dict() == full.fused_pg_controller.state_dict()
+
+
+YAML = """
+output_dir: {out}
+loss_type: dapo
+per_device_train_batch_size: 4
+num_generations: 4
+max_completion_length: 8
+max_steps: 1
+report_to: []
+use_cpu: true
+bf16: false
+save_strategy: "no"
+epsilon_high: 0.28
+repo: decorrelate
+repo_coef: 0.5
+backend: torch
+adapo_target_entropy: 9.0
+adapo_rate: 0.01
+adapo_bounds: [0.1, 0.6]
+"""
+
+
+def test_options_from_a_yaml_file_reach_the_loss(tmp_path, model_dir, tokenizer, dataset):
+    from trl import TrlParser
+
+    path = tmp_path / "grpo.yaml"
+    path.write_text(YAML.format(out=tmp_path / "out"))
+    (args,) = TrlParser((ftrl.GRPOConfig,)).parse_yaml_file(str(path))
+    assert args.repo == "decorrelate" and args.adapo_bounds == [0.1, 0.6]
+    trainer, _ = train(True, args, model_dir, tokenizer, dataset)
+    logs = trainer.state.log_history[0]
+    assert logs["fused_pg/repo_zeta"] != 0.0 and logs["fused_pg/eps_high"] == pytest.approx(0.28)
+    assert trainer.fused_pg_controller.steps == 1 and trainer.fused_pg_controller.bounds == (0.1, 0.6)
+    assert trainer._fused_pg_config().repo_coef == 0.5 and trainer._fused_pg_head.backend == "torch"
+
+
+def test_the_grpo_command_line_trains_with_fused_pgs_options(tmp_path, monkeypatch, tokenizer):
+    """``python -m fused_pg.integrations.trl grpo --config FILE``: TRL's grpo script (its dataset
+    loading, reward functions by import path, model arguments) with this trainer and config."""
+    model = _save_model(tmp_path / "model")
+    data = tmp_path / "prompts"
+    data.mkdir()
+    (data / "train.jsonl").write_text("".join(json.dumps({"prompt": f"w{i} w{i + 1} w{i + 2}"}) + "\n"
+                                              for i in range(8)))
+    (tmp_path / "rewards_for_cli.py").write_text(
+        "def reward(completions, **kw):\n    return [float(len(c) % 7) for c in completions]\n")
+    path = tmp_path / "grpo.yaml"
+    path.write_text(YAML.format(out=tmp_path / "out") + f"model_name_or_path: {model}\ndataset_name: {data}\n"
+                    "reward_funcs: [rewards_for_cli.reward]\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    seen = []
+    real = ftrl.GRPOTrainer._compute_loss
+
+    def spy(self, model, inputs):
+        seen.append(self)
+        return real(self, model, inputs)
+
+    monkeypatch.setattr(ftrl.GRPOTrainer, "_compute_loss", spy)
+    # the toy WordLevel tokenizer reloads from a Qwen2 folder as a Qwen2Tokenizer (which ignores its
+    # vocabulary): hand TRL the fixture's tokenizer where it loads the processing class
+    import trl.trainer.grpo_trainer as grpo_module
+
+    monkeypatch.setattr(grpo_module.AutoProcessor, "from_pretrained", lambda *a, **k: tokenizer)
+    ftrl.main(["grpo", "--config", str(path), "--repo_coef", "0.7"])
+    trainer = seen[0]
+    assert isinstance(trainer, GRPOTrainer) and trainer._fused_pg_config().repo_coef == 0.7  # flags win
+    assert trainer.fused_pg_controller.steps == 1
+    assert trl.GRPOTrainer is not GRPOTrainer  # the stock class is back
+
+
+# ---------------------------------------------------------------------------------------------
+# loud failure when TRL changes
+# ---------------------------------------------------------------------------------------------
+
+RENAMES = ["_compute_loss", "compute_loss", "_get_per_token_logps_and_entropies", "_prepare_inputs",
+           "_save_checkpoint", "_load_optimizer_and_scheduler"]
+
+
+@pytest.mark.parametrize("internal", RENAMES)
+def test_a_renamed_trl_internal_fails_at_construction(internal, monkeypatch, tmp_path, model_dir, tokenizer, dataset):
+    for owner in [c for c in trl.GRPOTrainer.__mro__ if internal in vars(c)]:  # renamed in TRL and its bases
+        monkeypatch.delattr(owner, internal)
+    with pytest.raises(_common.TrainerChanged, match=rf"trl {re.escape(trl.__version__)}.*{internal}"):
+        GRPOTrainer(model=model_dir, reward_funcs=reward, args=config(tmp_path), train_dataset=dataset,
+                    processing_class=tokenizer)
+
+
+def test_a_trl_that_stops_calling_the_loss_hook_fails_at_its_first_step(monkeypatch, tmp_path, model_dir,
+                                                                       tokenizer, dataset):
+    """Construction passed (the internals were there); TRL then trains without the hook: the first
+    optimiser step raises instead of training with TRL's stock loss."""
+    trainer = GRPOTrainer(model=model_dir, reward_funcs=reward, args=config(tmp_path, max_steps=1),
+                          train_dataset=dataset, processing_class=tokenizer)
+    monkeypatch.setattr(trl.GRPOTrainer, "compute_loss",
+                        lambda self, model, inputs, return_outputs=False, num_items_in_batch=None:
+                        trl.GRPOTrainer._compute_loss(self, model, inputs))
+    with pytest.raises(_common.TrainerChanged, match="without calling GRPOTrainer._compute_loss"):
+        trainer.train()
+
+
+def test_an_untested_trl_version_is_refused(monkeypatch):
+    import importlib.metadata
+
+    real = importlib.metadata.version
+    monkeypatch.setattr(importlib.metadata, "version", lambda p: "1.17.0" if p == "trl" else real(p))
+    with pytest.raises(ImportError, match=r"trl>=1.16,<1.17.*found trl 1.17.0"):
+        _common.require("trl", package="trl", minimum="1.16", below="1.17", extra="trl")
 
 
 def test_agreement_summary():
