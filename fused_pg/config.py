@@ -308,5 +308,6 @@ def options_markdown(cls) -> str:
     rows = ["| option | default | meaning |", "| --- | --- | --- |"]
     for f in fields(cls):
         default = f.default if f.default is not MISSING else None
-        rows.append(f"| `{f.name}` | `{default!r}` | {f.metadata['doc']} |")
+        doc = f.metadata["doc"].replace("|", "\\|")  # a bare "|" would split the Markdown cell
+        rows.append(f"| `{f.name}` | `{default!r}` | {doc} |")
     return "\n".join(rows)

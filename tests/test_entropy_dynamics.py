@@ -1,4 +1,4 @@
-"""The entropy-dynamics example (issues 6 and 15) at a small budget: plain PG collapses entropy,
+"""The entropy-dynamics example at a small budget: plain PG collapses entropy,
 the controlled methods keep it -- on-policy (mu = 1) and with several mini-batch updates per
 rollout (mu = 4), where the ratios leave 1 and the clip acts.
 
