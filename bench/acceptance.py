@@ -167,7 +167,7 @@ def summary(out_dir: str, records: list[dict]) -> str:
             [f"{c['fwd_bwd_ms']['median']:.1f}", f"{c['floor_ratio']['fwd_bwd']:.3f}", fmt_bytes(c["peak_mem_bytes"]),
              fmt_err(c["logprobs_max_abs"])] if c["status"] == "ok" else [f"{c['status'].upper()}: {c['reason']}",
                                                                          "", "", ""]) for c in bench["results"]]
-        lines += ["", format_table(["implementation", "N", "V", "fwd+bwd ms", "x floor", "peak above inputs",
+        lines += ["", format_table(["implementation", "N", "V", "fwd+bwd ms", "time / floor", "peak above inputs",
                                     "logp err"], rows, markdown=True)]
         lines += [f"- skipped {s['label']}: {s['reason']}" for s in bench["skipped"]]
         if bench["interrupted"]:

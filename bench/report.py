@@ -126,7 +126,7 @@ def format_table(headers: list[str], rows: list[list[str]], markdown: bool = Fal
 
 
 RESULT_HEADERS = ["implementation", "N", "D", "V", "fwd ms", "bwd ms", "fwd+bwd ms [min-max]", "spread",
-                  "peak mem", "TFLOP/s", "x floor", "loss check", "logp err", "notes"]
+                  "peak mem", "TFLOP/s", "time / floor", "loss check", "logp err", "notes"]
 ACCURACY_HEADERS = ["implementation", "loss abs err", "logp max abs err", "entropy max abs err",
                     "dh max rel err", "dW max rel err", "notes"]
 
