@@ -30,8 +30,11 @@ def _pyproject() -> dict:
 
 
 def _run(args: list[str], *, env_extra: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
-    """Run ``python <args>`` from the checkout's root, as a user at a shell prompt would."""
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    """Run ``python <args>`` from the checkout's root, as a user at a shell prompt would.
+
+    Without PIP_BUILD_CONSTRAINT: pip refuses it together with ``--no-build-isolation`` (the wheel
+    build below reuses the installed setuptools; nothing is resolved for it)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PIP_BUILD_CONSTRAINT")}
     env.update(env_extra or {})
     return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=timeout)
