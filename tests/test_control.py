@@ -770,29 +770,13 @@ def _measured_or_not(case) -> None:
     """policy_loss_from_logprobs on a drawn case, with entropies or without (what needs them left
     out): its metrics follow the NaN convention, and a controller fed them either steps on a real
     measurement or refuses; a step after a refusal says that nothing was observed."""
-    from dataclasses import replace as dc_replace
-
-    from fused_pg.reference.head import logprobs_entropy_ref
-    from helpers import HEAD_OPTIONS, check_metric_convention, make_loss_inputs
+    from helpers import check_metric_convention, logprob_case
 
     with_entropy = case.head.seed % 2 == 0
-    if not with_entropy:
-        opts = dict(case.opts, entropy_coef=0.0)
-        if opts["repo_center"] == "state":
-            opts["repo_center"] = "none"
-        case = dc_replace(case, opts=opts)
-    o = case.opts
-    inp = make_loss_inputs(case)
-    N, lead = case.head.N, tuple(inp.head.targets.shape)
-    h64, w64, b64 = inp.head.fp64_leaves()
-    y = torch.where(inp.valid, inp.head.targets.reshape(-1), o["ignore_index"])
-    with torch.no_grad():
-        lp, ent = logprobs_entropy_ref(h64.reshape(N, -1), w64, y, b64, temperature=o["temperature"],
-                                       softcap=o["softcap"], ignore_index=o["ignore_index"])
-    out = fused_pg.policy_loss_from_logprobs(
-        lp.view(lead), inp.advantages, inp.old_logprobs, inp.valid.view(lead),
-        entropy=ent.view(lead) if with_entropy else None, **inp.tensors(),
-        **{k: v for k, v in o.items() if k not in HEAD_OPTIONS})
+    lc = logprob_case(case, with_entropy)
+    o = lc.case.opts
+    out = fused_pg.policy_loss_from_logprobs(lc.logprobs, lc.inp.advantages, lc.inp.old_logprobs, lc.mask,
+                                             entropy=lc.entropy, **lc.inp.tensors(), **lc.loss_opts)
     check_metric_convention(out.metrics, o["repo"], cov_measured=with_entropy or o["repo_center"] != "state")
     for make in CONTROLLERS:
         ctrl = make()

@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 import fused_pg
 from fused_pg import RepoStats, repo_statistics
 from fused_pg.reference.loss import policy_loss_ref, repo_loss_ref
-from helpers import (BACKENDS, ENTROPY_KEYS, ROLLOUT_KEYS, TOLS, assert_close, assert_grad_close, check_loss_case,
+from helpers import (BACKENDS, ENTROPY_KEYS, ROLLOUT_KEYS, assert_close, assert_grad_close, check_loss_case,
                      check_metric_convention, check_metrics, check_per_token, count_example, loss_cases,
                      make_loss_inputs, n_examples, oracle_guards, run_oracle_loss, run_property)
 from helpers.multiproc import run_group
@@ -57,26 +57,12 @@ def test_new_modes_packed_and_gspo(backend):
 def _logprob_case(case, with_entropy: bool) -> None:
     """policy_loss_from_logprobs on the oracle's log-probs (and entropies, if given) against
     policy_loss_ref on the same values: loss, metrics (NaN where not measured), d/dlogp."""
-    from helpers import HEAD_OPTIONS
-    from fused_pg.reference.head import logprobs_entropy_ref
+    from helpers import logprob_case
 
-    if not with_entropy:  # what needs H is refused without it (tested below): leave it out
-        opts = dict(case.opts, entropy_coef=0.0)
-        if opts["repo_center"] == "state":
-            opts["repo_center"] = "none"
-        case = replace(case, opts=opts)
+    # what needs H is refused without it (tested below): logprob_case leaves it out
+    case, inp, lp64, ent, mask, loss_opts = logprob_case(case, with_entropy)
     o = case.opts
-    inp = make_loss_inputs(case)
-    N, lead = case.head.N, tuple(inp.head.targets.shape)
-    h64, w64, b64 = inp.head.fp64_leaves()
-    y = torch.where(inp.valid, inp.head.targets.reshape(-1), o["ignore_index"])
-    with torch.no_grad():
-        lp64, ent64 = logprobs_entropy_ref(h64.reshape(N, -1), w64, y, b64, temperature=o["temperature"],
-                                           softcap=o["softcap"], ignore_index=o["ignore_index"])
-    lp = lp64.view(lead).requires_grad_()
-    ent = ent64.view(lead) if with_entropy else None
-    loss_opts = {k: v for k, v in o.items() if k not in HEAD_OPTIONS}
-    mask = inp.valid.view(lead)
+    lp = lp64.requires_grad_()
     ref = policy_loss_ref(lp, inp.advantages, inp.old_logprobs, mask, entropy=ent, dtype=torch.float64,
                           **inp.tensors(), **loss_opts)
     oracle_guards(case, inp, ref)

@@ -13,7 +13,8 @@
 from .backends import BACKENDS, DTYPES, FP64_BACKENDS, LIMITS, LOW_PRECISION, TF32_BACKENDS, BackendLimits, limits
 from .budget import count_example, n_examples, run_property
 from .inputs import HeadInputs, LossInputs, make_head_inputs, make_loss_inputs, seq_index
-from .oracle import HEAD_OPTIONS, check_loss_case, oracle_guards, run_oracle_loss, zeta_conditioning_guard
+from .oracle import (HEAD_OPTIONS, LogprobCase, check_loss_case, logprob_case, oracle_guards, run_oracle_loss,
+                     zeta_conditioning_guard)
 from .strategies import AGGREGATIONS, HeadCase, LossCase, effective_options, head_cases, head_fields, loss_cases
 from .tolerances import (DLOGITS_DTYPE, ENTROPY_KEYS, FAIR_MARGIN, GPU_TOLS, GRAD_REL, ROLLOUT_KEYS, TOLS, Tol,
                          assert_close, assert_grad_close, check_grads, check_head_values, check_metric_convention,
@@ -22,7 +23,7 @@ from .tolerances import (DLOGITS_DTYPE, ENTROPY_KEYS, FAIR_MARGIN, GPU_TOLS, GRA
 
 __all__ = [
     "AGGREGATIONS", "BACKENDS", "DLOGITS_DTYPE", "DTYPES", "ENTROPY_KEYS", "FAIR_MARGIN", "FP64_BACKENDS", "GPU_TOLS",
-    "GRAD_REL", "HEAD_OPTIONS", "LIMITS", "LOW_PRECISION", "ROLLOUT_KEYS", "TF32_BACKENDS", "TOLS", "BackendLimits",
+    "GRAD_REL", "HEAD_OPTIONS", "LIMITS", "LogprobCase", "logprob_case", "LOW_PRECISION", "ROLLOUT_KEYS", "TF32_BACKENDS", "TOLS", "BackendLimits",
     "HeadCase", "HeadInputs", "LossCase", "LossInputs", "Tol", "assert_close", "assert_grad_close", "check_grads",
     "check_head_values", "check_loss_case", "check_metric_convention", "check_metrics", "check_per_token",
     "count_example", "dlogits_dtype", "effective_options", "grad_floors", "head_cases", "head_fields", "limits",

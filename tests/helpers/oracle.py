@@ -10,6 +10,9 @@ can move by more than the value tolerance.
 
 from __future__ import annotations
 
+from dataclasses import replace
+from typing import NamedTuple
+
 import torch
 from hypothesis import assume, note
 
@@ -23,6 +26,37 @@ from .tolerances import (TOLS, assert_close, check_grads, check_head_values, che
                          dlogits_dtype, grad_floors, naive_logprobs_entropy)
 
 HEAD_OPTIONS = ("temperature", "softcap", "ignore_index")
+
+
+class LogprobCase(NamedTuple):
+    """A drawn loss case for ``policy_loss_from_logprobs``: the oracle's fp64 log-probs (and
+    entropies, or None), shaped like the targets, with the loss options that are not head options."""
+    case: LossCase
+    inp: LossInputs
+    logprobs: torch.Tensor
+    entropy: torch.Tensor | None
+    mask: torch.Tensor
+    loss_opts: dict
+
+
+def logprob_case(case: LossCase, with_entropy: bool) -> LogprobCase:
+    """The fp64 log-probs (and entropies) of ``case`` from the head oracle. Without entropies,
+    what needs them is left out of the options (no entropy bonus, no per-state centre)."""
+    if not with_entropy:
+        opts = dict(case.opts, entropy_coef=0.0)
+        if opts["repo_center"] == "state":
+            opts["repo_center"] = "none"
+        case = replace(case, opts=opts)
+    o = case.opts
+    inp = make_loss_inputs(case)
+    N, lead = case.head.N, tuple(inp.head.targets.shape)
+    h64, w64, b64 = inp.head.fp64_leaves()
+    y = torch.where(inp.valid, inp.head.targets.reshape(-1), o["ignore_index"])
+    with torch.no_grad():
+        lp, ent = logprobs_entropy_ref(h64.reshape(N, -1), w64, y, b64, temperature=o["temperature"],
+                                       softcap=o["softcap"], ignore_index=o["ignore_index"])
+    return LogprobCase(case, inp, lp.view(lead), ent.view(lead) if with_entropy else None, inp.valid.view(lead),
+                       {k: v for k, v in o.items() if k not in HEAD_OPTIONS})
 
 
 def run_oracle_loss(case: LossCase, inp: LossInputs, backend: str | None = None):
