@@ -124,7 +124,7 @@ class Config:
     n_heads: int = 4
     # supervised warm-up: skewed over the valid fork tokens, stopped before the forced tokens are perfect
     warmup_fork_probs: tuple[float, ...] = (0.6, 0.25, 0.1, 0.05)
-    warmup_steps: int = 150
+    warmup_steps: int = 110
     warmup_batch: int = 64
     warmup_lr: float = 3e-3
     # RL, phase 1
@@ -207,6 +207,9 @@ def make_methods(cfg: Config) -> dict[str, Method]:
 
 METHOD_NAMES = tuple(make_methods(Config()))
 PRECISION_METHODS = ("pg", "repo-decorrelate")
+# --quick: seed 0, mu = 4, these methods, one precision mode for plain PG (what the test runs)
+QUICK_METHODS = ("pg", "adapo-high", "repo-decorrelate", "repo-r")
+QUICK_PRECISIONS = ("bf16-sampler",)
 CURVES = ("entropy", "entropy_fork", "entropy_forced", "reward", "adv_zero_frac", "clip_frac_high",
           "clip_frac_low", "entropy_drive", "entropy_drive_pos", "entropy_drive_neg", "approx_kl",
           "eps_low", "eps_high", "repo_zeta", "phantom_clip_frac", "sampler_mismatch", "tis_weight_mean")
@@ -422,11 +425,10 @@ def initial_entropy(task: Task, seed: int) -> float:
 # ---------------------------------------------------------------------------------------------
 
 
-def rollout(task: Task, policy: TinyTransformer, n_prompts: int, g: torch.Generator, phase: int):
+def rollout(task: Task, cfg: Config, policy: TinyTransformer, n_prompts: int, g: torch.Generator, phase: int):
     """Sample GRPO groups; returns prompts, answers ``[B, T]``, rewards ``[B]``, advantages
     ``[B, T]``, the trainer's fp32 log-probs and entropies ``[B, T]`` and the sampler's
     log-probs ``[B, T]`` (the trainer's own in fp32)."""
-    cfg = task.cfg
     prompts = task.prompts(n_prompts, g).repeat_interleave(cfg.group_size, 0)
     if cfg.precision == "fp32":
         answers, _ = sample(policy, prompts, cfg.answer_len, g)
@@ -460,8 +462,8 @@ def train(task: Task, policy: TinyTransformer, method: Method, cfg: Config, seed
     evals: dict[str, list] = {"step": [], **{k: [] for k in eval_keys(cfg)}}
     step = 0
     for _ in range(updates // cfg.mu):
-        prompts, answers, rewards, adv, logp, ent, sampler_logp = rollout(task, policy, cfg.mu * cfg.minibatch_prompts,
-                                                                          g, phase)
+        prompts, answers, rewards, adv, logp, ent, sampler_logp = rollout(task, cfg, policy,
+                                                                          cfg.mu * cfg.minibatch_prompts, g, phase)
         old = sampler_logp if cfg.precision == "bf16-sampler" else logp
         extra = {}
         if cfg.precision in ("bf16-recompute", "bf16-tis"):
@@ -645,7 +647,7 @@ def print_tables(results: dict, file=sys.stdout) -> None:
     for group, row in s.items():
         if group.startswith("phase2"):
             continue
-        p2 = s.get(group.replace("phase1", "phase2"), {})
+        p2 = s.get(group.replace("phase1", "phase2"), {}) if group.startswith("phase1") else {}
         print(f"{group:34s} {c(row, 'entropy_final')} {c(row, 'entropy_fork_final')} "
               f"{c(row, 'entropy_forced_final')} {c(row, 'reward_final')} {c(row, 'pass1_final')} "
               f"{c(row, 'pass16_final')} {c(row, 'distinct_final', '{:5.2f}')} {c(row, 'adv_zero_frac', '{:.3f}')} "
@@ -786,9 +788,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds (default 0 1 2; --quick: 0)")
     p.add_argument("--methods", nargs="+", default=None, choices=METHOD_NAMES)
     p.add_argument("--precision", nargs="*", default=None, choices=PRECISIONS[1:],
-                   help=f"bf16 modes at mu = 1 for {PRECISION_METHODS} (default: all three; none with --quick)")
+                   help=f"bf16 modes at mu = 1 for {PRECISION_METHODS} (default: all three; --quick: "
+                        f"{QUICK_PRECISIONS} for pg)")
     p.add_argument("--no-phase2", action="store_true")
-    p.add_argument("--quick", action="store_true", help="the test's budget: seed 0, fewer steps, no precision modes")
+    p.add_argument("--quick", action="store_true", help=f"the test's budget: seed 0, mu 4, {QUICK_METHODS}, fewer steps")
     p.add_argument("--set", nargs="+", default=[], metavar="FIELD=VALUE", help="override any Config field")
     p.add_argument("--out", type=Path, default=None,
                    help=f"output folder (default: {DEFAULT_OUT} for the default run, {LOCAL_OUT} otherwise)")
@@ -811,13 +814,16 @@ def main(argv=None) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     cfg = replace(Config.quick() if args.quick else Config(), **parse_overrides(Config, args.set))
     seeds = tuple(args.seeds) if args.seeds is not None else ((0,) if args.quick else (0, 1, 2))
-    precisions = tuple(args.precision) if args.precision is not None else (() if args.quick else PRECISIONS[1:])
+    precisions = tuple(args.precision) if args.precision is not None else (
+        QUICK_PRECISIONS if args.quick else PRECISIONS[1:])
+    mus = tuple(args.mu or ((4,) if args.quick else (1, 4)))
+    methods = tuple(args.methods or (QUICK_METHODS if args.quick else METHOD_NAMES))
+    precision_methods = ("pg",) if args.quick else PRECISION_METHODS
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     try:
-        results = run_study(cfg, seeds, tuple(args.mu or (1, 4)), tuple(args.methods or METHOD_NAMES), precisions,
-                            phase2=not args.no_phase2)
+        results = run_study(cfg, seeds, mus, methods, precisions, precision_methods, phase2=not args.no_phase2)
     finally:  # process-wide: give it back (main() is also called from tests)
         torch.set_num_threads(threads)
     results.update(command=" ".join(["python", "examples/entropy_transformer.py",
