@@ -663,6 +663,86 @@ def print_tables(results: dict, file=sys.stdout) -> None:
     print(f"wall time {results['wall_time_s']:.0f} s", file=file)
 
 
+def curve_mean(results: dict, group: str, key: str) -> float:
+    """Seed mean of a run-mean read back from the binned curves (equal bins: the same mean)."""
+    return mean([mean(r["curves"][key]) for k, r in results["runs"].items() if k.rsplit("/", 1)[0] == group])
+
+
+def markdown_tables(results: dict) -> str:
+    """The docs' tables from a results dict (mean +- std over seeds)."""
+    s, labels, h0 = results["summary"], results["labels"], mean([v["entropy_init"] for v in results["seed_info"].values()])
+
+    def pm(row, key, fmt="{:.3f}", scale=1.0):
+        r = row[key]
+        if r["mean"] is None or (isinstance(r["mean"], float) and math.isnan(r["mean"])):
+            return "–"
+        text = fmt.format(scale * r["mean"])
+        return text + (" ± " + fmt.format(scale * r["std"]) if len(results["seeds"]) > 1 else "")
+
+    def dh(row):
+        return f"{100 * (row['entropy_final']['mean'] / h0 - 1):+.0f}%"
+
+    out = []
+    mus = results["mus"]
+    if mus:
+        out.append("| method | " + " | ".join(f"μ={mu}: entropy (change) | μ={mu}: fork entropy | μ={mu}: reward"
+                                                for mu in mus) + " |")
+        out.append("|---" * (1 + 3 * len(mus)) + "|")
+        for m in results["methods"]:
+            cells = []
+            for mu in mus:
+                row = s[f"phase1/mu{mu}/{m}"]
+                cells += [f"{pm(row, 'entropy_final')} ({dh(row)})", pm(row, "entropy_fork_final"),
+                          pm(row, "reward_final")]
+            out.append(f"| {labels[m]} | " + " | ".join(cells) + " |")
+        for mu in mus:
+            out.append("")
+            out.append(f"| method (μ = {mu}) | pass@1 | pass@4 | pass@16 | distinct correct | A = 0 | drive A>0 | "
+                       "drive A<0 | clip high / low | up-clipped: mean p, below avg | down-clipped: mean p | "
+                       "eps low / high (end) |")
+            out.append("|---" * 12 + "|")
+            for m in results["methods"]:
+                row = s[f"phase1/mu{mu}/{m}"]
+                out.append(
+                    f"| {m} | {pm(row, 'pass1_final')} | {pm(row, 'pass4_final')} | {pm(row, 'pass16_final')} | "
+                    f"{pm(row, 'distinct_final', '{:.1f}')} | {pm(row, 'adv_zero_frac', '{:.2f}')} | "
+                    f"{pm(row, 'entropy_drive_pos', '{:+.4f}')} | {pm(row, 'entropy_drive_neg', '{:+.4f}')} | "
+                    f"{pm(row, 'clip_frac_high', '{:.2f}', 100)}% / {pm(row, 'clip_frac_low', '{:.2f}', 100)}% | "
+                    f"{pm(row, 'clip_high_p_mean', '{:.2f}')}, {pm(row, 'clip_high_below_avg', '{:.2f}')} | "
+                    f"{pm(row, 'clip_low_p_mean', '{:.2f}')} | "
+                    f"{row['eps_low_final']['mean']:.2f} / {row['eps_high_final']['mean']:.2f} |")
+        if any(k.startswith("phase2/") for k in s):
+            out.append("")
+            out.append("| phase-1 method | " + " | ".join(f"after μ={mu}: start pass@1 | reward area | final reward"
+                                                          for mu in mus) + " |")
+            out.append("|---" * (1 + 3 * len(mus)) + "|")
+            rows = [(m, [f"phase2/mu{mu}/{m}" for mu in mus]) for m in results["methods"]]
+            rows.append(("warm-up policy (no phase 1)", ["phase2/warmup/none"] * len(mus)))
+            for m, groups in rows:
+                cells = []
+                for g in groups:
+                    row = s[g]
+                    starts = [r["evals"]["pass1"][0] for k, r in results["runs"].items() if k.rsplit("/", 1)[0] == g]
+                    cells += [f"{mean(starts):.3f}", pm(row, "reward_auc"), pm(row, "reward_final")]
+                out.append(f"| {m} | " + " | ".join(cells) + " |")
+    if results["precisions"]:
+        out.append("")
+        out.append("| mode (μ = 1) | method | entropy (change) | fork entropy | reward | ratio outside range | "
+                   "clip high / low | up-clipped: mean p | mean abs mismatch | TIS weight |")
+        out.append("|---" * 10 + "|")
+        for p in ("fp32", *results["precisions"]):
+            for m in results["precision_methods"]:
+                row = s.get(f"phase1/mu1/{m}" if p == "fp32" else f"precision/{p}/{m}")
+                if row is None:
+                    continue
+                out.append(f"| {p} | {m} | {pm(row, 'entropy_final')} ({dh(row)}) | {pm(row, 'entropy_fork_final')} | "
+                           f"{pm(row, 'reward_final')} | {pm(row, 'phantom_clip_frac', '{:.2f}', 100)}% | "
+                           f"{pm(row, 'clip_frac_high', '{:.2f}', 100)}% / {pm(row, 'clip_frac_low', '{:.2f}', 100)}% | "
+                           f"{pm(row, 'clip_high_p_mean', '{:.2f}')} | {pm(row, 'sampler_mismatch', '{:.4f}')} | "
+                           f"{curve_mean(results, f'precision/{p}/{m}', 'tis_weight_mean'):.3f} |")
+    return "\n".join(out) + "\n"
+
+
 def to_json(results: dict) -> str:
     """Indented metadata and summaries; one line per run (curves and evaluations), rounded."""
     def rounded(x, nd=5):
@@ -797,12 +877,17 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help=f"output folder (default: {DEFAULT_OUT} for the default run, {LOCAL_OUT} otherwise)")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     p.add_argument("--replot", type=Path, metavar="JSON", help="instead: redraw the figures of a written JSON")
+    p.add_argument("--tables", type=Path, metavar="JSON", help="instead: print the docs' markdown tables of a JSON")
     p.add_argument("--no-plot", action="store_true")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.tables:
+        results = load_results(args.tables)
+        print(markdown_tables(results), end="")
+        return results
     if args.replot:
         results = load_results(args.replot)
         for path in plot_all(results, args.replot.parent):
