@@ -225,7 +225,7 @@ def make_controller(method: Method, cfg: Config, target: float):
     if method.controller == "clip-low":
         # the adapt_low law: eps_low moves opposite to the controller's eps_high, which is left
         # unbounded in practice so that it never stops the law; the loss keeps eps_high fixed
-        return AdaptiveClip(target, eps_low=cfg.eps_low, eps_high=cfg.eps_high, bounds=(-0.0, 100.0),
+        return AdaptiveClip(target, eps_low=cfg.eps_low, eps_high=cfg.eps_high, bounds=(0.0, 100.0),
                             rate=cfg.adapo_rate, adapt_low=True, low_bounds=cfg.adapo_low_bounds)
     if method.controller == "repo-r":
         return AdaptiveRepoCoef(target, repo_coef=cfg.repo_r_zeta0, mode="multiplicative")
@@ -677,7 +677,7 @@ def markdown_tables(results: dict) -> str:
         if r["mean"] is None or (isinstance(r["mean"], float) and math.isnan(r["mean"])):
             return "–"
         text = fmt.format(scale * r["mean"])
-        return text + (" ± " + fmt.format(scale * r["std"]) if len(results["seeds"]) > 1 else "")
+        return text + (" ± " + fmt.replace("+", "").format(scale * r["std"]) if len(results["seeds"]) > 1 else "")
 
     def dh(row):
         return f"{100 * (row['entropy_final']['mean'] / h0 - 1):+.0f}%"
@@ -732,14 +732,15 @@ def markdown_tables(results: dict) -> str:
         out.append("|---" * 10 + "|")
         for p in ("fp32", *results["precisions"]):
             for m in results["precision_methods"]:
-                row = s.get(f"phase1/mu1/{m}" if p == "fp32" else f"precision/{p}/{m}")
+                group = f"phase1/mu1/{m}" if p == "fp32" else f"precision/{p}/{m}"
+                row = s.get(group)
                 if row is None:
                     continue
                 out.append(f"| {p} | {m} | {pm(row, 'entropy_final')} ({dh(row)}) | {pm(row, 'entropy_fork_final')} | "
                            f"{pm(row, 'reward_final')} | {pm(row, 'phantom_clip_frac', '{:.2f}', 100)}% | "
                            f"{pm(row, 'clip_frac_high', '{:.2f}', 100)}% / {pm(row, 'clip_frac_low', '{:.2f}', 100)}% | "
                            f"{pm(row, 'clip_high_p_mean', '{:.2f}')} | {pm(row, 'sampler_mismatch', '{:.4f}')} | "
-                           f"{curve_mean(results, f'precision/{p}/{m}', 'tis_weight_mean'):.3f} |")
+                           + (f"{curve_mean(results, group, 'tis_weight_mean'):.4f} |" if p == "bf16-tis" else "– |"))
     return "\n".join(out) + "\n"
 
 
@@ -828,10 +829,12 @@ def plot_all(results: dict, out_dir: Path) -> list[Path]:
             for name in results["methods"]:
                 draw(ax, f"phase2/mu{mu}/{name}", "reward", name, label=name)
             draw(ax, "phase2/warmup/none", "reward", "none", ls="--", label="warm-up policy")
-            ax.set_title(f"phase 2 (plain PG, on-policy) after phase 1 at mu = {mu}: train reward", fontsize=9)
+            ax.set_title(f"policies from phase 1 at mu = {mu}", fontsize=9)
+            ax.set_xlabel("phase-2 optimizer step (plain PG, on-policy)", fontsize=8)
         axes[0, 0].legend(fontsize=6)
         path = out_dir / "phase2.png"
-        finish(fig, axes, "sequential learning: reward on the second task (rare fork tokens only)", path)
+        finish(fig, axes, "sequential learning: train reward on the second task (only the warm-up's rare fork "
+                          "tokens accepted); mean over seeds, band = min-max", path)
 
     if results["precisions"]:
         ppanels = [("entropy", "rollout entropy"), ("phantom_clip_frac", "ratio(trainer/sampler) outside clip range"),
