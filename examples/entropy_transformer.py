@@ -567,7 +567,8 @@ def run_study(cfg: Config, seeds=(0,), mus=(1, 4), methods=METHOD_NAMES, precisi
             runs[f"{kind}/{regime}/{name}/{seed}"] = run
             f = run["final"]
             msg = (f"  seed {seed} {regime:15s} {name:17s} H {h0:.3f} -> {f['entropy']:.3f} (fork "
-                   f"{f['entropy_fork']:.3f})  reward {f['reward']:.3f}  clip hi/lo {run['run_mean']['clip_frac_high']:.4f}"
+                   f"{f['entropy_fork']:.3f})  reward {f['reward']:.3f}  "
+                   f"clip hi/lo {run['run_mean']['clip_frac_high']:.4f}"
                    f"/{run['run_mean']['clip_frac_low']:.4f}  phantom {run['run_mean']['phantom_clip_frac']:.4f}")
             if phase2 and kind == "phase1":
                 run2 = train(task, policy, pg2, rcfg, seed, target, phase=2)
@@ -670,7 +671,8 @@ def curve_mean(results: dict, group: str, key: str) -> float:
 
 def markdown_tables(results: dict) -> str:
     """The docs' tables from a results dict (mean +- std over seeds)."""
-    s, labels, h0 = results["summary"], results["labels"], mean([v["entropy_init"] for v in results["seed_info"].values()])
+    s, labels = results["summary"], results["labels"]
+    h0 = mean([v["entropy_init"] for v in results["seed_info"].values()])
 
     def pm(row, key, fmt="{:.3f}", scale=1.0):
         r = row[key]
@@ -738,7 +740,8 @@ def markdown_tables(results: dict) -> str:
                     continue
                 out.append(f"| {p} | {m} | {pm(row, 'entropy_final')} ({dh(row)}) | {pm(row, 'entropy_fork_final')} | "
                            f"{pm(row, 'reward_final')} | {pm(row, 'phantom_clip_frac', '{:.2f}', 100)}% | "
-                           f"{pm(row, 'clip_frac_high', '{:.2f}', 100)}% / {pm(row, 'clip_frac_low', '{:.2f}', 100)}% | "
+                           f"{pm(row, 'clip_frac_high', '{:.2f}', 100)}% / "
+                           f"{pm(row, 'clip_frac_low', '{:.2f}', 100)}% | "
                            f"{pm(row, 'clip_high_p_mean', '{:.2f}')} | {pm(row, 'sampler_mismatch', '{:.4f}')} | "
                            + (f"{curve_mean(results, group, 'tis_weight_mean'):.4f} |" if p == "bf16-tis" else "– |"))
     return "\n".join(out) + "\n"
@@ -874,7 +877,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help=f"bf16 modes at mu = 1 for {PRECISION_METHODS} (default: all three; --quick: "
                         f"{QUICK_PRECISIONS} for pg)")
     p.add_argument("--no-phase2", action="store_true")
-    p.add_argument("--quick", action="store_true", help=f"the test's budget: seed 0, mu 4, {QUICK_METHODS}, fewer steps")
+    p.add_argument("--quick", action="store_true",
+                   help=f"the test's budget: seed 0, mu 4, {QUICK_METHODS}, fewer steps")
     p.add_argument("--set", nargs="+", default=[], metavar="FIELD=VALUE", help="override any Config field")
     p.add_argument("--out", type=Path, default=None,
                    help=f"output folder (default: {DEFAULT_OUT} for the default run, {LOCAL_OUT} otherwise)")
