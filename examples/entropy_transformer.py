@@ -464,26 +464,24 @@ def train(task: Task, policy: TinyTransformer, method: Method, cfg: Config, seed
     for _ in range(updates // cfg.mu):
         prompts, answers, rewards, adv, logp, ent, sampler_logp = rollout(task, cfg, policy,
                                                                           cfg.mu * cfg.minibatch_prompts, g, phase)
+        # behaviour log-probs: the sampler's own in "bf16-sampler", else the trainer's (fp32) recompute
         old = sampler_logp if cfg.precision == "bf16-sampler" else logp
-        extra = {}
-        if cfg.precision in ("bf16-recompute", "bf16-tis"):
-            extra["rollout_logprobs"] = sampler_logp
-        if cfg.precision == "bf16-tis":
-            extra["tis_cap"] = cfg.tis_cap
-        # the mismatch alone: ratios exp(trainer - sampler) outside the clip range
+        monitored = cfg.precision in ("bf16-recompute", "bf16-tis")  # the loss sees the sampler's too
+        tis = {"tis_cap": cfg.tis_cap} if cfg.precision == "bf16-tis" else {}
+        # the mismatch alone: share of ratios exp(trainer - sampler) outside [1 - eps_low, 1 + eps_high]
         mism = logp - sampler_logp
         phantom = ((mism.exp() < 1 - lo_hi[0]) | (mism.exp() > 1 + lo_hi[1])).float().mean().item()
         is_fork = task.fork_pos.expand_as(ent)
         for j in torch.randperm(mb * cfg.mu, generator=g).split(mb):
-            kw = loss_kwargs(method, ctrl, cfg)
-            hidden = policy(prompts[j], answers[j])
+            kw = {**loss_kwargs(method, ctrl, cfg), **tis}
+            if monitored:
+                kw["rollout_logprobs"] = sampler_logp[j]
+            hidden = policy(prompts[j], answers[j])                             # [mb, T, D]
             args = (hidden, policy.lm_head.weight, answers[j], adv[j], old[j])
-            sub = {k: v[j] for k, v in extra.items() if isinstance(v, Tensor)}
-            sub.update({k: v for k, v in extra.items() if not isinstance(v, Tensor)})
             if method.controller == "clip-high":
-                out = adapo_loss(*args, controller=ctrl, **sub, **kw)
+                out = adapo_loss(*args, controller=ctrl, **kw)
             else:
-                out = repo_loss(*args, **sub, **kw)
+                out = repo_loss(*args, **kw)
             opt.zero_grad(set_to_none=True)
             out.loss.backward()
             opt.step()
