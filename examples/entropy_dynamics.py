@@ -73,8 +73,6 @@ import argparse
 import copy
 import json
 import math
-import os
-import platform
 import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -86,6 +84,10 @@ from torch import Tensor, nn
 
 import fused_pg
 from fused_pg import AdaptiveClip, AdaptiveRepoCoef, adapo_loss, fused_logprobs_entropy, repo_loss
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the studies' shared helpers
+from study_common import machine, parse_overrides, pass_at_k, shrink_png  # noqa: E402
+from study_common import mean as _mean, std as _std  # noqa: E402
 
 DEFAULT_OUT = "results/entropy_dynamics"        # the committed default run
 LOCAL_OUT = "results/local/entropy_dynamics"     # any other configuration (git-ignored)
@@ -277,11 +279,6 @@ class Task:
         return (chosen >= threshold).all(dim=1).float()
 
 
-def pass_at_k(n: int, c: Tensor, k: int) -> Tensor:
-    """Unbiased pass@k from n samples with c successes: 1 - C(n-c, k) / C(n, k)."""
-    return torch.tensor([1.0 - math.comb(n - int(ci), k) / math.comb(n, k) for ci in c])
-
-
 @torch.no_grad()
 def evaluate(task: Task, policy: TinyLM, generator: torch.Generator) -> dict[str, float]:
     """Held-out pass@1, pass@k, distinct correct answers (of ``eval_samples``) and entropy."""
@@ -443,19 +440,6 @@ def _record_eval(evals: dict, step: int, values: dict) -> None:
 # ---------------------------------------------------------------------------------------------
 # experiment, summary, outputs
 # ---------------------------------------------------------------------------------------------
-
-
-def _mean(xs) -> float:
-    xs = [x for x in xs if x is not None and not (isinstance(x, float) and math.isnan(x))]
-    return sum(xs) / len(xs) if xs else float("nan")
-
-
-def _std(xs) -> float:
-    xs = [x for x in xs if x is not None]
-    if len(xs) < 2:
-        return 0.0
-    mu = _mean(xs)
-    return math.sqrt(sum((x - mu) ** 2 for x in xs) / (len(xs) - 1))
 
 
 def regime_name(cfg: Config) -> str:
@@ -661,19 +645,8 @@ def plot_regime(regime: dict, path: Path, compare: dict | None = None) -> bool:
     fig.tight_layout()
     fig.savefig(path, dpi=72)
     plt.close(fig)
-    _shrink_png(path)
+    shrink_png(path)
     return True
-
-
-def _shrink_png(path: Path) -> None:
-    """Re-save with a 256-colour palette (about 3x smaller; the committed figures stay small)."""
-    try:
-        from PIL import Image
-    except ImportError:
-        return
-    with Image.open(path) as im:
-        small = im.convert("RGB").quantize(colors=256, method=Image.Quantize.MEDIANCUT)
-    small.save(path, optimize=True)
 
 
 def _band(regime: dict, per_seed: dict, key: str):
@@ -762,28 +735,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _overrides(items: list[str]) -> dict:
-    fields = Config.__dataclass_fields__
-    out = {}
-    for item in items:
-        key, _, text = item.partition("=")
-        if key not in fields:
-            raise SystemExit(f"--set: unknown Config field {key!r}")
-        default = getattr(Config(), key)
-        if isinstance(default, bool):
-            out[key] = text.lower() in ("1", "true", "yes")
-        elif isinstance(default, tuple):
-            out[key] = tuple(type(default[0])(v) for v in text.split(","))
-        else:
-            out[key] = type(default)(text)
-    return out
-
-
 def plan(args) -> list[tuple[Config, tuple[str, ...]]]:
     """The regimes to run: (config, methods)."""
     base = Config.quick() if args.quick else Config()
     over = {k: v for k, v in (("updates", args.updates), ("lr", args.lr)) if v is not None}
-    base = replace(base, **over, **_overrides(args.set))
+    base = replace(base, **over, **parse_overrides(Config, args.set))
     mus = tuple(args.mu) if args.mu else ((1, 4) if args.quick else DEFAULT_MUS)
     methods = tuple(args.methods) if args.methods else DEFAULT_METHODS
     regimes = []
@@ -795,16 +751,6 @@ def plan(args) -> list[tuple[Config, tuple[str, ...]]]:
     else:
         regimes += [(replace(base, mu=mu, precision=p), methods) for mu in mus for p in args.precision]
     return regimes
-
-
-def _machine(threads: int) -> str:
-    model = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
-    except OSError:
-        pass
-    return f"{platform.machine()} {model} x{os.cpu_count()} cpus, {threads} torch thread(s)".replace("  ", " ")
 
 
 def main(argv=None) -> dict:
@@ -826,13 +772,13 @@ def main(argv=None) -> dict:
         print(f"clip map: {len(CLIP_MAP_ROWS)} clip settings x epochs {CLIP_MAP_EPOCHS} x seeds {list(seeds)} "
               f"-> {out_dir}")
         try:
-            cm = clip_map(replace(Config(), **_overrides(args.set)), seeds)
+            cm = clip_map(replace(Config(), **parse_overrides(Config, args.set)), seeds)
         finally:
             torch.set_flush_denormal(False)
             torch.set_num_threads(threads)
         cm.update(command=" ".join(["python", "examples/entropy_dynamics.py",
                                     *(argv if argv is not None else sys.argv[1:])]),
-                  torch=torch.__version__, machine=_machine(args.threads))
+                  torch=torch.__version__, machine=machine(args.threads))
         (out_dir / "clip_map.json").write_text(json.dumps(cm, indent=1) + "\n")
         print(f"wrote {out_dir / 'clip_map.json'}; wall time {cm['wall_time_s']:.1f} s")
         return cm
@@ -852,7 +798,7 @@ def main(argv=None) -> dict:
     results.update(
         command=" ".join(["python", "examples/entropy_dynamics.py", *(argv if argv is not None else sys.argv[1:])]),
         default_run=default_run, seeds=list(seeds), wall_time_s=time.perf_counter() - t0,
-        torch=torch.__version__, machine=_machine(args.threads))
+        torch=torch.__version__, machine=machine(args.threads))
     (out_dir / "entropy_dynamics.json").write_text(to_json(results))
     if not args.no_plot:
         plot_all(results, out_dir)

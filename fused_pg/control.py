@@ -414,28 +414,40 @@ class AdaptiveClip(EntropyController):
     same step, within ``low_bounds`` (tighter "clip-low" raises entropy), so the range
     shifts as a whole.
 
-    What it can and cannot do (measured with ``examples/entropy_dynamics.py --clip-map``: a tiny
-    LM on a synthetic GRPO task, mu = 4 mini-batch updates per rollout, 400 optimizer steps,
-    seeds 0-4, 2-core CPU; entropy change of the rollout policy, mean +- std over seeds):
+    What it did in ``examples/entropy_dynamics.py --clip-map`` (a tiny MLP LM on a synthetic GRPO
+    task, mu = 4 mini-batch updates per rollout, 400 optimizer steps, seeds 0-4, 2-core CPU;
+    entropy change of the rollout policy, mean +- std over seeds). These are properties of that
+    toy, not of the method: there 90-93% of the tokens have A = 0, 99% of the first-order
+    entropy drive comes from negative-advantage tokens, and every answer position is a fork of
+    24 rewarded tokens, so the few up-clipped tokens are mostly *above* the state's average
+    probability (57-80% of them), the opposite of what clip-higher relies on:
 
     * A clip acts only on tokens whose ratio has left ``[1 - eps_low, 1 + eps_high]``. On-policy
       (one update per rollout) every ratio is 1 and the controller has no effect at all: ADAPO
       alone reproduced plain PG bit for bit. With one pass of 4 mini-batches per rollout the
       clip touched 0.1-1.4% of the tokens, with 4 passes (epochs) 1-8%.
-    * The clip range has little authority over the entropy, and not the sign this law assumes.
-      Fixed ranges from eps 0.2/0.05 to 0.2/2.0 and 0.0-0.9 on the low side all lost 65-76% of
-      the entropy in one pass (plain PG: -72% +- 4) and 52-61% in 4 passes; *widening*
-      eps_high lowered the entropy (0.2/0.28: -73%, 0.2/2.0: -76%; 4 passes: -52% vs -61%):
-      a wider range mostly lets the bulk of the update (which sharpens) go further. Tightening
-      eps_low is the one lever with the expected sign (eps_low 0: -65% vs -73%).
-    * So on its own (``repo="none"``) this controller drives eps_high to its upper bound within
-      ~50 steps and the entropy follows plain PG: -72% to -75% for rates 0.05-1.0 (eps_high
-      only), -66% with ``adapt_low=True`` (eps_low -> 0), against a target of 0%. No setting
-      of the clip range came within 30% of the target in this task. :attr:`saturated` reports
-      the pinned state; when it persists, the clip cannot reach the target in that setup.
-    * What holds the entropy is the advantage correction: pair the controller with REPO
-      (``adapo_loss`` defaults to ``repo="decorrelate"``; there ADAPO + REPO kept -16% at mu = 4,
-      reward 0.02 below PG's) or steer REPO itself with :class:`AdaptiveRepoCoef`.
+    * In that toy the clip range had little authority over the entropy, and not the sign this
+      law assumes. Fixed ranges from eps 0.2/0.05 to 0.2/2.0 and 0.0-0.9 on the low side all
+      lost 65-76% of the entropy in one pass (plain PG: -72% +- 4) and 52-61% in 4 passes;
+      *widening* eps_high lowered the entropy (0.2/0.28: -73%, 0.2/2.0: -76%; 4 passes: -52%
+      vs -61%). Tightening eps_low was the one lever with the expected sign (eps_low 0: -65%).
+    * So there, on its own (``repo="none"``), this controller drove eps_high to its upper bound
+      within ~50 steps and the entropy followed plain PG: -72% to -75% for rates 0.05-1.0
+      (eps_high only), -66% with ``adapt_low=True``, against a target of 0%.
+      :attr:`saturated` reports the pinned state; when it persists, the clip cannot reach the
+      target in that setup.
+    * ``examples/entropy_transformer.py`` (a 2-layer transformer whose answers are 6 forced
+      tokens and 2 forks, docs/entropy-transformer.md; mu = 4, seeds 0-2) asks the same where
+      most tokens are near-deterministic. There too this controller alone pinned eps_high at
+      its bound and the entropy fell like plain PG's (-90%): 74% of the tokens had A = 0, 95%
+      of the entropy drive came from A < 0 tokens (which the high clip never gates), and the
+      0.04% of tokens clipped high were likely ones (mean probability 0.41, 0% below their
+      state's average). Adapting eps_low instead (``adapt_low=True`` with eps_high held) kept
+      part of it there (-57%). Measured, not general: the clip's authority depends on which
+      tokens reach it.
+    * What held the entropy in both studies is the advantage correction: pair the controller
+      with REPO (``adapo_loss`` defaults to ``repo="decorrelate"``) or steer REPO itself with
+      :class:`AdaptiveRepoCoef`.
 
     Example::
 
