@@ -8,42 +8,19 @@ Margins: see QUICK_MARGINS below (measured with the example's quick configuratio
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
-import torch
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "entropy_dynamics.py"
+from helpers.examples import load_example
+
 METHODS = ("pg", "repo-decorrelate", "adapo+repo")
 MUS = (1, 4)
 
 
-def _load_example():
-    name = "entropy_dynamics_example"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These are tiny ops: with two intra-op threads the old module took 330 s instead of 20 s."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def ed():
-    return _load_example()
+    return load_example("entropy_dynamics")
 
 
 @pytest.fixture(scope="module")

@@ -9,41 +9,18 @@ differences the quick configuration shows on seed 0 (entropy 0.06 vs 0.40 nats, 
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
-import torch
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "entropy_transformer.py"
+from helpers.examples import load_example
+
 METHODS = ("pg", "adapo-high", "repo-decorrelate")
-
-
-def _load_example():
-    name = "entropy_transformer_example"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny ops: intra-op threading only adds overhead here."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
 def et():
-    return _load_example()
+    return load_example("entropy_transformer")
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@
 * ``oracle``      the fp64 oracle run of a loss case and the full check of one example
 * ``plugin``      the session's counters and their report (registered by ``conftest.py``)
 * ``multiproc``   groups of forked processes joined by torch.distributed (imported on its own)
+* ``examples``    the scripts under examples/ loaded as modules (imported on its own)
 """
 
 from .backends import BACKENDS, DTYPES, FP64_BACKENDS, LIMITS, LOW_PRECISION, TF32_BACKENDS, BackendLimits, limits
