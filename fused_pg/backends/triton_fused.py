@@ -8,7 +8,7 @@ kernels, their launchers and autotune configs live in ``kernels/``. Three things
   (``fused_pg::triton_forward_sweep`` / ``fused_pg::triton_backward_sweep``) with a shape-only
   fake implementation: ``torch.compile`` treats it as opaque instead of tracing the kernel
   launches and the backward's cuBLAS calls (``addmm(..., out_dtype=, out=)`` trips a
-  fake-tensor bug of torch 2.8 to 2.12, Liger-Kernel issue 1327).
+  fake-tensor decomposition bug of ``aten.addmm.dtype_out`` in torch 2.8 to 2.12).
 * **Fail-safe dispatch** (``backend="auto"`` on CUDA): a kernel that cannot be compiled or
   launched on this GPU (e.g. out of shared memory on a smaller part) makes the sweep run on the
   torch backend instead, with one warning naming the reason, and every later sweep of that
