@@ -24,7 +24,8 @@ from .tolerances import (DLOGITS_DTYPE, ENTROPY_KEYS, FAIR_MARGIN, GPU_TOLS, GRA
 
 __all__ = [
     "AGGREGATIONS", "BACKENDS", "DLOGITS_DTYPE", "DTYPES", "ENTROPY_KEYS", "FAIR_MARGIN", "FP64_BACKENDS", "GPU_TOLS",
-    "GRAD_REL", "HEAD_OPTIONS", "LIMITS", "LogprobCase", "logprob_case", "LOW_PRECISION", "ROLLOUT_KEYS", "TF32_BACKENDS", "TOLS", "BackendLimits",
+    "GRAD_REL", "HEAD_OPTIONS", "LIMITS", "LOW_PRECISION", "ROLLOUT_KEYS", "TF32_BACKENDS", "TOLS", "BackendLimits",
+    "LogprobCase", "logprob_case",
     "HeadCase", "HeadInputs", "LossCase", "LossInputs", "Tol", "assert_close", "assert_grad_close", "check_grads",
     "check_head_values", "check_loss_case", "check_metric_convention", "check_metrics", "check_per_token",
     "count_example", "dlogits_dtype", "effective_options", "grad_floors", "head_cases", "head_fields", "limits",
